@@ -1,0 +1,41 @@
+// rsmm_f32_reference — the executable spec of ResidualSliceMatMul.
+// Builds each row of W^(k) = D1 + ... + Dk slice by slice in float64, exactly as
+// SPEC §1 defines it (D1 = s1 (q1 - z1 + 1/2), De = s1 4^-(e-1) (qe - 3/2)),
+// then takes float64 dot products. Slow on purpose; used by tests and
+// MOBIQ_KERNEL=reference.
+#include <vector>
+
+#include "mobiq/format.h"
+#include "mobiq/kernels.h"
+
+namespace mobiq {
+
+void rsmm_f32_reference(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k,
+                        int64_t n0, int64_t n1) {
+  const int64_t groups = a.K / a.group_size;
+  const size_t row_bytes = static_cast<size_t>(a.K / kCodesPerByte);
+  std::vector<double> w(static_cast<size_t>(a.K));
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t c = 0; c < a.K; ++c) {
+      const int64_t g = c / a.group_size;
+      const double s1 = a.scales[n * groups + g];
+      const double z1 = a.zero_points[n * groups + g];
+      double value = 0.0;
+      for (int e = 1; e <= k; ++e) {
+        const uint8_t* row = a.slices + static_cast<size_t>(e - 1) * slice_bytes(a.N, a.K) +
+                             static_cast<size_t>(n) * row_bytes;
+        const double q = code_at(row, c);
+        value += (e == 1) ? s1 * (q - z1 + 0.5) : s1 * step_ratio(e) * (q - 1.5);
+      }
+      w[static_cast<size_t>(c)] = value;
+    }
+    for (int64_t i = 0; i < num_tokens; ++i) {
+      const float* x = a.x + static_cast<int64_t>(tokens[i]) * a.K;
+      double acc = a.bias ? a.bias[n] : 0.0;
+      for (int64_t c = 0; c < a.K; ++c) acc += static_cast<double>(x[c]) * w[static_cast<size_t>(c)];
+      a.y[static_cast<int64_t>(tokens[i]) * a.N + n] = static_cast<float>(acc);
+    }
+  }
+}
+
+}  // namespace mobiq

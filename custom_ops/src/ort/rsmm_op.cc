@@ -1,0 +1,214 @@
+#include "rsmm_op.h"
+
+#include <algorithm>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mobiq/format.h"
+
+namespace mobiq {
+namespace {
+
+// A user-facing error: becomes ORT_INVALID_ARGUMENT with the message as is.
+struct OpError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << (shape.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+[[noreturn]] void fail(const std::string& what) { throw OpError("[" + std::string(kOpName) + "] " + what); }
+
+OrtStatusPtr to_status(const std::exception& e) {
+  const bool user = dynamic_cast<const OpError*>(&e) || dynamic_cast<const std::invalid_argument*>(&e);
+  return Ort::GetApi().CreateStatus(user ? ORT_INVALID_ARGUMENT : ORT_FAIL, e.what());
+}
+
+int64_t int_attribute(const OrtKernelInfo* info, const char* name, const int64_t* fallback) {
+  int64_t value = 0;
+  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
+  if (status == nullptr) return value;
+  Ort::GetApi().ReleaseStatus(status);
+  if (fallback) return *fallback;
+  fail(std::string("attribute '") + name + "' expected an int; got none");
+}
+
+const char* type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    default: return "another type";
+  }
+}
+
+constexpr const char* kInputNames[] = {"X", "slices", "scales", "zero_points", "slice_counts", "bias"};
+constexpr ONNXTensorElementDataType kInputTypes[] = {
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+
+struct Input {
+  Ort::ConstValue value{nullptr};
+  std::vector<int64_t> shape;
+  size_t count = 0;
+};
+
+// Input `index`, type-checked; value is null when an optional input is absent.
+Input get_input(Ort::KernelContext& ctx, size_t index) {
+  Input in;
+  if (index >= ctx.GetInputCount()) return in;
+  in.value = ctx.GetInput(index);
+  if (!in.value) return in;
+  auto info = in.value.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != kInputTypes[index])
+    fail(std::string("input ") + kInputNames[index] + " expected " + type_name(kInputTypes[index]) + "; got " +
+         type_name(info.GetElementType()));
+  in.shape = info.GetShape();
+  in.count = info.GetElementCount();
+  return in;
+}
+
+void expect_shape(const Input& in, const char* name, const std::vector<int64_t>& want, const std::string& why) {
+  if (in.shape != want)
+    fail(std::string(name) + " shape expected " + shape_str(want) + " (" + why + "); got " + shape_str(in.shape));
+}
+
+struct ParallelTask {
+  const RsmmArgs* args;
+  RsmmKernelFn fn;
+  const std::vector<int32_t>* order;      // token indices grouped by slice count
+  const std::vector<int64_t>* starts;     // group k occupies order[starts[k-1] .. starts[k])
+  int64_t rows_per_block;
+  int64_t num_slices;
+};
+
+void run_block(void* data, size_t block) {
+  const auto& task = *static_cast<const ParallelTask*>(data);
+  const int64_t n0 = static_cast<int64_t>(block) * task.rows_per_block;
+  const int64_t n1 = std::min(task.args->N, n0 + task.rows_per_block);
+  for (int64_t k = 1; k <= task.num_slices; ++k) {
+    const int64_t begin = (*task.starts)[k - 1], end = (*task.starts)[k];
+    if (end > begin) task.fn(*task.args, task.order->data() + begin, end - begin, static_cast<int>(k), n0, n1);
+  }
+}
+
+}  // namespace
+
+ONNXTensorElementDataType RsmmOp::GetInputType(size_t index) const { return kInputTypes[index]; }
+
+OrtCustomOpInputOutputCharacteristic RsmmOp::GetInputCharacteristic(size_t index) const {
+  return index >= 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+
+OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
+  try {
+    const int64_t two = kSliceBits, one = kLayoutVersion;
+    auto k = std::make_unique<RsmmKernel>();
+    k->K = int_attribute(info, "K", nullptr);
+    k->N = int_attribute(info, "N", nullptr);
+    k->group_size = int_attribute(info, "group_size", nullptr);
+    k->num_slices = int_attribute(info, "num_slices", nullptr);
+    const int64_t slice_bits = int_attribute(info, "slice_bits", &two);
+    const int64_t layout = int_attribute(info, "layout", &one);
+    std::ostringstream why;
+    if (layout != kLayoutVersion)
+      why << "layout expected format version " << kLayoutVersion << " (the one this library reads); got unknown version "
+          << layout;
+    else if (slice_bits != kSliceBits)
+      why << "slice_bits expected " << kSliceBits << "; got " << slice_bits;
+    else if (k->K <= 0 || k->N <= 0)
+      why << "K and N expected > 0; got K=" << k->K << ", N=" << k->N;
+    else if (k->group_size <= 0 || k->group_size % kCodesPerByte != 0)
+      why << "group_size expected a positive multiple of " << kCodesPerByte << "; got " << k->group_size;
+    else if (k->K % k->group_size != 0)
+      why << "K % group_size expected 0; got K=" << k->K << ", group_size=" << k->group_size;
+    else if (k->num_slices < 1 || k->num_slices > kMaxSlices)
+      why << "num_slices expected 1.." << kMaxSlices << "; got " << k->num_slices;
+    if (!why.str().empty()) fail(why.str());
+    k->kernel = select_kernel();
+    *kernel = k.release();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return to_status(e);
+  }
+}
+
+OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
+  try {
+    Ort::KernelContext ctx(context);
+    const Input x = get_input(ctx, 0), slices = get_input(ctx, 1), scales = get_input(ctx, 2),
+                zps = get_input(ctx, 3), counts = get_input(ctx, 4), bias = get_input(ctx, 5);
+    if (!x.value || !slices.value || !scales.value || !zps.value)
+      fail("inputs X, slices, scales, zero_points expected; got fewer");
+    if (x.shape.empty() || x.shape.back() != K)
+      fail("X expected shape [..., K=" + std::to_string(K) + "]; got " + shape_str(x.shape));
+    const int64_t M = K ? static_cast<int64_t>(x.count) / K : 0;
+    const int64_t groups = K / group_size;
+    const std::string sizes = "N=" + std::to_string(N) + ", K=" + std::to_string(K) +
+                              ", group_size=" + std::to_string(group_size);
+    expect_shape(slices, "slices", {num_slices, N, K / kCodesPerByte},
+                 "num_slices=" + std::to_string(num_slices) + ", " + sizes + ", 4 codes per byte");
+    expect_shape(scales, "scales", {N, groups}, sizes);
+    expect_shape(zps, "zero_points", {N, groups}, sizes);
+    if (bias.value) expect_shape(bias, "bias", {N}, "N=" + std::to_string(N));
+
+    // Tokens grouped by slice count (stable): each group runs as one dense block.
+    std::vector<int64_t> starts(static_cast<size_t>(num_slices) + 1, 0);
+    std::vector<int32_t> order(static_cast<size_t>(M));
+    if (counts.value) {
+      if (static_cast<int64_t>(counts.count) != M)
+        fail("slice_counts expected one count per token (" + std::to_string(M) + " for X shape " +
+             shape_str(x.shape) + "); got shape " + shape_str(counts.shape));
+      const int32_t* c = counts.value.GetTensorData<int32_t>();
+      for (int64_t t = 0; t < M; ++t) {
+        if (c[t] < 1 || c[t] > num_slices)
+          fail("slice_counts expected values in [1, " + std::to_string(num_slices) + "]; got " +
+               std::to_string(c[t]) + " at token " + std::to_string(t));
+        ++starts[static_cast<size_t>(c[t])];
+      }
+      for (size_t k = 1; k < starts.size(); ++k) starts[k] += starts[k - 1];
+      std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
+      for (int64_t t = 0; t < M; ++t) order[static_cast<size_t>(fill[static_cast<size_t>(c[t] - 1)]++)] = static_cast<int32_t>(t);
+    } else {
+      for (int64_t t = 0; t < M; ++t) order[static_cast<size_t>(t)] = static_cast<int32_t>(t);
+      std::fill(starts.begin(), starts.end() - 1, 0);
+      starts.back() = M;
+    }
+
+    std::vector<int64_t> out_shape(x.shape.begin(), x.shape.end() - 1);
+    out_shape.push_back(N);
+    auto y = ctx.GetOutput(0, out_shape);
+    if (M == 0) return nullptr;
+
+    std::vector<float> group_sums(static_cast<size_t>(M * groups));
+    const float* xd = x.value.GetTensorData<float>();
+    fill_group_sums(xd, M, K, group_size, group_sums.data());
+    const RsmmArgs args{xd,
+                        slices.value.GetTensorData<uint8_t>(),
+                        scales.value.GetTensorData<float>(),
+                        zps.value.GetTensorData<float>(),
+                        group_sums.data(),
+                        bias.value ? bias.value.GetTensorData<float>() : nullptr,
+                        y.GetTensorMutableData<float>(),
+                        M, K, N, group_size, num_slices};
+    const int64_t rows_per_block = 16;
+    ParallelTask task{&args, kernel.fn, &order, &starts, rows_per_block, num_slices};
+    const size_t blocks = static_cast<size_t>((N + rows_per_block - 1) / rows_per_block);
+    ctx.ParallelFor(run_block, blocks, 0, &task);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return to_status(e);
+  }
+}
+
+}  // namespace mobiq

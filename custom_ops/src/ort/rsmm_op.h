@@ -1,0 +1,34 @@
+// ONNX Runtime glue for ResidualSliceMatMul (domain ai.mobiquant, version 1):
+// attributes, validation, output allocation, threading, OrtStatus. The maths
+// lives in the raw-pointer kernels (mobiq/kernels.h). No exception leaves this
+// layer: CreateKernelV2 and ComputeV2 convert them to OrtStatus.
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include "mobiq/kernels.h"
+
+namespace mobiq {
+
+inline constexpr const char* kDomain = "ai.mobiquant";
+inline constexpr const char* kOpName = "ResidualSliceMatMul";
+
+struct RsmmKernel {
+  int64_t K = 0, N = 0, group_size = 0, num_slices = 0;
+  KernelChoice kernel{};
+  OrtStatusPtr ComputeV2(OrtKernelContext* context);
+};
+
+struct RsmmOp : Ort::CustomOpBase<RsmmOp, RsmmKernel, /*WithStatus=*/true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+  const char* GetName() const { return kOpName; }
+  size_t GetInputTypeCount() const { return 6; }
+  ONNXTensorElementDataType GetInputType(size_t index) const;
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace mobiq

@@ -1,0 +1,1 @@
+"""MoBiQuant exporter (workstation side, needs torch): convert, calibrate, export ONNX."""

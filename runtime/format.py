@@ -1,0 +1,207 @@
+"""MoBiSlice: a weight as S recursive residual 2-bit slices (numpy only).
+
+The Python twin of ``custom_ops/include/mobiq/format.h``; both define packed
+layout version :data:`LAYOUT_VERSION` and must change together.
+
+Quantization of ``W`` [N out, K in], per row and group of ``g`` input columns
+(SPEC §1)::
+
+    slice 1:  q1 = clamp(floor(W / s1 + z1), 0, 3)       D1 = s1 (q1 - z1 + 1/2)
+    slice e:  se = s1 / 4^(e-1)
+              qe = clamp(floor(r / se) + 2, 0, 3)          De = se (qe - 3/2)
+              r  = W - (D1 + ... + D(e-1))
+    read k:   W^(k) = D1 + ... + Dk = s_k (Q(k) + 1/2) - s1 z1,  Q(k) = sum 4^(k-e) qe
+
+With ``s1 = range / 4`` and the real-valued ``z1 = -min / s1`` the four bins of
+slice 1 tile the group's range, so every residual stays within +-s_k/2 and each
+added slice divides the error bound by four. No parameter depends on k.
+
+Packed layout, version 1: one uint8 array ``[S, N, K/4]``, slice-major (all of
+slice 1, then all of slice 2, ...). Byte j of a row holds columns 4j..4j+3::
+
+    bit    7 6  | 5 4  | 3 2  | 1 0
+    column 4j+3 | 4j+2 | 4j+1 | 4j
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LAYOUT_VERSION = 1
+SLICE_BITS = 2
+CODES_PER_BYTE = 8 // SLICE_BITS
+MAX_SLICES = 8
+DEFAULT_NUM_SLICES = 4
+
+# Scale used for a group whose values are all equal (range 0), relative to |value|
+# (or absolute when the value is 0): keeps z1 finite and the error tiny.
+_CONSTANT_GROUP_SCALE = 2.0**-20
+
+
+class FormatError(ValueError):
+    """A weight, a parameter or a packed array that the MoBiSlice format cannot take."""
+
+
+@dataclass(frozen=True)
+class SlicedWeight:
+    """One quantized linear weight in packed layout version 1."""
+
+    packed: np.ndarray  # uint8 [S, N, K/4]
+    scales: np.ndarray  # float32 [N, K/g]: s1
+    zero_points: np.ndarray  # float32 [N, K/g]: z1, real-valued
+    group_size: int
+
+    def __post_init__(self) -> None:
+        if self.packed.dtype != np.uint8 or self.packed.ndim != 3:
+            raise FormatError(f"[SlicedWeight] packed expected uint8 [S, N, K/4]; got {self.packed.dtype} {self.packed.shape}")
+        s, n, kq = self.packed.shape
+        if not 1 <= s <= MAX_SLICES:
+            raise FormatError(f"[SlicedWeight] number of slices expected 1..{MAX_SLICES}; got {s}")
+        k = kq * CODES_PER_BYTE
+        want = (n, _groups(k, self.group_size, "SlicedWeight"))
+        for name in ("scales", "zero_points"):
+            arr = getattr(self, name)
+            if arr.dtype != np.float32 or arr.shape != want:
+                raise FormatError(
+                    f"[SlicedWeight] {name} expected float32 {want} for N={n}, K={k}, group_size={self.group_size}; "
+                    f"got {arr.dtype} {arr.shape}"
+                )
+
+    @property
+    def num_slices(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.shape[2] * CODES_PER_BYTE
+
+    def codes(self) -> np.ndarray:
+        """The 2-bit codes, uint8 [S, N, K] with values 0..3."""
+        return unpack(self.packed)
+
+    def dequantize(self, k: int) -> np.ndarray:
+        """W^(k) as float64 [N, K]: the sum of the first k slices' reconstructions."""
+        return dequantize(self.codes(), self.scales, self.zero_points, self.group_size, k)
+
+    def step(self, k: int) -> np.ndarray:
+        """Step of slice k per (row, group), float64 [N, K/g]: s1 / 4^(k-1)."""
+        _check_depth(k, self.num_slices)
+        return self.scales.astype(np.float64) / 4.0 ** (k - 1)
+
+
+def _groups(k: int, group_size: int, where: str) -> int:
+    if group_size <= 0 or group_size % CODES_PER_BYTE:
+        raise FormatError(f"[{where}] group_size expected a positive multiple of {CODES_PER_BYTE}; got {group_size}")
+    if k % group_size:
+        fits = [g for g in (32, 64, 128, 256) if k % g == 0]
+        raise FormatError(f"[{where}] K % group_size expected 0; got K={k}, group_size={group_size} (sizes that fit: {fits})")
+    return k // group_size
+
+
+def _check_depth(k: int, num_slices: int) -> None:
+    if not 1 <= k <= num_slices:
+        raise FormatError(f"[MoBiSlice] slice count expected 1..{num_slices}; got {k}")
+
+
+def minmax_params(weight: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slice-1 parameters from each group's min and max: s1 = range/4, z1 = -min/s1 (float32 [N, K/g])."""
+    w = _checked_weight(weight, group_size)
+    n, k = w.shape
+    grouped = w.reshape(n, k // group_size, group_size)
+    lo, hi = grouped.min(axis=2), grouped.max(axis=2)
+    scale = (hi - lo) / 4.0
+    flat = scale == 0
+    scale[flat] = np.where(lo[flat] != 0, np.abs(lo[flat]), 1.0) * _CONSTANT_GROUP_SCALE
+    scale32 = scale.astype(np.float32)
+    zero32 = (-lo / scale32.astype(np.float64)).astype(np.float32)
+    return scale32, zero32
+
+
+def quantize(
+    weight: np.ndarray,
+    group_size: int,
+    num_slices: int = DEFAULT_NUM_SLICES,
+    scales: np.ndarray | None = None,
+    zero_points: np.ndarray | None = None,
+) -> SlicedWeight:
+    """Quantize ``weight`` [N, K] into ``num_slices`` residual 2-bit slices.
+
+    ``scales``/``zero_points`` (float32 [N, K/g]) give slice 1's calibrated (possibly
+    clipped) parameters; without them the min/max of each group is used. Weights
+    outside a clipped range saturate in slice 1 and stay outside the error bound.
+    """
+    w = _checked_weight(weight, group_size)
+    if not 1 <= num_slices <= MAX_SLICES:
+        raise FormatError(f"[quantize] num_slices expected 1..{MAX_SLICES}; got {num_slices}")
+    if (scales is None) != (zero_points is None):
+        raise FormatError("[quantize] scales and zero_points expected together; got only one")
+    if scales is None:
+        scales, zero_points = minmax_params(w, group_size)
+    n, k = w.shape
+    want = (n, k // group_size)
+    scales = np.asarray(scales, dtype=np.float32)
+    zero_points = np.asarray(zero_points, dtype=np.float32)
+    if scales.shape != want or zero_points.shape != want:
+        raise FormatError(f"[quantize] scales/zero_points expected shape {want}; got {scales.shape}/{zero_points.shape}")
+    if not (np.all(np.isfinite(scales)) and np.all(scales > 0) and np.all(np.isfinite(zero_points))):
+        raise FormatError("[quantize] scales expected finite and > 0, zero_points finite; got other values")
+
+    # Codes are derived from the float32 parameters the kernel will see.
+    s1 = np.repeat(scales.astype(np.float64), group_size, axis=1)
+    z1 = np.repeat(zero_points.astype(np.float64), group_size, axis=1)
+    codes = np.empty((num_slices, n, k), dtype=np.uint8)
+    q = np.clip(np.floor(w / s1 + z1), 0, 3)
+    codes[0] = q
+    recon = s1 * (q - z1 + 0.5)
+    for e in range(1, num_slices):
+        step = s1 / 4.0**e
+        q = np.clip(np.floor((w - recon) / step) + 2, 0, 3)
+        codes[e] = q
+        recon = recon + step * (q - 1.5)
+    return SlicedWeight(pack(codes), scales, zero_points, group_size)
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, group_size: int, k: int) -> np.ndarray:
+    """W^(k) = D1 + ... + Dk in float64 from unpacked codes uint8 [S, N, K]."""
+    _check_depth(k, codes.shape[0])
+    s1 = np.repeat(scales.astype(np.float64), group_size, axis=1)
+    z1 = np.repeat(zero_points.astype(np.float64), group_size, axis=1)
+    w = s1 * (codes[0] - z1 + 0.5)
+    for e in range(1, k):
+        w += s1 / 4.0**e * (codes[e].astype(np.float64) - 1.5)
+    return w
+
+
+def pack(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes [S, N, K] (values 0..3) -> packed uint8 [S, N, K/4], layout version 1."""
+    if codes.ndim != 3 or codes.shape[2] % CODES_PER_BYTE:
+        raise FormatError(f"[pack] codes expected [S, N, K] with K % {CODES_PER_BYTE} == 0; got {codes.shape}")
+    if codes.size and codes.max() > 3:
+        raise FormatError(f"[pack] codes expected values 0..3; got max {int(codes.max())}")
+    c = codes.astype(np.uint8).reshape(*codes.shape[:2], -1, CODES_PER_BYTE)
+    return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray) -> np.ndarray:
+    """packed uint8 [S, N, K/4] -> codes uint8 [S, N, K]."""
+    shifts = np.arange(CODES_PER_BYTE, dtype=np.uint8) * SLICE_BITS
+    codes = (packed[..., None] >> shifts) & 3
+    return codes.reshape(*packed.shape[:2], -1).astype(np.uint8)
+
+
+def _checked_weight(weight: np.ndarray, group_size: int) -> np.ndarray:
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 2:
+        raise FormatError(f"[quantize] weight expected 2-D [N, K]; got shape {w.shape}")
+    _groups(w.shape[1], group_size, "quantize")
+    bad = ~np.isfinite(w)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise FormatError(f"[quantize] weight expected finite values; got {int(bad.sum())} NaN/Inf, first at {first}")
+    return w
