@@ -110,17 +110,34 @@ def _check_depth(k: int, num_slices: int) -> None:
 
 
 def minmax_params(weight: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Slice-1 parameters from each group's min and max: s1 = range/4, z1 = -min/s1 (float32 [N, K/g])."""
+    """Slice-1 parameters from each group's min and max: s1 = range/4, z1 = -min/s1 (float32 [N, K/g]).
+
+    Both are rounded up to float32 so that the four bins, as the kernel sees them
+    (from lo' = -z1 s1 to lo' + 4 s1), still cover [min, max]: otherwise float32
+    rounding leaves the extreme weights a hair outside +-s_k/2 at every depth.
+    """
     w = _checked_weight(weight, group_size)
     n, k = w.shape
     grouped = w.reshape(n, k // group_size, group_size)
     lo, hi = grouped.min(axis=2), grouped.max(axis=2)
-    scale = (hi - lo) / 4.0
-    flat = scale == 0
-    scale[flat] = np.where(lo[flat] != 0, np.abs(lo[flat]), 1.0) * _CONSTANT_GROUP_SCALE
-    scale32 = scale.astype(np.float32)
-    zero32 = (-lo / scale32.astype(np.float64)).astype(np.float32)
-    return scale32, zero32
+    span = hi - lo
+    flat = span == 0
+    span[flat] = np.where(lo[flat] != 0, np.abs(lo[flat]), 1.0) * 4 * _CONSTANT_GROUP_SCALE
+    scale = _f32_up(span / 4)
+    for _ in range(4):  # each pass widens s1 by the gap left by z1's rounding; converges in 1-2
+        zero = _f32_up(-lo / scale)
+        start = -zero.astype(np.float64) * scale
+        short = start + 4 * scale.astype(np.float64) < hi
+        if not short.any():
+            return scale, zero
+        scale = np.where(short, _f32_up((hi - start) / 4 * (1 + 2.0**-22)), scale)
+    raise FormatError("[minmax_params] could not fit float32 scale/zero point to a group range")
+
+
+def _f32_up(x: np.ndarray) -> np.ndarray:
+    """x rounded up to the next float32 (never below x)."""
+    y = np.asarray(x, dtype=np.float32)
+    return np.where(y.astype(np.float64) < x, np.nextafter(y, np.float32(np.inf)), y).astype(np.float32)
 
 
 def quantize(

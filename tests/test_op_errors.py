@@ -1,0 +1,89 @@
+"""Every malformed input of SPEC §3 fails with an ORT error naming the op, what was expected and what came."""
+
+import numpy as np
+import pytest
+
+from mobiquant.runtime import format as F
+from rsmm_graph import attrs_for, rsmm_session
+
+N, K, G, S = 12, 128, 64, 4
+
+
+def good():
+    rng = np.random.default_rng(3)
+    sw = F.quantize(rng.standard_normal((N, K)), G, S)
+    feeds = {"X": rng.standard_normal((3, K)).astype(np.float32), "slices": sw.packed, "scales": sw.scales,
+             "zero_points": sw.zero_points, "slice_counts": np.array([1, 2, 4], np.int32),
+             "bias": np.zeros(N, np.float32)}
+    return feeds, attrs_for(K, N, G, S)
+
+
+def fails(feeds, attrs, *patterns):
+    with pytest.raises(Exception) as info:
+        rsmm_session(feeds, attrs).run(None, feeds)
+    text = str(info.value)
+    assert "ResidualSliceMatMul" in text, text
+    for p in patterns:
+        assert p in text, f"{p!r} not in: {text}"
+
+
+def test_good_inputs_run():
+    feeds, attrs = good()
+    assert rsmm_session(feeds, attrs).run(None, feeds)[0].shape == (3, N)
+
+
+@pytest.mark.parametrize("name,dtype", [("X", np.float64), ("slices", np.int8), ("scales", np.float64),
+                                        ("zero_points", np.int32), ("slice_counts", np.int64), ("bias", np.float64)])
+def test_wrong_dtype(name, dtype):
+    feeds, attrs = good()
+    feeds[name] = feeds[name].astype(dtype)
+    fails(feeds, attrs)
+
+
+@pytest.mark.parametrize("name,shape,expected", [
+    ("X", (3, K + 4), "X expected shape [..., K=128]; got (3, 132)"),
+    ("slices", (S, N, K // 4 + 1), "slices shape expected (4, 12, 32)"),
+    ("slices", (S - 1, N, K // 4), "got (3, 12, 32)"),
+    ("scales", (N, 3), "scales shape expected (12, 2)"),
+    ("zero_points", (N + 1, 2), "zero_points shape expected (12, 2)"),
+    ("bias", (N - 1,), "bias shape expected (12,)"),
+    ("slice_counts", (2,), "slice_counts expected one count per token (3"),
+])
+def test_wrong_shape(name, shape, expected):
+    feeds, attrs = good()
+    feeds[name] = np.zeros(shape, feeds[name].dtype)
+    fails(feeds, attrs, expected)
+
+
+@pytest.mark.parametrize("bad", [0, 5, -1])
+def test_slice_count_out_of_range_is_an_error_not_a_clamp(bad):
+    feeds, attrs = good()
+    feeds["slice_counts"] = np.array([1, bad, 2], np.int32)
+    fails(feeds, attrs, "slice_counts expected values in [1, 4]", f"got {bad} at token 1")
+
+
+@pytest.mark.parametrize("attr,value,expected", [
+    ("group_size", 48, "K % group_size expected 0; got K=128, group_size=48"),
+    ("group_size", 6, "group_size expected a positive multiple of 4"),
+    ("layout", 2, "unknown version 2"),
+    ("slice_bits", 3, "slice_bits expected 2; got 3"),
+    ("num_slices", 0, "num_slices expected 1..8; got 0"),
+    ("num_slices", 9, "num_slices expected 1..8; got 9"),
+    ("K", -128, "K and N expected > 0"),
+])
+def test_bad_attributes(attr, value, expected):
+    feeds, attrs = good()
+    attrs[attr] = value
+    fails(feeds, attrs, expected)
+
+
+def test_missing_attribute():
+    feeds, attrs = good()
+    del attrs["N"]
+    fails(feeds, attrs, "attribute 'N' expected an int; got none")
+
+
+def test_unknown_forced_kernel(monkeypatch):
+    monkeypatch.setenv("MOBIQ_KERNEL", "avx9000")
+    feeds, attrs = good()
+    fails(feeds, attrs, "MOBIQ_KERNEL expected one of", "got 'avx9000'")
