@@ -17,7 +17,7 @@ package is installed or imported):
 Splits: the Austen novels are disjoint by book. ``austen-train`` (calibration)
 is Emma, Mansfield Park, Pride and Prejudice and Sense and Sensibility, a blank
 line between novels; ``austen-validation`` is Northanger Abbey;
-``austen-test`` is Persuasion. Brown and Lee are held-out, out-of-domain text.
+``austen-test`` is Persuasion. Brown and Lee are used whole.
 
 Every corpus is extracted once into ``cache_dir()/corpora/<name>.txt`` (UTF-8,
 no trailing newline, written atomically) and read from there afterwards.
@@ -98,30 +98,43 @@ _NO_SPACE_AFTER = {"``", "(", "["}
 
 
 def detag_brown(tagged: str) -> str:
-    """Running text from one Brown sample: ``word/tag`` tokens, blank-line separated paragraphs.
+    """Running text from one Brown sample: ``word/tag`` tokens, one sentence a line,
+    paragraphs separated by blank lines, headlines (tags ending ``-hl``) unindented.
 
-    Drops each token's last ``/tag``; writes `````` and ``''`` as ``"``; puts no space
-    before closing punctuation nor after opening brackets and quotes. A bare ``'``
-    (a single quote) alternates opening/closing within a paragraph. Returns one
-    paragraph per line.
+    Drops each token's last ``/tag``; writes the quote tokens `` and '' as "; puts no
+    space before closing punctuation nor after opening brackets and quotes; drops
+    a sentence ``.`` right after an abbreviation's (``Jr. .``). A bare ``'`` (a
+    single quote) alternates opening/closing within a paragraph. Returns one
+    paragraph (or headline) per line.
     """
-    paragraphs = []
+    paragraphs: list[list[str]] = []
     for block in re.split(r"\n\s*\n", tagged):
-        out: list[str] = []
-        glue = True  # no space before the next token
-        single_open = False
-        for token in block.split():
-            word = token.rsplit("/", 1)[0] if "/" in token else token
-            closing = word in _NO_SPACE_BEFORE or (word == "'" and single_open)
-            if out and not glue and not closing:
-                out.append(" ")
-            out.append('"' if word in ("``", "''") else word)
-            glue = word in _NO_SPACE_AFTER or (word == "'" and not single_open)
-            if word == "'":
-                single_open = not single_open
-        if out:
-            paragraphs.append("".join(out))
-    return "\n".join(paragraphs)
+        paragraphs.append([])
+        for line in block.splitlines():
+            tokens = line.split()
+            if not line.startswith("\t") and any(re.search(r"/\S*-hl$", t) for t in tokens):
+                paragraphs += [tokens, []]  # a headline stands alone
+            else:
+                paragraphs[-1] += tokens
+    return "\n".join(text for text in map(_detag_tokens, paragraphs) if text)
+
+
+def _detag_tokens(tokens: list[str]) -> str:
+    out: list[str] = []
+    glue = True  # no space before the next word
+    single_open = False
+    for token in tokens:
+        word = token.rsplit("/", 1)[0] if "/" in token else token
+        if word == "." and out and out[-1].endswith("."):
+            continue
+        closing = word in _NO_SPACE_BEFORE or (word == "'" and single_open)
+        if out and not glue and not closing:
+            out.append(" ")
+        out.append('"' if word in ("``", "''") else word)
+        glue = word in _NO_SPACE_AFTER or (word == "'" and not single_open)
+        if word == "'":
+            single_open = not single_open
+    return "".join(out)
 
 
 def _brown() -> dict[str, str]:
@@ -153,14 +166,12 @@ def _cached(name: str) -> Path:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8"))
+        tmp.write_bytes(text.encode("utf-8"))
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def corpus_path(name: str) -> Path:

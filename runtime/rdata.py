@@ -13,12 +13,14 @@ for plain vectors (R Internals §1.8, ``src/main/serialize.c``):
   the ``.rdb``. Indices written as a framed entry (below) are read as well.
 * Each ``.rdb`` entry is an int32 uncompressed length, then either a zlib
   stream, or a type byte (``'0'`` none, ``'1'`` zlib, ``'2'`` bzip2, ``'Z'`` xz)
-  and the payload, then one serialization.
+  and the payload; decompressed, it is one serialization.
 
 R values map to Python as: ``NULL`` -> ``None``; a symbol -> :class:`RSymbol`;
 character, integer, logical, double and list vectors -> :class:`RVector` (a
 ``list`` with ``rtype`` and ``attributes``) whose NA elements are ``None``
-(NA doubles stay NaN); a pairlist -> an ``RVector`` of rtype ``"pairlist"``
+(NA doubles stay NaN); strings are decoded by their mark (UTF-8, ASCII,
+latin1, else the native encoding: the version-3 header's, UTF-8 in version 2),
+"bytes" strings stay ``bytes``; a pairlist -> an ``RVector`` of rtype ``"pairlist"``
 whose tags become its ``names`` attribute, as R's ``as.list`` does.
 """
 
@@ -69,7 +71,7 @@ class RVector(list):
 
 
 # SEXP type codes (Rinternals.h) and serialization pseudo-types (serialize.c).
-NILSXP, SYMSXP, LISTSXP, CHARSXP, LGLSXP, INTSXP, REALSXP, STRSXP, VECSXP = 0, 1, 2, 9, 10, 13, 14, 16, 19
+SYMSXP, LISTSXP, CHARSXP, LGLSXP, INTSXP, REALSXP, STRSXP, VECSXP = 1, 2, 9, 10, 13, 14, 16, 19
 REFSXP, NILVALUE_SXP = 255, 254
 _VECTOR_TYPES = {LGLSXP: "logical", INTSXP: "integer", REALSXP: "double", STRSXP: "character", VECSXP: "list"}
 _NA_INT = -(2**31)  # NA_integer_ and NA_logical
@@ -181,11 +183,11 @@ class _Reader:
         raw = bytes(self.take(n))
         if levels & _BYTES:
             return raw
-        if levels & _LATIN1:
-            return raw.decode("latin-1")
-        if levels & (_UTF8 | _ASCII):
-            return raw.decode("utf-8")
-        return raw.decode(self.native_encoding)
+        encoding = "latin-1" if levels & _LATIN1 else "utf-8" if levels & (_UTF8 | _ASCII) else self.native_encoding
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise RDataError(f"[unserialize] {encoding} string expected at offset {self.pos - n}; got {e}") from None
 
     def vector(self, kind: int) -> list:
         n = self.length()
