@@ -20,7 +20,8 @@ LIBRARY_NAME = "libmobiq_ops.so"
 LIBRARY_ENV = "MOBIQ_OPS_LIBRARY"
 
 INPUTS = ("X", "slices", "scales", "zero_points", "slice_counts", "bias")
-ATTRIBUTES = ("K", "N", "group_size", "num_slices", "slice_bits", "layout")
+ATTRIBUTES = ("K", "N", "group_size", "num_slices", "slice_bits", "layout", "accuracy_level")
+ACCURACY_F32, ACCURACY_INT8 = 0, 4
 
 
 class OpLibraryError(RuntimeError):
@@ -99,6 +100,8 @@ def register_schema() -> None:
             A("num_slices", ints, "S, slices stored"),
             A("slice_bits", helper.make_attribute("slice_bits", 2), "bits per slice (2)"),
             A("layout", helper.make_attribute("layout", 1), "packed format version"),
+            A("accuracy_level", helper.make_attribute("accuracy_level", 0),
+              "0/1: exact float32 compute; 4: int8 activations (as MatMulNBits)"),
         ],
     )
     schema.set_type_and_shape_inference_function(_infer_output)

@@ -70,6 +70,7 @@ def test_slice_count_out_of_range_is_an_error_not_a_clamp(bad):
     ("num_slices", 0, "num_slices expected 1..8; got 0"),
     ("num_slices", 9, "num_slices expected 1..8; got 9"),
     ("K", -128, "K and N expected > 0"),
+    ("accuracy_level", 2, "accuracy_level expected 0 or 1 (float32) or 4 (int8 activations); got 2"),
 ])
 def test_bad_attributes(attr, value, expected):
     feeds, attrs = good()

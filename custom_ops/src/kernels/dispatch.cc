@@ -1,22 +1,95 @@
-// The one dispatch point: which kernel variant this process runs.
-// Today: the portable scalar kernel everywhere (SIMD variants join here, chosen
-// from compile-time and run-time CPU checks). MOBIQ_KERNEL forces a variant.
+// The one dispatch point: the list of compiled kernels and the choice for an op
+// instance, from compile-time architecture, run-time CPU features, the numeric
+// mode and the shape constraints. MOBIQ_KERNEL forces a variant (debugging,
+// tests, benchmarks): a kernel name, "reference", or "portable" (the scalar
+// kernel of the op's mode).
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
 
+#include "mobiq/format.h"
 #include "mobiq/kernels.h"
 
-namespace mobiq {
+#if defined(__aarch64__) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
 
-KernelChoice select_kernel() {
+namespace mobiq {
+namespace {
+
+bool always() { return true; }
+#if defined(__x86_64__)
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+bool has_avx512vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+#endif
+#if defined(__aarch64__)
+bool has_dotprod() {
+#if defined(__linux__) && defined(HWCAP_ASIMDDP)
+  return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+  return false;
+#endif
+}
+#endif
+
+constexpr int kAny = static_cast<int>(kMaxSlices);
+
+}  // namespace
+
+const std::vector<KernelInfo>& all_kernels() {
+  // Slowest first within a mode: select_kernel takes the last usable one.
+  static const std::vector<KernelInfo> kernels = {
+      {rsmm_f32_reference, "rsmm_f32_reference", Mode::kF32, false, 4, kAny, always},
+      {rsmm_f32_1x1__scalar, "rsmm_f32_1x1__scalar", Mode::kF32, false, 4, kAny, always},
+      {rsmm_i8_1x1__scalar, "rsmm_i8_1x1__scalar", Mode::kInt8, false, 4, kAny, always},
+#if defined(__x86_64__)
+      {rsmm_f32_4x64__avx2, "rsmm_f32_4x64__avx2", Mode::kF32, true, 64, 4, has_avx2},
+      {rsmm_f32_4x64__avx512, "rsmm_f32_4x64__avx512", Mode::kF32, true, 64, 4, has_avx512},
+      {rsmm_i8_4x64__avx2, "rsmm_i8_4x64__avx2", Mode::kInt8, true, 64, 4, has_avx2},
+      {rsmm_i8_4x64__avx512vnni, "rsmm_i8_4x64__avx512vnni", Mode::kInt8, true, 64, 4, has_avx512vnni},
+#endif
+#if defined(__aarch64__)
+      {rsmm_f32_4x64__neon, "rsmm_f32_4x64__neon", Mode::kF32, true, 64, 4, always},
+      {rsmm_i8_4x64__neon, "rsmm_i8_4x64__neon", Mode::kInt8, true, 64, 4, always},
+      {rsmm_i8_4x64__neondot, "rsmm_i8_4x64__neondot", Mode::kInt8, true, 64, 4, has_dotprod},
+#endif
+  };
+  return kernels;
+}
+
+const KernelInfo& select_kernel(Mode mode, int64_t group_size, int64_t num_slices) {
+  const auto fits = [&](const KernelInfo& k) {
+    return k.supported() && group_size % k.group_multiple == 0 && num_slices <= k.max_slices;
+  };
   const char* forced = std::getenv("MOBIQ_KERNEL");
   const std::string want = forced ? forced : "";
-  if (want == "reference") return {rsmm_f32_reference, "rsmm_f32_reference"};
-  if (want.empty() || want == "scalar" || want == "portable")
-    return {rsmm_f32_1x1__scalar, "rsmm_f32_1x1__scalar"};
-  throw std::invalid_argument("[ResidualSliceMatMul] MOBIQ_KERNEL expected one of reference, scalar; got '" +
-                              want + "'");
+  if (!want.empty()) {
+    std::string names;
+    for (const auto& k : all_kernels()) {
+      const bool match = k.name == want || (want == "reference" && k.fn == rsmm_f32_reference) ||
+                         (want == "portable" && k.group_multiple == 4 && k.mode == mode && k.fn != rsmm_f32_reference);
+      if (match) {
+        if (!fits(k))
+          throw std::invalid_argument("[ResidualSliceMatMul] MOBIQ_KERNEL=" + want + " cannot run here (CPU support, "
+                                      "group_size % " + std::to_string(k.group_multiple) + ", k <= " +
+                                      std::to_string(k.max_slices) + "); got group_size=" +
+                                      std::to_string(group_size) + ", num_slices=" + std::to_string(num_slices));
+        return k;
+      }
+      names += std::string(names.empty() ? "" : ", ") + k.name;
+    }
+    throw std::invalid_argument("[ResidualSliceMatMul] MOBIQ_KERNEL expected one of reference, portable, " + names +
+                                "; got '" + want + "'");
+  }
+  const KernelInfo* best = nullptr;
+  for (const auto& k : all_kernels())
+    if (k.mode == mode && k.fn != rsmm_f32_reference && fits(k)) best = &k;
+  return *best;  // the scalar kernel of each mode always fits
 }
 
 }  // namespace mobiq

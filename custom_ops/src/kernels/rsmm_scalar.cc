@@ -1,30 +1,30 @@
-// rsmm_f32_1x1__scalar — portable kernel, one token x one row at a time.
-// Reads the packed codes of the first k slices, builds the 2k-bit integer code
-// Q(k) = sum_e 4^(k-e) qe per column, and uses the affine form
-//   W^(k) = s_k (Q(k) + 1/2) - s1 z1,   s_k = s1 4^-(k-1)
-// so that per (token, row, group):
-//   sum_c x_c W^(k)_c = s_k (sum_c x_c Q_c + xsum/2) - s1 z1 xsum.
-// Group partial sums are float32, the sum over groups float64. Bytes of slices
-// k+1..S are never read.
+// Portable kernels, one token x one row at a time; run on any CPU and mirror
+// the SIMD kernels' arithmetic (tests hold each SIMD kernel to these).
+//
+// rsmm_f32_1x1__scalar: exact float mode. Builds Q(k) = sum_e 4^(k-e) qe per
+//   column from the packed codes of the first k slices; per (token, row, group)
+//   s_k (sum_c x_c Q_c) + (s_k/2 - s1 z1) xsum, group partials in float32, the
+//   sum over groups in float64.
+// rsmm_i8_1x1__scalar: int8 mode. The same with x_c replaced by xq_c * xq_scale
+//   in the first term, the integer dot product exact in int32.
+// Neither reads bytes of slices k+1..S. Activations are not permuted.
 #include "mobiq/format.h"
 #include "mobiq/kernels.h"
 
 namespace mobiq {
+namespace {
 
-void fill_group_sums(const float* x, int64_t M, int64_t K, int64_t group_size, float* out) {
-  const int64_t groups = K / group_size;
-  for (int64_t t = 0; t < M; ++t) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* xg = x + t * K + g * group_size;
-      float s = 0.0f;
-      for (int64_t c = 0; c < group_size; ++c) s += xg[c];
-      out[t * groups + g] = s;
-    }
+// Q(k) of the 4 columns held by packed byte `byte` of row `rows` (slice planes `plane` apart).
+inline void codes4(const uint8_t* rows, size_t plane, int64_t byte, int k, uint32_t q[4]) {
+  q[0] = q[1] = q[2] = q[3] = 0;
+  for (int e = 0; e < k; ++e) {
+    const uint32_t packed = rows[static_cast<size_t>(e) * plane + static_cast<size_t>(byte)];
+    for (int j = 0; j < 4; ++j) q[j] = (q[j] << 2) | ((packed >> (2 * j)) & 3u);
   }
 }
 
-void rsmm_f32_1x1__scalar(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k,
-                          int64_t n0, int64_t n1) {
+template <Mode M>
+void rsmm_1x1_scalar(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0, int64_t n1) {
   const int64_t groups = a.K / a.group_size;
   const int64_t row_bytes = a.K / kCodesPerByte;
   const int64_t group_bytes = a.group_size / kCodesPerByte;
@@ -34,30 +34,49 @@ void rsmm_f32_1x1__scalar(const RsmmArgs& a, const int32_t* tokens, int64_t num_
     const uint8_t* rows = a.slices + static_cast<size_t>(n * row_bytes);
     for (int64_t i = 0; i < num_tokens; ++i) {
       const int64_t t = tokens[i];
-      const float* x = a.x + t * a.K;
       const float* xs = a.x_group_sums + t * groups;
       double acc = a.bias ? a.bias[n] : 0.0;
       for (int64_t g = 0; g < groups; ++g) {
         float dot = 0.0f;
-        for (int64_t b = 0; b < group_bytes; ++b) {
-          const int64_t byte = g * group_bytes + b;
-          uint32_t q[4] = {0, 0, 0, 0};
-          for (int e = 0; e < k; ++e) {
-            const uint32_t packed = rows[static_cast<size_t>(e) * plane + static_cast<size_t>(byte)];
-            for (int j = 0; j < 4; ++j) q[j] = (q[j] << 2) | ((packed >> (2 * j)) & 3u);
+        if constexpr (M == Mode::kF32) {
+          const float* x = a.x + t * a.K;
+          for (int64_t b = g * group_bytes; b < (g + 1) * group_bytes; ++b) {
+            uint32_t q[4];
+            codes4(rows, plane, b, k, q);
+            const float* xc = x + b * 4;
+            dot += xc[0] * static_cast<float>(q[0]) + xc[1] * static_cast<float>(q[1]) +
+                   xc[2] * static_cast<float>(q[2]) + xc[3] * static_cast<float>(q[3]);
           }
-          const float* xc = x + byte * 4;
-          dot += xc[0] * static_cast<float>(q[0]) + xc[1] * static_cast<float>(q[1]) +
-                 xc[2] * static_cast<float>(q[2]) + xc[3] * static_cast<float>(q[3]);
+        } else {
+          const int8_t* xq = a.xq + t * a.K;
+          int64_t idot = 0;  // Q(k) < 4^k: int64 keeps k up to kMaxSlices exact
+          for (int64_t b = g * group_bytes; b < (g + 1) * group_bytes; ++b) {
+            uint32_t q[4];
+            codes4(rows, plane, b, k, q);
+            const int8_t* xc = xq + b * 4;
+            for (int j = 0; j < 4; ++j) idot += static_cast<int64_t>(xc[j]) * static_cast<int64_t>(q[j]);
+          }
+          dot = static_cast<float>(idot) * a.xq_scale[t * groups + g];
         }
         const float s1 = a.scales[n * groups + g];
         const float z1 = a.zero_points[n * groups + g];
-        acc += static_cast<double>(s1 * ratio) * (static_cast<double>(dot) + 0.5 * xs[g]) -
-               static_cast<double>(s1) * static_cast<double>(z1) * xs[g];
+        acc += static_cast<double>(s1 * ratio) * dot + static_cast<double>(s1 * (0.5f * ratio - z1)) * xs[g];
       }
       a.y[t * a.N + n] = static_cast<float>(acc);
     }
   }
+}
+
+}  // namespace
+
+void rsmm_f32_1x1__scalar(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
+                          int64_t n1) {
+  rsmm_1x1_scalar<Mode::kF32>(a, tokens, num_tokens, k, n0, n1);
+}
+
+void rsmm_i8_1x1__scalar(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
+                         int64_t n1) {
+  rsmm_1x1_scalar<Mode::kInt8>(a, tokens, num_tokens, k, n0, n1);
 }
 
 }  // namespace mobiq

@@ -112,7 +112,7 @@ OrtCustomOpInputOutputCharacteristic RsmmOp::GetInputCharacteristic(size_t index
 
 OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
   try {
-    const int64_t two = kSliceBits, one = kLayoutVersion;
+    const int64_t two = kSliceBits, one = kLayoutVersion, exact = 0;
     auto k = std::make_unique<RsmmKernel>();
     k->K = int_attribute(info, "K", nullptr);
     k->N = int_attribute(info, "N", nullptr);
@@ -120,6 +120,8 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
     k->num_slices = int_attribute(info, "num_slices", nullptr);
     const int64_t slice_bits = int_attribute(info, "slice_bits", &two);
     const int64_t layout = int_attribute(info, "layout", &one);
+    // As MatMulNBits: 0/1 exact float32 compute, 4 int8 activations.
+    const int64_t accuracy = int_attribute(info, "accuracy_level", &exact);
     std::ostringstream why;
     if (layout != kLayoutVersion)
       why << "layout expected format version " << kLayoutVersion << " (the one this library reads); got unknown version "
@@ -134,8 +136,11 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
       why << "K % group_size expected 0; got K=" << k->K << ", group_size=" << k->group_size;
     else if (k->num_slices < 1 || k->num_slices > kMaxSlices)
       why << "num_slices expected 1.." << kMaxSlices << "; got " << k->num_slices;
+    else if (accuracy != 0 && accuracy != 1 && accuracy != 4)
+      why << "accuracy_level expected 0 or 1 (float32) or 4 (int8 activations); got " << accuracy;
     if (!why.str().empty()) fail(why.str());
-    k->kernel = select_kernel();
+    k->mode = accuracy == 4 ? Mode::kInt8 : Mode::kF32;
+    k->kernel = &select_kernel(k->mode, k->group_size, k->num_slices);
     *kernel = k.release();
     return nullptr;
   } catch (const std::exception& e) {
@@ -190,19 +195,17 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
     auto y = ctx.GetOutput(0, out_shape);
     if (M == 0) return nullptr;
 
-    std::vector<float> group_sums(static_cast<size_t>(M * groups));
-    const float* xd = x.value.GetTensorData<float>();
-    fill_group_sums(xd, M, K, group_size, group_sums.data());
-    const RsmmArgs args{xd,
-                        slices.value.GetTensorData<uint8_t>(),
-                        scales.value.GetTensorData<float>(),
-                        zps.value.GetTensorData<float>(),
-                        group_sums.data(),
-                        bias.value ? bias.value.GetTensorData<float>() : nullptr,
-                        y.GetTensorMutableData<float>(),
-                        M, K, N, group_size, num_slices};
+    RsmmArgs args{};
+    args.slices = slices.value.GetTensorData<uint8_t>();
+    args.scales = scales.value.GetTensorData<float>();
+    args.zero_points = zps.value.GetTensorData<float>();
+    args.bias = bias.value ? bias.value.GetTensorData<float>() : nullptr;
+    args.y = y.GetTensorMutableData<float>();
+    args.M = M, args.K = K, args.N = N, args.group_size = group_size, args.num_slices = num_slices;
+    ActivationBuffers buffers;
+    prepare_activations(*kernel, x.value.GetTensorData<float>(), M, K, group_size, buffers, args);
     const int64_t rows_per_block = 16;
-    ParallelTask task{&args, kernel.fn, &order, &starts, rows_per_block, num_slices};
+    ParallelTask task{&args, kernel->fn, &order, &starts, rows_per_block, num_slices};
     const size_t blocks = static_cast<size_t>((N + rows_per_block - 1) / rows_per_block);
     ctx.ParallelFor(run_block, blocks, 0, &task);
     return nullptr;

@@ -17,7 +17,8 @@ inline constexpr const char* kOpName = "ResidualSliceMatMul";
 
 struct RsmmKernel {
   int64_t K = 0, N = 0, group_size = 0, num_slices = 0;
-  KernelChoice kernel{};
+  Mode mode = Mode::kF32;
+  const KernelInfo* kernel = nullptr;
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 };
 
