@@ -1,6 +1,12 @@
 """``mobiq-bench``: measurements side by side, printed as a table and written as JSON.
 
+    mobiq-bench kernel [--threads 1,2] [--shapes ...] [--json FILE]
     mobiq-bench layer [MODEL] [--layer NAME] [--threads N] [--json FILE]
+
+``kernel`` times, in one process on identical inputs, ResidualSliceMatMul at
+k = 1..4 slices (int8-activation mode: rsmm_k; exact float mode: rsmm_f32_k),
+ONNX Runtime's MatMulNBits at 2, 4 and 8 bits (block size = our group size,
+accuracy_level=4) and an fp32 MatMul; median microseconds per run.
 
 ``layer`` quantizes real linear weights of a registry model (the fp32 folder made
 by ``make setup``) into residual slices and reports, per read depth k: the
@@ -79,6 +85,136 @@ def layer_report(weight: np.ndarray, group_size: int, num_slices: int, threads: 
     return rows
 
 
+KERNEL_SHAPES = ((4096, 4096, 128), (4096, 11008, 128), (11008, 4096, 128),
+                 (576, 576, 64), (576, 1536, 64), (1536, 576, 64))  # (K, N, group size)
+
+
+def _timed(session, feeds: dict, budget_s: float = 0.4, max_runs: int = 400) -> float:
+    """Median microseconds of session.run over as many runs as fit in budget_s (at least 5)."""
+    session.run(None, feeds)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or (len(times) < max_runs and time.perf_counter() - start < budget_s):
+        t = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e6)
+
+
+def _single_node_session(node, inits: list, inputs: list, threads: int):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from . import ops
+
+    graph = helper.make_graph([node], "bench", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ops.DOMAIN, 1),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), ops.session_options(threads))
+
+
+def kernel_results(m: int, k: int, n: int, group_size: int, threads: int, kernels: dict[int, str],
+                   rng: np.random.Generator) -> dict[str, float]:
+    """Median us per run of every variant on one shape (same X for all)."""
+    import os
+
+    from onnx import TensorProto, helper
+    from onnx.numpy_helper import from_array
+
+    from . import ops
+
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x_info = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [m, k])]
+    us: dict[str, float] = {}
+    sw = F.SlicedWeight(rng.integers(0, 256, (4, n, k // 4), dtype=np.uint8),
+                        rng.uniform(1e-3, 1e-2, (n, k // group_size)).astype(np.float32),
+                        rng.uniform(0, 4, (n, k // group_size)).astype(np.float32), group_size)
+    inits = [from_array(sw.packed, "slices"), from_array(sw.scales, "scales"), from_array(sw.zero_points, "zero_points")]
+    inputs = x_info + [helper.make_tensor_value_info("slice_counts", TensorProto.INT32, [m])]
+    for accuracy, prefix in ((ops.ACCURACY_INT8, "rsmm"), (ops.ACCURACY_F32, "rsmm_f32")):
+        os.environ["MOBIQ_KERNEL"] = kernels[accuracy]
+        try:
+            node = helper.make_node(ops.OP_TYPE, ["X", "slices", "scales", "zero_points", "slice_counts"], ["Y"],
+                                    domain=ops.DOMAIN, K=k, N=n, group_size=group_size, num_slices=4,
+                                    accuracy_level=accuracy)
+            session = _single_node_session(node, inits, inputs, threads)
+        finally:
+            del os.environ["MOBIQ_KERNEL"]
+        for depth in range(1, 5):
+            us[f"{prefix}_{depth}"] = _timed(session, {"X": x, "slice_counts": np.full(m, depth, np.int32)})
+    for bits in (2, 4, 8):
+        blob = rng.integers(0, 256, (n, k // group_size, group_size * bits // 8), dtype=np.uint8)
+        scales = rng.uniform(1e-3, 1e-2, n * k // group_size).astype(np.float32)
+        node = helper.make_node("MatMulNBits", ["X", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n,
+                                bits=bits, block_size=group_size, accuracy_level=4)
+        session = _single_node_session(node, [from_array(blob, "B"), from_array(scales, "scales")], x_info, threads)
+        us[f"matmulnbits_{bits}"] = _timed(session, {"X": x})
+    w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+    session = _single_node_session(helper.make_node("MatMul", ["X", "W"], ["Y"]), [from_array(w, "W")], x_info, threads)
+    us["matmul_fp32"] = _timed(session, {"X": x})
+    return us
+
+
+TARGETS = (  # (description, numerator, denominator, max ratio) on M=1, 4096x4096, int8 mode
+    ("rsmm_2 <= 1.0 x matmulnbits_4", "rsmm_2", "matmulnbits_4", 1.0),
+    ("rsmm_1 <= 0.6 x matmulnbits_4", "rsmm_1", "matmulnbits_4", 0.6),
+    ("rsmm_1 <= 0.35 x matmulnbits_2", "rsmm_1", "matmulnbits_2", 0.35),
+    ("rsmm_4 <= 1.0 x matmulnbits_8", "rsmm_4", "matmulnbits_8", 1.0),
+    ("rsmm_4 <= 0.5 x matmul_fp32", "rsmm_4", "matmul_fp32", 0.5),
+    ("rsmm_1 <= 0.4 x rsmm_4", "rsmm_1", "rsmm_4", 0.4),
+    ("rsmm_f32_2 <= 2.0 x matmulnbits_4", "rsmm_f32_2", "matmulnbits_4", 2.0),
+)
+
+
+def _kernel_command(args: argparse.Namespace) -> int:
+    from . import ops
+
+    shapes = [s for s in KERNEL_SHAPES if not args.small or s[0] < 4096 or s == (4096, 4096, 128)]
+    rng = np.random.default_rng(0)
+    kernels = {acc: ops.usable_kernels(acc)[0] for acc in (ops.ACCURACY_INT8, ops.ACCURACY_F32)}
+    result = {"cpu": _cpu_name(), "kernel": kernels[ops.ACCURACY_INT8], "kernel_f32": kernels[ops.ACCURACY_F32],
+              "results": []}
+    print(f"cpu: {result['cpu']}; kernels: {kernels[ops.ACCURACY_INT8]} (int8), {kernels[ops.ACCURACY_F32]} (f32)")
+    cols = ["rsmm_1", "rsmm_2", "rsmm_3", "rsmm_4", "rsmm_f32_2", "matmulnbits_2", "matmulnbits_4", "matmulnbits_8",
+            "matmul_fp32"]
+    print(f"{'M':>3} {'K':>6} {'N':>6} {'thr':>3} " + " ".join(f"{c:>13}" for c in cols))
+    for m in args.m:
+        for k, n, g in shapes:
+            for threads in args.threads:
+                us = kernel_results(m, k, n, g, threads, kernels, rng)
+                result["results"].append({"M": m, "K": k, "N": n, "group_size": g, "threads": threads, "us": us})
+                print(f"{m:>3} {k:>6} {n:>6} {threads:>3} " + " ".join(f"{us[c]:>13.1f}" for c in cols), flush=True)
+    checks = []
+    for r in result["results"]:
+        if (r["M"], r["K"], r["N"]) != (1, 4096, 4096):
+            continue
+        for desc, num, den, limit in TARGETS:
+            ratio = r["us"][num] / r["us"][den]
+            checks.append({"threads": r["threads"], "target": desc, "ratio": ratio, "ok": ratio <= limit})
+    by_threads = {r["threads"]: r["us"]["rsmm_2"] for r in result["results"] if (r["M"], r["K"], r["N"]) == (1, 4096, 4096)}
+    if 1 in by_threads and 2 in by_threads:
+        speedup = by_threads[1] / by_threads[2]
+        checks.append({"threads": 2, "target": "2 threads >= 1.6x faster (rsmm_2)", "ratio": speedup, "ok": speedup >= 1.6})
+    result["targets"] = checks
+    for c in checks:
+        print(f"{'PASS' if c['ok'] else 'MISS'} threads={c['threads']} {c['target']}: {c['ratio']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _layer_command(args: argparse.Namespace) -> int:
     from safetensors.numpy import load_file
 
@@ -94,7 +230,7 @@ def _layer_command(args: argparse.Namespace) -> int:
     missing = [n for n in names if n not in tensors]
     if missing:
         raise ModelError(f"[mobiq-bench] layer expected a 2-D weight of {entry.name}; got unknown {missing}")
-    result = {"cpu": platform.processor() or platform.machine(), "model": entry.name,
+    result = {"cpu": _cpu_name(), "model": entry.name,
               "group_size": entry.group_size, "threads": args.threads, "layers": {}}
     print(f"{entry.name}: g={entry.group_size}, S={entry.num_slices}, threads={args.threads}")
     print(f"{'layer':44} {'k':>2} {'bits':>4} {'rel err W':>10} {'op err':>9} {'KiB/token':>10} {'us/token':>9}")
@@ -114,12 +250,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mobiq-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    kernel = sub.add_parser("kernel", help="ResidualSliceMatMul against MatMulNBits and fp32 MatMul")
+    kernel.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts (default: 1,2)")
+    kernel.add_argument("--m", default="1,64", help="comma-separated token counts M (default: 1,64)")
+    kernel.add_argument("--small", action="store_true", help="skip the 4096x11008 and 11008x4096 shapes")
+    kernel.add_argument("--json", help="also write the results to this JSON file")
     layer = sub.add_parser("layer", help="format error and op cost per depth on real weights")
     layer.add_argument("model", nargs="?", default="smollm2-135m", help="registry model (default: smollm2-135m)")
     layer.add_argument("--layer", action="append", help=f"weight name (repeatable; default: {', '.join(DEFAULT_LAYERS)})")
     layer.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
     layer.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.command == "kernel":
+        try:
+            args.threads = [int(t) for t in args.threads.split(",")]
+            args.m = [int(m) for m in args.m.split(",")]
+        except ValueError:
+            parser.error(f"--threads/--m expected comma-separated integers; got {args.threads!r}/{args.m!r}")
+        if min(args.threads) < 1 or min(args.m) < 1:
+            parser.error("--threads/--m expected values >= 1")
+        return _kernel_command(args)
     if args.threads < 1:
         parser.error(f"--threads expected >= 1; got {args.threads}")
     try:

@@ -123,3 +123,49 @@ def _infer_output(ctx) -> None:
             out.tensor_type.shape.dim.add().CopyFrom(d)
         out.tensor_type.shape.dim.add().dim_value = n
     ctx.set_output_type(0, out)
+
+
+# Kernel variants by numeric mode, fastest first (names as in custom_ops/include/mobiq/kernels.h).
+KERNELS = {
+    ACCURACY_INT8: ("rsmm_i8_4x64__avx512vnni", "rsmm_i8_4x64__avx2", "rsmm_i8_4x64__neondot",
+                    "rsmm_i8_4x64__neon", "rsmm_i8_1x1__scalar"),
+    ACCURACY_F32: ("rsmm_f32_4x64__avx512", "rsmm_f32_4x64__avx2", "rsmm_f32_4x64__neon", "rsmm_f32_1x1__scalar"),
+}
+
+
+def usable_kernels(accuracy: int, group_size: int = 64) -> list[str]:
+    """The kernel variants of ``accuracy`` that this library and CPU can run, fastest first.
+
+    Probes the library by forcing each name through ``MOBIQ_KERNEL`` on a tiny graph.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(OP_TYPE, ["X", "slices", "scales", "zero_points"], ["Y"], domain=DOMAIN, K=group_size,
+                            N=1, group_size=group_size, num_slices=1, accuracy_level=accuracy)
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, group_size])]
+    inits = [helper.make_tensor("slices", TensorProto.UINT8, [1, 1, group_size // 4], bytes(group_size // 4), raw=True),
+             helper.make_tensor("scales", TensorProto.FLOAT, [1, 1], [1.0]),
+             helper.make_tensor("zero_points", TensorProto.FLOAT, [1, 1], [0.0])]
+    graph = helper.make_graph([node], "probe", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    usable, saved = [], os.environ.get("MOBIQ_KERNEL")
+    quiet = session_options()
+    quiet.log_severity_level = 4  # the refusals are expected
+    try:
+        for name in KERNELS[accuracy]:
+            os.environ["MOBIQ_KERNEL"] = name
+            try:
+                ort.InferenceSession(model.SerializeToString(), quiet).run(
+                    None, {"X": np.zeros((1, group_size), np.float32)})
+                usable.append(name)
+            except Exception:  # noqa: BLE001 — an unusable variant is what we probe for
+                continue
+    finally:
+        if saved is None:
+            os.environ.pop("MOBIQ_KERNEL", None)
+        else:
+            os.environ["MOBIQ_KERNEL"] = saved
+    return usable

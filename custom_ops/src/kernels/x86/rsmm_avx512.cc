@@ -1,4 +1,5 @@
-// AVX-512 kernels, up to 4 tokens x 1 row, 64 columns per step.
+// AVX-512 kernels: tiles of NR rows x NT tokens (NR*NT independent accumulator
+// chains, so dot-product latency is hidden even for one token), 64 columns per step.
 //
 // rsmm_i8_4x64__avx512vnni: int8 mode. Per 64-column block, the 16 packed bytes
 //   of each slice are broadcast to the four 128-bit lanes; lane i rotates its
@@ -12,9 +13,9 @@
 // Both: group_size % 64 == 0, k <= 4, bytes of slices k+1..S never read.
 #include <immintrin.h>
 
+#include "../tiles.h"
 #include "mobiq/format.h"
 #include "mobiq/kernels.h"
-#include "../tiles.h"
 
 #define MOBIQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 #define MOBIQ_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
@@ -22,108 +23,140 @@
 namespace mobiq {
 namespace {
 
-constexpr int kSimdMaxSlices = 4;
-
+template <int KS>
 struct Unpack {
-  __m512i rot[kSimdMaxSlices];
-  __m512i mask[kSimdMaxSlices];
+  __m512i rot[KS];
+  __m512i mask[KS];
+
+  MOBIQ_AVX512 Unpack() {
+    for (int e = 0; e < KS; ++e) {
+      const int target = 2 * (KS - 1 - e);
+      alignas(64) int32_t r[16];
+      for (int d = 0; d < 16; ++d) r[d] = (target - 2 * (d / 4)) & 31;
+      rot[e] = _mm512_load_si512(r);
+      mask[e] = _mm512_set1_epi8(static_cast<char>(3 << target));
+    }
+  }
+
+  // Q(KS) of the 64-column block whose slice-1 bytes start at p: 64 bytes, block-permuted.
+  MOBIQ_AVX512 __m512i codes(const uint8_t* p, size_t plane) const {
+    __m512i q = _mm512_and_si512(
+        _mm512_rolv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), rot[0]),
+        mask[0]);
+    for (int e = 1; e < KS; ++e) {
+      const __m512i r = _mm512_rolv_epi32(
+          _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e * plane))), rot[e]);
+      q = _mm512_ternarylogic_epi32(q, r, mask[e], 0xF8);  // q | (r & mask)
+    }
+    return q;
+  }
 };
 
-MOBIQ_AVX512 Unpack make_unpack(int k) {
-  Unpack u;
-  for (int e = 0; e < k; ++e) {
-    const int target = 2 * (k - 1 - e);
-    alignas(64) int32_t r[16];
-    for (int d = 0; d < 16; ++d) r[d] = (target - 2 * (d / 4)) & 31;
-    u.rot[e] = _mm512_load_si512(r);
-    u.mask[e] = _mm512_set1_epi8(static_cast<char>(3 << target));
+// sum_g s1_g (ratio/2 - z1_g) xsum_g over one row's groups: the zero-point term.
+MOBIQ_AVX512 double zero_point_term(const float* s1, const float* z1, const float* xsum, int64_t groups, float ratio) {
+  const __m512 half = _mm512_set1_ps(0.5f * ratio);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= groups; g += 16) {
+    const __m512 c = _mm512_mul_ps(_mm512_loadu_ps(s1 + g), _mm512_sub_ps(half, _mm512_loadu_ps(z1 + g)));
+    acc = _mm512_fmadd_ps(c, _mm512_loadu_ps(xsum + g), acc);
   }
-  return u;
+  double total = _mm512_reduce_add_ps(acc);
+  for (; g < groups; ++g) total += static_cast<double>(s1[g] * (0.5f * ratio - z1[g])) * xsum[g];
+  return total;
 }
 
-// Q(k) of the 64-column block whose slice-1 bytes start at p: 64 bytes, block-permuted.
-MOBIQ_AVX512 inline __m512i q_block(const uint8_t* p, size_t plane, int k, const Unpack& u) {
-  __m512i q = _mm512_and_si512(
-      _mm512_rolv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), u.rot[0]),
-      u.mask[0]);
-  for (int e = 1; e < k; ++e) {
-    const __m512i r = _mm512_rolv_epi32(
-        _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e * plane))), u.rot[e]);
-    q = _mm512_ternarylogic_epi32(q, r, u.mask[e], 0xF8);  // q | (r & mask)
-  }
-  return q;
+MOBIQ_AVX512 void store_rows(const RsmmArgs& a, const int32_t* tok, int nt, int64_t n, int nr, const __m512* facc,
+                             float ratio) {
+  const int64_t groups = a.K / a.group_size;
+  for (int r = 0; r < nr; ++r)
+    for (int j = 0; j < nt; ++j) {
+      const int64_t row = n + r;
+      const double zp = zero_point_term(a.scales + row * groups, a.zero_points + row * groups,
+                                        a.x_group_sums + tok[j] * groups, groups, ratio);
+      a.y[tok[j] * a.N + row] =
+          static_cast<float>((a.bias ? a.bias[row] : 0.0) + zp + static_cast<double>(_mm512_reduce_add_ps(facc[r * nt + j])));
+    }
 }
 
-template <int NT>
-MOBIQ_AVX512VNNI void i8_tile(const RsmmArgs& a, const int32_t* tok, int k, int64_t n0, int64_t n1) {
-  const Unpack u = make_unpack(k);
-  const int64_t groups = a.K / a.group_size, row_bytes = a.K / 4;
-  const size_t plane = slice_bytes(a.N, a.K);
-  const float ratio = step_ratio(k);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = a.slices + n * row_bytes;
-    __m512 facc[NT];
-    double off[NT];
-    for (int j = 0; j < NT; ++j) facc[j] = _mm512_setzero_ps(), off[j] = a.bias ? a.bias[n] : 0.0;
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512i acc[NT];
-      for (int j = 0; j < NT; ++j) acc[j] = _mm512_setzero_si512();
-      for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += 64) {
-        const __m512i q = q_block(row + c / 4, plane, k, u);
+template <int KS, int NR, int NT>
+MOBIQ_AVX512VNNI void i8_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, const Unpack<KS>& u) {
+  const int64_t groups = a.K / a.group_size;
+  const size_t plane = slice_bytes(a.N, a.K), row_bytes = static_cast<size_t>(a.K / 4);
+  const float ratio = step_ratio(KS);
+  __m512 facc[NR * NT];
+  for (auto& f : facc) f = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[NR * NT];
+    for (auto& v : acc) v = _mm512_setzero_si512();
+    for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += 64) {
+      for (int r = 0; r < NR; ++r) {
+        const __m512i q = u.codes(a.slices + (n + r) * row_bytes + static_cast<size_t>(c) / 4, plane);
         for (int j = 0; j < NT; ++j)
-          acc[j] = _mm512_dpbusd_epi32(acc[j], q, _mm512_loadu_si512(a.xq + tok[j] * a.K + c));
-      }
-      const float s1 = a.scales[n * groups + g], z1 = a.zero_points[n * groups + g];
-      const float sk = s1 * ratio, offset = s1 * (0.5f * ratio - z1);
-      for (int j = 0; j < NT; ++j) {
-        const int64_t tg = tok[j] * groups + g;
-        facc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_set1_ps(sk * a.xq_scale[tg]), facc[j]);
-        off[j] += static_cast<double>(offset) * a.x_group_sums[tg];
+          acc[r * NT + j] = _mm512_dpbusd_epi32(acc[r * NT + j], q, _mm512_loadu_si512(a.xq + tok[j] * a.K + c));
       }
     }
-    for (int j = 0; j < NT; ++j)
-      a.y[tok[j] * a.N + n] = static_cast<float>(off[j] + static_cast<double>(_mm512_reduce_add_ps(facc[j])));
+    for (int r = 0; r < NR; ++r) {
+      const float sk = a.scales[(n + r) * groups + g] * ratio;
+      for (int j = 0; j < NT; ++j)
+        facc[r * NT + j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r * NT + j]),
+                                           _mm512_set1_ps(sk * a.xq_scale[tok[j] * groups + g]), facc[r * NT + j]);
+    }
   }
+  store_rows(a, tok, NT, n, NR, facc, ratio);
 }
 
-template <int NT>
-MOBIQ_AVX512 void f32_tile(const RsmmArgs& a, const int32_t* tok, int k, int64_t n0, int64_t n1) {
-  const Unpack u = make_unpack(k);
-  const int64_t groups = a.K / a.group_size, row_bytes = a.K / 4;
-  const size_t plane = slice_bytes(a.N, a.K);
-  const float ratio = step_ratio(k);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = a.slices + n * row_bytes;
-    __m512 facc[NT];
-    double off[NT];
-    for (int j = 0; j < NT; ++j) facc[j] = _mm512_setzero_ps(), off[j] = a.bias ? a.bias[n] : 0.0;
-    for (int64_t g = 0; g < groups; ++g) {
-      __m512 gacc[NT];
-      for (int j = 0; j < NT; ++j) gacc[j] = _mm512_setzero_ps();
-      for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += 64) {
-        const __m512i q = q_block(row + c / 4, plane, k, u);
-        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 0)));
-        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 1)));
-        const __m512 q2 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 2)));
-        const __m512 q3 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 3)));
+template <int KS, int NR, int NT>
+MOBIQ_AVX512 void f32_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, const Unpack<KS>& u) {
+  const int64_t groups = a.K / a.group_size;
+  const size_t plane = slice_bytes(a.N, a.K), row_bytes = static_cast<size_t>(a.K / 4);
+  const float ratio = step_ratio(KS);
+  __m512 facc[NR * NT];
+  for (auto& f : facc) f = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 gacc[NR * NT];
+    for (auto& v : gacc) v = _mm512_setzero_ps();
+    for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += 64) {
+      for (int r = 0; r < NR; ++r) {
+        const __m512i q = u.codes(a.slices + (n + r) * row_bytes + static_cast<size_t>(c) / 4, plane);
+        const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 0))),
+                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 1))),
+                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 2))),
+                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 3)))};
         for (int j = 0; j < NT; ++j) {
           const float* x = a.x + tok[j] * a.K + c;
-          gacc[j] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(x), gacc[j]);
-          gacc[j] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(x + 16), gacc[j]);
-          gacc[j] = _mm512_fmadd_ps(q2, _mm512_loadu_ps(x + 32), gacc[j]);
-          gacc[j] = _mm512_fmadd_ps(q3, _mm512_loadu_ps(x + 48), gacc[j]);
+          __m512 s = _mm512_mul_ps(w[0], _mm512_loadu_ps(x));
+          s = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x + 16), s);
+          const __m512 t = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(x + 48), _mm512_mul_ps(w[2], _mm512_loadu_ps(x + 32)));
+          gacc[r * NT + j] = _mm512_add_ps(gacc[r * NT + j], _mm512_add_ps(s, t));
         }
       }
-      const float s1 = a.scales[n * groups + g], z1 = a.zero_points[n * groups + g];
-      const __m512 sk = _mm512_set1_ps(s1 * ratio);
-      const float offset = s1 * (0.5f * ratio - z1);
-      for (int j = 0; j < NT; ++j) {
-        facc[j] = _mm512_fmadd_ps(gacc[j], sk, facc[j]);
-        off[j] += static_cast<double>(offset) * a.x_group_sums[tok[j] * groups + g];
-      }
     }
-    for (int j = 0; j < NT; ++j)
-      a.y[tok[j] * a.N + n] = static_cast<float>(off[j] + static_cast<double>(_mm512_reduce_add_ps(facc[j])));
+    for (int r = 0; r < NR; ++r) {
+      const __m512 sk = _mm512_set1_ps(a.scales[(n + r) * groups + g] * ratio);
+      for (int j = 0; j < NT; ++j) facc[r * NT + j] = _mm512_fmadd_ps(gacc[r * NT + j], sk, facc[r * NT + j]);
+    }
+  }
+  store_rows(a, tok, NT, n, NR, facc, ratio);
+}
+
+// Rows in tiles of NR (then single rows) for one token tile of NT.
+template <int KS, int NT, bool Int8>
+MOBIQ_AVX512 void rows(const RsmmArgs& a, const int32_t* tok, int64_t n0, int64_t n1) {
+  constexpr int NR = NT == 1 ? 4 : 2;
+  const Unpack<KS> u;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) Int8 ? i8_rows<KS, NR, NT>(a, tok, n, u) : f32_rows<KS, NR, NT>(a, tok, n, u);
+  for (; n < n1; ++n) Int8 ? i8_rows<KS, 1, NT>(a, tok, n, u) : f32_rows<KS, 1, NT>(a, tok, n, u);
+}
+
+template <int NT, bool Int8>
+void tile(const RsmmArgs& a, const int32_t* tok, int k, int64_t n0, int64_t n1) {
+  switch (k) {
+    case 1: rows<1, NT, Int8>(a, tok, n0, n1); break;
+    case 2: rows<2, NT, Int8>(a, tok, n0, n1); break;
+    case 3: rows<3, NT, Int8>(a, tok, n0, n1); break;
+    default: rows<4, NT, Int8>(a, tok, n0, n1); break;
   }
 }
 
@@ -131,12 +164,12 @@ MOBIQ_AVX512 void f32_tile(const RsmmArgs& a, const int32_t* tok, int k, int64_t
 
 void rsmm_i8_4x64__avx512vnni(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
                               int64_t n1) {
-  run_tiles<i8_tile<1>, i8_tile<2>, i8_tile<3>, i8_tile<4>>(a, tokens, num_tokens, k, n0, n1);
+  run_tiles<tile<1, true>, tile<2, true>, tile<3, true>, tile<4, true>>(a, tokens, num_tokens, k, n0, n1);
 }
 
 void rsmm_f32_4x64__avx512(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
                            int64_t n1) {
-  run_tiles<f32_tile<1>, f32_tile<2>, f32_tile<3>, f32_tile<4>>(a, tokens, num_tokens, k, n0, n1);
+  run_tiles<tile<1, false>, tile<2, false>, tile<3, false>, tile<4, false>>(a, tokens, num_tokens, k, n0, n1);
 }
 
 }  // namespace mobiq
