@@ -1,0 +1,210 @@
+"""MoBiQuant in PyTorch: sliced linears and token-aware routers (simulated quantization).
+
+The reference for calibration, evaluation and ONNX verification. Every linear of
+every decoder block becomes a :class:`SlicedLinear`; linears that share an input
+(q/k/v, gate/up) share one :class:`Router`. A router scores each token with a
+2-layer MLP; the scores against the threshold row of the current target bits give
+each token k in 1..S active slices (a prefix: slice 1 always on)::
+
+    k_t = 1 + #{j : score_t > tau_j(target_bits)}        tau_1 <= tau_2 <= ... <= tau_{S-1}
+
+Thresholds live in a table over a grid of target bits (THRESHOLD_GRID), fitted so
+that the average bits over calibration tokens hit each grid value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobiquant.runtime import format as F
+
+BITS_MIN, BITS_MAX, BITS_STEP = 2.0, 8.0, 0.1
+THRESHOLD_GRID = np.round(np.arange(BITS_MIN, BITS_MAX + BITS_STEP / 2, BITS_STEP), 6)
+ROUTER_HIDDEN = 64
+
+# Linears per decoder block, grouped by shared input: router name -> linear names (Llama/Gemma naming).
+ROUTED_GROUPS = {
+    "attn_in": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn_out": ("self_attn.o_proj",),
+    "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp_out": ("mlp.down_proj",),
+}
+
+
+def grid_index(target_bits: float) -> int:
+    """Row of THRESHOLD_GRID used for ``target_bits`` (nearest grid point); the graph computes the same."""
+    return int(np.clip(np.floor((target_bits - BITS_MIN) / BITS_STEP + 0.5), 0, len(THRESHOLD_GRID) - 1))
+
+
+class Router(nn.Module):
+    """Scores tokens; maps scores to per-token slice counts through the threshold table."""
+
+    def __init__(self, in_features: int, num_slices: int, hidden: int = ROUTER_HIDDEN, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            for layer in (self.fc1, self.fc2):
+                bound = 1.0 / np.sqrt(layer.in_features)
+                layer.weight.uniform_(-bound, bound, generator=gen)
+                layer.bias.zero_()
+        self.num_slices = num_slices
+        self.register_buffer("thresholds", torch.zeros(len(THRESHOLD_GRID), num_slices - 1))
+        self.target_bits = BITS_MAX
+        self.record: list[torch.Tensor] | None = None  # collects scores during threshold fitting
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x))).squeeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Slice counts [...] (int64) for activations x [..., K]."""
+        s = self.score(x)
+        if self.record is not None:
+            self.record.append(s.detach().reshape(-1))
+        tau = self.thresholds[grid_index(self.target_bits)]
+        return 1 + (s.unsqueeze(-1) > tau).sum(-1)
+
+
+class SlicedLinear(nn.Module):
+    """y_t = x_t W^(k_t)^T (+ bias), W^(k) the sum of the first k slice reconstructions."""
+
+    def __init__(self, sliced: F.SlicedWeight, bias: torch.Tensor | None, router: Router | None):
+        super().__init__()
+        self.sliced = sliced
+        deltas = [sliced.dequantize(1)] + [sliced.dequantize(e) - sliced.dequantize(e - 1)
+                                           for e in range(2, sliced.num_slices + 1)]
+        self.register_buffer("deltas", torch.from_numpy(np.stack(deltas)).float())  # [S, N, K]
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.router = router
+        self.fixed_slices = sliced.num_slices  # used when there is no router
+        self.bits_log: list[tuple[float, float]] | None = None  # (sum of k, tokens) per call, for avg bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router is None:
+            y = x @ self.deltas[: self.fixed_slices].sum(0).T
+            counts = None
+        else:
+            counts = self.router(x)
+            y = x @ self.deltas[0].T
+            for e in range(1, self.deltas.shape[0]):
+                active = (counts > e).unsqueeze(-1).to(x.dtype)
+                if active.any():
+                    y = y + active * (x @ self.deltas[e].T)
+        if self.bits_log is not None:
+            n = x.numel() // x.shape[-1]
+            total = float(counts.sum()) if counts is not None else float(self.fixed_slices * n)
+            self.bits_log.append((total, float(n)))
+        return y if self.bias is None else y + self.bias
+
+
+@dataclass
+class QuantizedModel:
+    """A Hugging Face causal LM whose block linears (and LM head) are SlicedLinears."""
+
+    model: nn.Module
+    routers: dict[str, Router]  # "layers.{i}.{group}" -> router
+    linears: dict[str, SlicedLinear]  # "layers.{i}.{linear}" / "lm_head" -> sliced linear
+
+    def set_target_bits(self, bits: float) -> None:
+        for r in self.routers.values():
+            r.target_bits = float(bits)
+
+    def start_bits_log(self) -> None:
+        for name, lin in self.linears.items():
+            lin.bits_log = [] if name != "lm_head" else None
+
+    def average_bits(self) -> float:
+        """Weight-count-weighted average bits read by routed linears since start_bits_log."""
+        num = den = 0.0
+        for name, lin in self.linears.items():
+            if lin.bits_log is None:
+                continue
+            size = lin.deltas.shape[1] * lin.deltas.shape[2]
+            for total, tokens in lin.bits_log:
+                num += size * total * F.SLICE_BITS
+                den += size * tokens
+        return num / den if den else float("nan")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.model.layers)
+
+
+def slice_model(model: nn.Module, group_size: int, num_slices: int = F.DEFAULT_NUM_SLICES,
+                params: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, F.SlicedWeight]:
+    """Every block linear and the LM head of ``model`` as residual slices, by name.
+
+    ``params`` maps a linear's name to calibrated slice-1 (scales, zero_points); without
+    an entry the group min/max is used. Raises FormatError naming a layer that cannot
+    be quantized (e.g. K not a multiple of the group size).
+    """
+    params = params or {}
+    sliced = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for names in ROUTED_GROUPS.values():
+            for name in names:
+                full = f"layers.{i}.{name}"
+                sliced[full] = _quantize_linear(full, _get(layer, name).weight, group_size, num_slices, params.get(full))
+    sliced["lm_head"] = _quantize_linear("lm_head", model.lm_head.weight, group_size, num_slices, params.get("lm_head"))
+    return sliced
+
+
+def build_quantized(model: nn.Module, sliced: dict[str, F.SlicedWeight], lm_head_slices: int | None = None,
+                    seed: int = 0) -> QuantizedModel:
+    """Swap ``model``'s block linears and LM head for SlicedLinears (in place), adding one router per shared input."""
+    routers: dict[str, Router] = {}
+    linears: dict[str, SlicedLinear] = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        for group, names in ROUTED_GROUPS.items():
+            first = sliced[f"layers.{i}.{names[0]}"]
+            router = Router(first.in_features, first.num_slices, seed=seed + len(routers))
+            routers[f"layers.{i}.{group}"] = router
+            layer.add_module(f"router_{group}", router)
+            for name in names:
+                full = f"layers.{i}.{name}"
+                _check_shape(full, _get(layer, name), sliced[full])
+                linear = SlicedLinear(sliced[full], _get(layer, name).bias, router)
+                _set(layer, name, linear)
+                linears[full] = linear
+    _check_shape("lm_head", model.lm_head, sliced["lm_head"])
+    head = SlicedLinear(sliced["lm_head"], model.lm_head.bias, None)
+    head.fixed_slices = lm_head_slices or sliced["lm_head"].num_slices
+    model.lm_head = head
+    model.config.tie_word_embeddings = False  # the head is quantized now; the embedding stays float
+    linears["lm_head"] = head
+    return QuantizedModel(model, routers, linears)
+
+
+def _quantize_linear(name: str, weight: torch.Tensor, group_size: int, num_slices: int,
+                     p: tuple[np.ndarray, np.ndarray] | None) -> F.SlicedWeight:
+    w = weight.detach().float().numpy()
+    try:
+        if p is None:
+            return F.quantize(w, group_size, num_slices)
+        return F.quantize(w, group_size, num_slices, scales=p[0], zero_points=p[1])
+    except F.FormatError as e:
+        raise F.FormatError(f"[quantize] layer {name} (shape {tuple(w.shape)}): {e}") from e
+
+
+def _check_shape(name: str, linear: nn.Module, sw: F.SlicedWeight) -> None:
+    want = tuple(linear.weight.shape)
+    if want != (sw.out_features, sw.in_features):
+        raise F.FormatError(f"[quantize] {name} shape expected {want}; got {(sw.out_features, sw.in_features)}")
+
+
+def _get(module: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, dotted: str, value: nn.Module) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    setattr(module, last, value)
