@@ -83,23 +83,52 @@ class SlicedLinear(nn.Module):
         self.router = router
         self.fixed_slices = sliced.num_slices  # used when there is no router
         self.bits_log: list[tuple[float, float]] | None = None  # (sum of k, tokens) per call, for avg bits
+        self._reads: torch.Tensor | None = None  # cache of reads()
+        self.int8_activations = False  # simulate the op's accuracy_level=4 (see quantize_activations)
+
+    def reads(self) -> torch.Tensor:
+        """W^(k) for k = 1..S, float32 [S, N, K]: cumulative sums of ``deltas`` in float64, cached (not saved).
+
+        The forward groups tokens by slice count and multiplies each group by its read once,
+        which is the same function as summing per-slice products under prefix masks."""
+        if self._reads is None or self._reads.device != self.deltas.device:
+            self._reads = self.deltas.double().cumsum(0).float()
+        return self._reads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_activations:
+            x_in, x = x, quantize_activations(x, self.sliced.group_size)
+        else:
+            x_in = x
+        reads = self.reads()
         if self.router is None:
-            y = x @ self.deltas[: self.fixed_slices].sum(0).T
+            y = x @ reads[self.fixed_slices - 1].T
             counts = None
         else:
-            counts = self.router(x)
-            y = x @ self.deltas[0].T
-            for e in range(1, self.deltas.shape[0]):
-                active = (counts > e).unsqueeze(-1).to(x.dtype)
-                if active.any():
-                    y = y + active * (x @ self.deltas[e].T)
+            counts = self.router(x_in)
+            flat_x, flat_k = x.reshape(-1, x.shape[-1]), counts.reshape(-1)
+            y = x.new_empty(flat_x.shape[0], reads.shape[1])
+            for k in range(1, reads.shape[0] + 1):  # one matmul per slice count present
+                rows = (flat_k == k).nonzero().squeeze(-1)
+                if rows.numel() == flat_k.numel():
+                    y = flat_x @ reads[k - 1].T
+                elif rows.numel():
+                    y[rows] = flat_x[rows] @ reads[k - 1].T
+            y = y.reshape(*x.shape[:-1], -1)
         if self.bits_log is not None:
             n = x.numel() // x.shape[-1]
             total = float(counts.sum()) if counts is not None else float(self.fixed_slices * n)
             self.bits_log.append((total, float(n)))
         return y if self.bias is None else y + self.bias
+
+
+def quantize_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x through the op's int8 activation path: per (token, group) scale max|x|/127, round half to even."""
+    shape = x.shape
+    g = x.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, 1.0), 0.0)  # as the kernel: x * (127 / amax)
+    return (torch.round(g * inv) * (amax / 127.0)).reshape(shape)
 
 
 @dataclass
@@ -109,6 +138,10 @@ class QuantizedModel:
     model: nn.Module
     routers: dict[str, Router]  # "layers.{i}.{group}" -> router
     linears: dict[str, SlicedLinear]  # "layers.{i}.{linear}" / "lm_head" -> sliced linear
+
+    def set_int8_activations(self, enabled: bool) -> None:
+        for lin in self.linears.values():
+            lin.int8_activations = enabled
 
     def set_target_bits(self, bits: float) -> None:
         for r in self.routers.values():

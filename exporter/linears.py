@@ -1,0 +1,130 @@
+"""How each kind of exported model computes its linear layers (see graph.LinearKind).
+
+- :class:`MoBiQuantLinear`: ``ai.mobiquant::ResidualSliceMatMul`` fed by its router.
+  Linears sharing an input are packed into one op (q|k|v, gate|up) and share the
+  router's slice counts. The threshold row for the graph input ``target_bits`` is
+  gathered once per router; the average bits actually read is a graph output.
+- :class:`MatMulNBitsLinear`: ONNX Runtime's ``com.microsoft::MatMulNBits`` (the
+  incumbent), asymmetric round-to-nearest per block — a speed baseline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from mobiquant.runtime import format as F
+from mobiquant.runtime import ops
+
+from .graph import MS_DOMAIN, GraphBuilder, LinearKind
+from .qmodel import BITS_MIN, BITS_STEP, ROUTED_GROUPS, THRESHOLD_GRID, QuantizedModel
+
+TARGET_BITS, AVG_BITS = "target_bits", "avg_bits"
+
+
+def concat_sliced(parts: list[F.SlicedWeight]) -> F.SlicedWeight:
+    """Stack weights sharing K along N (rows), e.g. q|k|v."""
+    if len(parts) == 1:
+        return parts[0]
+    return F.SlicedWeight(np.concatenate([p.packed for p in parts], axis=1),
+                          np.concatenate([p.scales for p in parts], axis=0),
+                          np.concatenate([p.zero_points for p in parts], axis=0), parts[0].group_size)
+
+
+class MoBiQuantLinear(LinearKind):
+    def __init__(self, qmodel: QuantizedModel, accuracy_level: int = ops.ACCURACY_INT8):
+        self.q = qmodel
+        self.accuracy_level = accuracy_level
+        self._row: str | None = None  # threshold-row index for target_bits (built once)
+        self._usage: list[tuple[str, int]] = []  # (slice-count sum, weights it applies to)
+        self._tokens: str | None = None
+
+    def linear(self, g: GraphBuilder, x: str, name: str, weights: list[np.ndarray], group: str) -> str:
+        if group == "lm_head":
+            head = self.q.linears["lm_head"]
+            k = head.fixed_slices
+            sw = head.sliced
+            sw = F.SlicedWeight(sw.packed[:k], sw.scales, sw.zero_points, sw.group_size)  # prefix slices only
+            return self._op(g, x, name, sw, None)
+        layer, kind = group.rsplit(".", 1)
+        parts = [self.q.linears[f"{layer}.{lin}"].sliced for lin in ROUTED_GROUPS[kind]]
+        sw = concat_sliced(parts)
+        counts = self._router(g, x, group)
+        self._usage.append((g.op("ReduceSum", [g.op("Cast", [counts], to=TensorProto.FLOAT)], keepdims=0),
+                            sw.out_features * sw.in_features))
+        if self._tokens is None:
+            self._tokens = g.op("Cast", [g.op("Size", [counts])], "tokens", to=TensorProto.FLOAT)
+        return self._op(g, x, name, sw, counts)
+
+    def _op(self, g: GraphBuilder, x: str, name: str, sw: F.SlicedWeight, counts: str | None) -> str:
+        inputs = [x, g.const(sw.packed, f"{name}.slices"), g.const(sw.scales, f"{name}.scales"),
+                  g.const(sw.zero_points, f"{name}.zero_points")]
+        if counts is not None:
+            inputs.append(counts)
+        return g.op(ops.OP_TYPE, inputs, name, domain=ops.DOMAIN, K=sw.in_features, N=sw.out_features,
+                    group_size=sw.group_size, num_slices=sw.num_slices, slice_bits=F.SLICE_BITS,
+                    layout=F.LAYOUT_VERSION, accuracy_level=self.accuracy_level)
+
+    def _router(self, g: GraphBuilder, x: str, group: str) -> str:
+        """Per-token slice counts int32 [B, S] = 1 + #(score > tau_j(target_bits))."""
+        r = self.q.routers[group]
+        hidden = g.op("Relu", [g.op("Add", [g.op("MatMul", [x, g.const(r.fc1.weight.detach().numpy().T.copy(),
+                                                                       f"{group}.router.w1")]),
+                                              g.const(r.fc1.bias.detach().numpy(), f"{group}.router.b1")])])
+        score = g.op("Add", [g.op("MatMul", [hidden, g.const(r.fc2.weight.detach().numpy().T.copy(),
+                                                            f"{group}.router.w2")]),
+                             g.const(r.fc2.bias.detach().numpy(), f"{group}.router.b2")], f"{group}.score")
+        tau = g.op("Gather", [g.const(r.thresholds.numpy(), f"{group}.router.thresholds"), self._threshold_row(g)])
+        above = g.op("Cast", [g.op("Greater", [score, tau])], to=TensorProto.FLOAT)
+        extra = g.op("ReduceSum", [above, g.const(np.array([-1], np.int64), "last_axis")], keepdims=0)
+        return g.op("Cast", [g.op("Add", [extra, g.const(np.array(1.0, np.float32), "one")])], f"{group}.counts",
+                    to=TensorProto.INT32)
+
+    def _threshold_row(self, g: GraphBuilder) -> str:
+        """Row of the threshold tables for target_bits: nearest grid point, clipped (as qmodel.grid_index)."""
+        if self._row is None:
+            pos = g.op("Floor", [g.op("Add", [
+                g.op("Div", [g.op("Sub", [TARGET_BITS, g.const(np.array(BITS_MIN, np.float32), "bits_min")]),
+                             g.const(np.array(BITS_STEP, np.float32), "bits_step")]),
+                g.const(np.array(0.5, np.float32), "half")])])
+            clipped = g.op("Clip", [pos, g.const(np.array(0.0, np.float32), "zero"),
+                                    g.const(np.array(len(THRESHOLD_GRID) - 1, np.float32), "last_row")])
+            self._row = g.op("Cast", [clipped], "threshold_row", to=TensorProto.INT64)
+        return self._row
+
+    def finish(self, g: GraphBuilder):
+        """target_bits input; avg_bits = 2 * sum_r weights_r * sum_t k_rt / (sum_r weights_r * tokens)."""
+        weighted = [g.op("Mul", [s, g.const(np.array(float(n), np.float32), "weights")]) for s, n in self._usage]
+        total = weighted[0] if len(weighted) == 1 else g.op("Sum", weighted)
+        denom = g.op("Mul", [self._tokens, g.const(np.array(float(sum(n for _, n in self._usage)) / F.SLICE_BITS,
+                                                            np.float32), "weights_per_bit")])
+        avg = g.op("Div", [total, g.op("Max", [denom, g.const(np.array(1e-9, np.float32), "eps")])])
+        g.op("Reshape", [avg, g.const(np.zeros(0, np.int64), "scalar_shape")], outputs=[AVG_BITS])
+        return ([helper.make_tensor_value_info(TARGET_BITS, TensorProto.FLOAT, [])],
+                [helper.make_tensor_value_info(AVG_BITS, TensorProto.FLOAT, [])])
+
+
+class MatMulNBitsLinear(LinearKind):
+    """Asymmetric round-to-nearest ``bits``-bit blocks of ``block_size``, int8 compute (accuracy_level 4)."""
+
+    def __init__(self, bits: int = 4, block_size: int = 64):
+        self.bits, self.block_size = bits, block_size
+
+    def linear(self, g, x, name, weights, group):
+        w = np.concatenate(weights, axis=0).astype(np.float64)
+        n, k = w.shape
+        bs, levels = self.block_size, 2**self.bits - 1
+        blocks = w.reshape(n, k // bs, bs)
+        lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+        scale = np.where(hi > lo, (hi - lo) / levels, 1.0)
+        zp = np.clip(np.round(-lo / scale), 0, levels).astype(np.uint8)
+        q = np.clip(np.round(blocks / scale[..., None]) + zp[..., None], 0, levels).astype(np.uint8)
+        per_byte = 8 // self.bits
+        q = q.reshape(n, k // bs, bs // per_byte, per_byte)
+        packed = sum(q[..., j] << (self.bits * j) for j in range(per_byte)).astype(np.uint8)
+        zp_rows = zp if (k // bs) % per_byte == 0 else np.pad(zp, ((0, 0), (0, per_byte - (k // bs) % per_byte)))
+        zp_packed = sum(zp_rows.reshape(n, -1, per_byte)[..., j] << (self.bits * j) for j in range(per_byte))
+        return g.op("MatMulNBits", [x, g.const(packed, f"{name}.B"), g.const(scale.astype(np.float32).reshape(-1),
+                                                                          f"{name}.scales"),
+                                    g.const(zp_packed.astype(np.uint8).reshape(-1), f"{name}.zero_points")],
+                    name, domain=MS_DOMAIN, K=k, N=n, bits=self.bits, block_size=bs, accuracy_level=4)

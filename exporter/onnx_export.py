@@ -1,0 +1,238 @@
+"""``mobiq-export onnx CHECKPOINT -o DIR``: the deployable model directory, verified.
+
+Writes ``DIR/model.onnx`` + ``DIR/model.onnx.data`` (every large tensor external,
+page-aligned so ONNX Runtime can map it and untouched slices stay on disk), the
+tokenizer files, and ``DIR/mobiq.json`` (format version, slices, group size, named
+budgets, context, source model, chat template, stop tokens). The same facts are in
+the graph's ``metadata_props``. After writing, the file is verified: ONNX Runtime
+against the PyTorch quantized model on the same tokens at every named budget
+(logits within tolerance, identical greedy continuations) and ``onnx.checker``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+from mobiquant.runtime import format as F
+from mobiquant.runtime import ops
+from mobiquant.runtime.modelfile import FORMAT_NAME, FORMAT_VERSION, NAMED_BUDGETS, MODEL_FILE, DATA_FILE, META_FILE
+
+from . import checkpoint as ckpt
+from .graph import DecoderSpec, Fp32Linear, LinearKind, build_decoder
+from .linears import MatMulNBitsLinear, MoBiQuantLinear
+from .source import Source, load_float_model, resolve
+
+ALIGNMENT = 4096
+EXTERNAL_MIN_BYTES = 1024
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+DEFAULT_CONTEXT = 2048
+EXACT_TOLERANCE = 1e-4  # exact-float graph vs PyTorch: max |difference| / max |logits|
+INT8_TOLERANCE = 0.15  # int8-activation file vs the exact graph: max |difference| / max |logits| (warning)
+INT8_MIN_TOP1 = 0.8  # ... and agreement of the argmax over the prompt's positions (warning)
+
+
+class ExportError(RuntimeError):
+    """The exported file does not match its PyTorch reference (lists every output that differs)."""
+
+
+def save_model(model: onnx.ModelProto, out_dir: Path) -> Path:
+    """model.onnx + model.onnx.data with every tensor >= 1 KiB external at a page-aligned offset."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_tmp = out_dir / (DATA_FILE + ".partial")
+    offset = 0
+    with open(data_tmp, "wb") as data:
+        for tensor in model.graph.initializer:
+            raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+            if len(raw) < EXTERNAL_MIN_BYTES:
+                continue
+            pad = (-offset) % ALIGNMENT
+            data.write(b"\0" * pad)
+            offset += pad
+            data.write(raw)
+            tensor.ClearField("raw_data")
+            del tensor.float_data[:], tensor.int32_data[:], tensor.int64_data[:]
+            tensor.data_location = TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+    model_tmp = out_dir / (MODEL_FILE + ".partial")
+    model_tmp.write_bytes(model.SerializeToString())
+    data_tmp.replace(out_dir / DATA_FILE)
+    model_tmp.replace(out_dir / MODEL_FILE)
+    return out_dir / MODEL_FILE
+
+
+def model_metadata(source: Source, config: ckpt.CheckpointConfig | None, kind: str, context: int,
+                   tokenizer_dir: Path) -> dict:
+    """What the runtime needs besides the graph (also stored as metadata_props)."""
+    gen = {}
+    if (tokenizer_dir / "generation_config.json").is_file():
+        gen = json.loads((tokenizer_dir / "generation_config.json").read_text())
+    tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    eos = gen.get("eos_token_id", [])
+    meta = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind, "source_model": source.name,
+        "source_identity": source.identity, "architecture": source.architecture, "context": context,
+        "bos_token": tok_cfg.get("bos_token"), "eos_tokens": [tok_cfg.get("eos_token")],
+        "eos_token_ids": eos if isinstance(eos, list) else [eos],
+    }
+    if config is not None:
+        meta.update({"layout": F.LAYOUT_VERSION, "num_slices": config.num_slices, "group_size": config.group_size,
+                     "slice_bits": F.SLICE_BITS, "lm_head_slices": config.lm_head_slices, "recipe": config.recipe,
+                     "named_budgets": NAMED_BUDGETS, "bits_range": [2.0, 2.0 * config.num_slices]})
+    return meta
+
+
+def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, accuracy_level: int = ops.ACCURACY_INT8,
+           verify_tokens: int = 32) -> Path:
+    """Checkpoint -> verified model directory."""
+    meta_raw, config = ckpt.read_meta(checkpoint_dir)
+    source = resolve(config.model)
+    model = load_float_model(source)
+    floats = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    qmodel, _ = ckpt.load(checkpoint_dir, model, source.identity)
+    spec = DecoderSpec.from_hf_config(model.config, context)
+    print(f"[export] building graph ({spec.num_layers} layers, context {context})", file=sys.stderr, flush=True)
+    meta = model_metadata(source, config, "mobiquant", context, source.folder)
+    path = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, accuracy_level)), meta,
+                           source.folder, out_dir)
+    print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB); verifying against PyTorch", file=sys.stderr,
+          flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        exact = path
+        if accuracy_level != ops.ACCURACY_F32:  # the same graph with exact float activations, to hold to PyTorch
+            exact = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, ops.ACCURACY_F32)), meta,
+                                    source.folder, Path(tmp))
+        verify(exact, path, qmodel, verify_tokens)
+    return path
+
+
+def export_baseline(model_name: str, kind: str, out_dir: Path, context: int = DEFAULT_CONTEXT) -> Path:
+    """fp32 or MatMulNBits-int4 export of the same source model, for side-by-side speed/quality."""
+    source = resolve(model_name)
+    model = load_float_model(source)
+    floats = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    spec = DecoderSpec.from_hf_config(model.config, context)
+    linear: LinearKind = Fp32Linear() if kind == "fp32" else MatMulNBitsLinear(4, source.group_size)
+    graph = build_decoder(spec, floats, linear)
+    return write_model_dir(graph, model_metadata(source, None, kind, context, source.folder), source.folder, out_dir)
+
+
+def write_model_dir(graph: onnx.ModelProto, meta: dict, tokenizer_dir: Path, out_dir: Path) -> Path:
+    for key, value in meta.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    ops.register_schema()
+    onnx.checker.check_model(graph)
+    path = save_model(graph, out_dir)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, out_dir / name)
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+    return path
+
+
+@torch.no_grad()
+def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32) -> dict:
+    """At every named budget: the exact-float graph against PyTorch (logits within EXACT_TOLERANCE,
+    identical greedy continuations) and, when it differs, the written int8-activation file against
+    the exact graph (INT8_TOLERANCE, INT8_MIN_TOP1). Raises ExportError listing every mismatch."""
+    from mobiquant.runtime.session import ModelSession
+
+    exact = ModelSession(exact_path.parent, threads=2)
+    written = exact if file_path == exact_path else ModelSession(file_path.parent, threads=2)
+    prompt = np.array([[1, 504, 3458, 282, 4649, 314, 260, 1345, 28, 2328, 30, 378, 1789, 314, 288, 1005]], np.int64)
+    problems, report = [], {}
+    for name, bits in NAMED_BUDGETS.items():
+        qmodel.set_target_bits(bits)
+        ref = qmodel.model(input_ids=torch.from_numpy(prompt)).logits.numpy()
+        got, _ = exact.forward(prompt, exact.empty_cache(), bits)
+        err = _rel(got, ref)
+        ours, theirs = _greedy_ort(exact, prompt, bits, new_tokens), _greedy_torch(qmodel.model, prompt, new_tokens)
+        row = {"bits": bits, "exact_logit_rel_err": err, "greedy_equal": ours == theirs}
+        if err > EXACT_TOLERANCE:
+            problems.append(f"budget {name} ({bits} bits): exact graph logits differ from PyTorch, "
+                            f"max rel error {err:.2e} > {EXACT_TOLERANCE}")
+        if ours != theirs:
+            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            problems.append(f"budget {name}: greedy continuation differs from PyTorch at token {first}: "
+                            f"{ours} vs {theirs}")
+        if written is not exact:
+            file_logits, _ = written.forward(prompt, written.empty_cache(), bits)
+            row["int8_logit_rel_err"] = _rel(file_logits, got)
+            row["int8_top1_agreement"] = float(np.mean(file_logits[0].argmax(-1) == got[0].argmax(-1)))
+            if row["int8_logit_rel_err"] > INT8_TOLERANCE or row["int8_top1_agreement"] < INT8_MIN_TOP1:
+                # A numeric-mode effect, not a graph bug (the kernels are held to their reference by the
+                # op tests): reported, and a reason to export with --exact for this model.
+                print(f"[verify] warning: budget {name}: int8 activations move the logits by "
+                      f"{row['int8_logit_rel_err']:.2e} (> {INT8_TOLERANCE}) with top-1 agreement "
+                      f"{row['int8_top1_agreement']:.2f} (< {INT8_MIN_TOP1}); consider --exact", file=sys.stderr)
+        report[name] = row
+        print(f"[verify] {name:>4} ({bits} bits): " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else
+                                                             f"{k} {v}" for k, v in row.items() if k != "bits"),
+              file=sys.stderr, flush=True)
+    if problems:
+        raise ExportError("[export] verification failed:\n  " + "\n  ".join(problems))
+    return report
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _greedy_ort(session, prompt: np.ndarray, bits: float, n: int) -> list[int]:
+    cache = session.empty_cache()
+    logits, cache = session.forward(prompt, cache, bits)
+    out = []
+    for _ in range(n):
+        out.append(int(logits[0, -1].argmax()))
+        logits, cache = session.forward(np.array([[out[-1]]], np.int64), cache, bits)
+    return out
+
+
+def _greedy_torch(model, prompt: np.ndarray, n: int) -> list[int]:
+    ids = torch.from_numpy(prompt)
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) / 2**20
+
+
+def add_onnx_command(subparsers) -> None:
+    p = subparsers.add_parser("onnx", help="export a checkpoint to a verified ONNX model directory")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory (from `mobiq-export quantize`)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output model directory")
+    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
+                   help=f"longest sequence the runtime will run (rotary table size; default {DEFAULT_CONTEXT})")
+    p.add_argument("--exact", action="store_true",
+                   help="exact float32 activations in the op (default: int8 activations, faster, as MatMulNBits "
+                        "accuracy_level=4)")
+    p.set_defaults(func=_onnx_command)
+    b = subparsers.add_parser("baseline", help="export the fp32 or MatMulNBits-int4 version of a source model")
+    b.add_argument("model", help="registry name or Hugging Face folder")
+    b.add_argument("kind", choices=["fp32", "matmulnbits-int4"])
+    b.add_argument("-o", "--out", type=Path, required=True)
+    b.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
+    b.set_defaults(func=lambda a: export_baseline(a.model, a.kind, a.out, a.context) and 0)
+
+
+def _onnx_command(args) -> int:
+    t = time.time()
+    export(args.checkpoint, args.out, args.context, ops.ACCURACY_F32 if args.exact else ops.ACCURACY_INT8)
+    print(f"[export] done in {time.time() - t:.0f} s: {args.out / MODEL_FILE}", file=sys.stderr)
+    return 0
