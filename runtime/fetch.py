@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,29 @@ def ort_headers() -> Path:
     if not (include / "onnxruntime_c_api.h").is_file():
         deb_members(fetch(ORT_HEADERS), "usr/include/onnxruntime", root)
     return include
+
+
+# ONNX Runtime for aarch64 (Raspberry Pi): the PyPI wheel's libonnxruntime.so, for the
+# cross-built test host that runs under qemu (SPEC §7). Only the library is unpacked.
+ORT_AARCH64 = Pinned("pypi", "onnxruntime", "1.32.0", "onnxruntime-1.32.0-cp311-cp311-manylinux_2_28_aarch64.whl",
+                     "2303372a85299b6757b0e11e1cbf13e410ddf7e10c37f4b37e99d1c90e7daf7c")
+
+
+def ort_aarch64_library() -> Path:
+    """The aarch64 ``libonnxruntime.so.<version>`` (fetched and unpacked once), beside its soname link."""
+    name = f"libonnxruntime.so.{ORT_AARCH64.version}"
+    root = cache_dir() / "ort-aarch64" / ORT_AARCH64.version
+    lib = root / name
+    if not lib.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        part = lib.with_name(name + ".part")
+        with zipfile.ZipFile(fetch(ORT_AARCH64)) as wheel, open(part, "wb") as out:
+            shutil.copyfileobj(wheel.open(f"onnxruntime/capi/{name}"), out)
+        os.replace(part, lib)
+    soname = root / "libonnxruntime.so.1"
+    if not soname.is_symlink():
+        soname.symlink_to(name)
+    return lib
 
 
 def main(argv: list[str] | None = None) -> int:
