@@ -154,7 +154,8 @@ def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32) -> d
 
     exact = ModelSession(exact_path.parent, threads=2)
     written = exact if file_path == exact_path else ModelSession(file_path.parent, threads=2)
-    prompt = np.array([[1, 504, 3458, 282, 4649, 314, 260, 1345, 28, 2328, 30, 378, 1789, 314, 288, 1005]], np.int64)
+    vocab = exact.vocab
+    prompt = np.random.default_rng(0).integers(min(3, vocab - 1), min(vocab, 5000), (1, 16)).astype(np.int64)
     problems, report = [], {}
     for name, bits in NAMED_BUDGETS.items():
         qmodel.set_target_bits(bits)

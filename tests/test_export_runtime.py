@@ -1,0 +1,162 @@
+"""Export to ONNX and the torch-free runtime, end to end on a tiny random Llama.
+
+The exporter verifies its own file against PyTorch (raises otherwise); here the
+runtime is held to recomputation: decoding with the KV cache must equal running
+the whole sequence again, at every budget and across budget switches.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobiquant.exporter import checkpoint as ckpt
+from mobiquant.exporter.onnx_export import export
+from mobiquant.exporter.qmodel import build_quantized, slice_model
+from mobiquant.exporter.source import load_float_model, resolve
+from mobiquant.exporter.thresholds import fit_thresholds
+from mobiquant.runtime.session import ModelSession
+from tiny_llama import write_tiny_llama
+
+BUDGETS = (3.0, 4.0, 6.0, 8.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    source = resolve(str(write_tiny_llama(root / "hf")))
+    model = load_float_model(source)
+    q = build_quantized(model, slice_model(model, 64))
+    rng = np.random.default_rng(0)
+    fit_thresholds(q, [torch.from_numpy(rng.integers(3, 99, (2, 64)))])
+    config = ckpt.CheckpointConfig(source.name, source.identity, source.architecture, 4, 64, 4, "minmax", "random")
+    ckpt.save(q, config, root / "checkpoint")
+    export(root / "checkpoint", root / "model", context=128)  # verifies against PyTorch or raises
+    return root / "model"
+
+
+def recompute(session: ModelSession, ids: list[int], bits: float) -> np.ndarray:
+    logits, _ = session.forward(np.array([ids]), session.empty_cache(), bits)
+    return logits[0, -1]
+
+
+@pytest.mark.parametrize("bits", BUDGETS)
+def test_kv_cache_decode_equals_recompute(tiny_model_dir, bits):
+    s = ModelSession(tiny_model_dir, threads=1)
+    ids = [1, 40, 41, 42, 43, 44]
+    logits, cache = s.forward(np.array([ids]), s.empty_cache(), bits)
+    for step in range(6):
+        nxt = int(logits[0, -1].argmax())
+        ids.append(nxt)
+        logits, cache = s.forward(np.array([[nxt]]), cache, bits)
+        ref = recompute(s, ids, bits)
+        err = np.abs(logits[0, -1] - ref).max() / np.abs(ref).max()
+        assert err < 1e-4, f"bits={bits} step={step}: KV-cache logits differ from recompute by {err:.2e}"
+
+
+def test_budget_switch_between_steps_changes_bits_read(tiny_model_dir):
+    s = ModelSession(tiny_model_dir, threads=1)
+    ids = [1, 50, 51, 52, 53, 54, 55, 56]
+    logits, cache = s.forward(np.array([ids]), s.empty_cache(), 8.0)
+    seen = []
+    for bits in (8.0, 3.0, 6.0, 2.5):
+        nxt = int(logits[0, -1].argmax())
+        ids.append(nxt)
+        logits, cache = s.forward(np.array([[nxt]]), cache, bits)
+        seen.append(s.last_avg_bits)
+        assert logits.shape == (1, 1, s.vocab)
+        assert np.isfinite(logits).all()
+    assert seen[0] == pytest.approx(8.0)
+    assert seen[1] < seen[0] and seen[3] < seen[2], f"avg bits per step did not follow the budget: {seen}"
+
+
+def test_avg_bits_tracks_target_on_a_prompt(tiny_model_dir):
+    s = ModelSession(tiny_model_dir, threads=1)
+    rng = np.random.default_rng(1)
+    ids = np.array([[1, *rng.integers(3, 99, 63)]])
+    got = []
+    for bits in BUDGETS:
+        s.forward(ids, s.empty_cache(), bits)
+        got.append(s.last_avg_bits)
+    assert got == sorted(got) and got[-1] == pytest.approx(8.0), got
+    assert abs(got[1] - 4.0) < 0.75, f"4-bit target read {got[1]:.2f} bits on random tokens"
+
+
+def run_cli(*args, stdin: bytes | None = None, env=None):
+    return subprocess.run([sys.executable, "-m", "mobiquant.runtime.cli", *map(str, args)], input=stdin,
+                          capture_output=True, timeout=120, env=env)
+
+
+def test_cli_generates_with_stats(tiny_model_dir):
+    r = run_cli(tiny_model_dir, "--budget", "mid", "-p", "hello", "-n", "8", "--stats", "--threads", "1")
+    assert r.returncode == 0, r.stderr.decode()
+    err = r.stderr.decode()
+    assert "decode" in err and "average bits read" in err and "peak memory" in err
+
+
+def test_cli_reads_piped_stdin(tiny_model_dir):
+    r = run_cli(tiny_model_dir, "--budget", "3.5", "-n", "4", "--raw", stdin=b"abc")
+    assert r.returncode == 0, r.stderr.decode()
+
+
+@pytest.mark.parametrize("case", ["missing", "not-mobiquant", "unknown-version", "budget-name", "bits-range",
+                                  "empty-prompt", "bad-utf8"])
+def test_cli_bad_input_is_one_line_error(tiny_model_dir, tmp_path, case):
+    import json
+    import shutil
+
+    model, args, stdin = tiny_model_dir, ["-p", "hi", "-n", "2"], None
+    if case == "missing":
+        model = tmp_path / "nope"
+    elif case == "not-mobiquant":
+        (tmp_path / "model.onnx").write_bytes(b"not a model")
+        model = tmp_path / "model.onnx"
+    elif case == "unknown-version":
+        model = tmp_path / "copy"
+        shutil.copytree(tiny_model_dir, model)
+        meta = json.loads((model / "mobiq.json").read_text())
+        (model / "mobiq.json").write_text(json.dumps({**meta, "format_version": 99}))
+    elif case == "budget-name":
+        args += ["--budget", "turbo"]
+    elif case == "bits-range":
+        args += ["--budget", "9"]
+    elif case == "empty-prompt":
+        args = ["-p", "   "]
+    elif case == "bad-utf8":
+        args, stdin = ["-n", "2"], b"\xff\xfe hello"
+    r = run_cli(model, *args, stdin=stdin)
+    err = r.stderr.decode().strip()
+    assert r.returncode != 0, f"{case}: exit 0"
+    assert "Traceback" not in err and len(err.splitlines()) == 1, f"{case}: {err}"
+
+
+def test_runtime_runs_without_torch(tiny_model_dir):
+    """The runtime imports and generates with torch made unimportable."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from mobiquant.runtime import Model\n"
+            f"m = Model.load({str(tiny_model_dir)!r}, threads=1)\n"
+            "print(''.join(m.generate('hi', budget='low', max_new_tokens=5)))\n"
+            "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_api_budget_change_during_generation(tiny_model_dir):
+    from mobiquant.runtime import Model
+    from mobiquant.runtime.sampling import SamplingConfig
+
+    m = Model.load(tiny_model_dir, threads=1)
+    pieces = 0
+    for _ in m.generate("hello", budget="max", max_new_tokens=12, chat=False,
+                        sampling=SamplingConfig(repetition_penalty=1.0)):
+        pieces += 1
+        if pieces == 4:
+            m.set_budget(3.0)
+    bits = [s.target_bits for s in m.last_stats.steps]
+    assert bits[0] == 8.0 and bits[-1] == 3.0, bits
