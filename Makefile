@@ -10,9 +10,15 @@ PYTEST_ARGS ?=
 
 OPS_SOURCES := $(shell find custom_ops -type f) pyproject.toml
 
-.PHONY: setup deps build assets demo test clean
+.PHONY: setup deps cross-tools build assets model demo test clean
 
-setup: build assets
+setup: cross-tools build assets
+
+# The aarch64 cross compiler and qemu-user for the Raspberry Pi tests (tests/test_kernels_native.py).
+cross-tools:
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || { \
+	  apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends g++-aarch64-linux-gnu qemu-user; }
 
 deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.lock
@@ -31,8 +37,21 @@ assets: build
 	$(BIN)/python -m mobiquant.runtime.corpora
 	$(BIN)/python -m mobiquant.exporter.convert $(MODEL)
 
-demo: setup
-	$(BIN)/mobiq-bench layer $(MODEL)
+MODEL_DIR := models/$(MODEL)
+CHECKPOINT := $(MODEL_DIR)/checkpoint
+DEMO_PROMPT ?= Write three short sentences about the sea.
+
+# Calibrate once (fast recipe, minutes on 2 cores), export once; both cached in $(MODEL_DIR) (git-ignored).
+$(CHECKPOINT)/mobiq-checkpoint.json: | assets
+	$(BIN)/mobiq-export quantize $(MODEL) -o $(CHECKPOINT)
+
+$(MODEL_DIR)/model.onnx: $(CHECKPOINT)/mobiq-checkpoint.json
+	$(BIN)/mobiq-export onnx $(CHECKPOINT) -o $(MODEL_DIR)
+
+model: setup $(MODEL_DIR)/model.onnx
+
+demo: model
+	$(BIN)/mobiq-run $(MODEL_DIR) --budget low --stats -p "$(DEMO_PROMPT)"
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -160,3 +160,39 @@ def test_api_budget_change_during_generation(tiny_model_dir):
             m.set_budget(3.0)
     bits = [s.target_bits for s in m.last_stats.steps]
     assert bits[0] == 8.0 and bits[-1] == 3.0, bits
+
+
+def test_heat_up_mid_generation_lowers_bits_of_later_tokens(tiny_model_dir):
+    """--budget auto: the policy is re-read every 4 tokens; the device heats past 78 °C at the third read."""
+    from mobiquant.runtime.budget import AutoBudget
+    from mobiquant.runtime.generate import BudgetControl, generate
+    from mobiquant.runtime.sampling import Sampler, SamplingConfig
+    from mobiquant.runtime.signals import Snapshot
+
+    reads = []
+
+    def device() -> Snapshot:
+        reads.append(None)
+        return Snapshot(battery_present=False, on_ac=True, cpu_celsius=55.0 if len(reads) < 3 else 84.0)
+
+    s = ModelSession(tiny_model_dir, threads=1)
+    control = BudgetControl(None, AutoBudget(device), every=4)
+    steps = list(generate(s, [1, 40, 41, 42], 16, Sampler(SamplingConfig(repetition_penalty=1.0)), control,
+                          frozenset(), lambda t: "x"))
+    assert len(steps) == 16
+    early, late = [x.avg_bits for x in steps[:8]], [x.avg_bits for x in steps[9:]]
+    assert steps[0].target_bits == 8.0 and steps[-1].target_bits < 3.0, [x.target_bits for x in steps]
+    assert max(late) < min(early), f"bits read did not drop after the heat-up: {early} -> {late}"
+    assert control.changes and "84" in control.changes[-1][1].reason
+
+
+def test_signals_command_on_a_fake_pi_tree(tmp_path):
+    zone = tmp_path / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    (zone / "temp").write_text("79500\n")
+    r = subprocess.run([sys.executable, "-m", "mobiquant.runtime.cli", "unused", "--signals", "--signals-root",
+                        str(tmp_path)], capture_output=True, timeout=60)
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr.decode()
+    assert "79.5" in out and "low" in out, out
