@@ -71,8 +71,9 @@ const KernelInfo& select_kernel(Mode mode, int64_t group_size, int64_t num_slice
   if (!want.empty()) {
     std::string names;
     for (const auto& k : all_kernels()) {
-      const bool match = k.name == want || (want == "reference" && k.fn == rsmm_f32_reference) ||
-                         (want == "portable" && k.group_multiple == 4 && k.mode == mode && k.fn != rsmm_f32_reference);
+      const bool reference = k.fn == rsmm_f32_reference;
+      const bool match = (k.name == want && (k.mode == mode || reference)) || (want == "reference" && reference) ||
+                         (want == "portable" && k.group_multiple == 4 && k.mode == mode && !reference);
       if (match) {
         if (!fits(k))
           throw std::invalid_argument("[ResidualSliceMatMul] MOBIQ_KERNEL=" + want + " cannot run here (CPU support, "

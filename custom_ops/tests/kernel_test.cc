@@ -1,0 +1,228 @@
+// mobiq_kernel_test: every kernel of all_kernels() that this CPU runs, held to
+// rsmm_f32_reference (float64 dequantize, then multiply) on a fixed edge-case
+// grid, and the MOBIQ_KERNEL override of select_kernel. No ONNX Runtime.
+//
+// Grid: g in {32, 64, 128} (where the kernel's group_multiple allows), K = g and
+// 3g; N in {1, 3, 16, 17, 64}; M in {1, 2, 5, 7}; per-token slice counts mixed,
+// all 1, all S (S = 4); bias on/off and unaligned operands (x, slices, scales,
+// zero points, bias and y one element / byte past an aligned allocation) take
+// turns. Random data from fixed seeds. The slices buffer ends after the largest
+// slice count in use, so a read of a later slice is out of bounds (ASan build).
+// Each kernel runs as the ORT glue runs it (rsmm_op.cc): prepare_activations,
+// tokens grouped by slice count, rows in blocks of 16.
+// Tolerances: kF32 max |y - ref| <= 1e-5 max |ref| + 1e-6. kInt8: the kF32
+// bound against the portable int8 kernel (same quantized activations, exact
+// integer dots), and relative Frobenius <= 2e-2 against the reference when the
+// output has at least 16 values (over fewer, that norm measures luck: one y
+// near 0 by cancellation makes the int8 rounding error look large).
+// Prints one line per failure, one per kernel, the automatic choices, and last
+// "N passed, M failed"; exits 1 on any failure.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mobiq/format.h"
+#include "mobiq/kernels.h"
+
+namespace {
+
+using mobiq::KernelInfo;
+using mobiq::Mode;
+
+constexpr int kS = 4;
+constexpr int64_t kRowsPerBlock = 16;  // as the ORT glue
+int passed = 0, failed = 0;
+
+void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++passed;
+  } else {
+    ++failed;
+    std::printf("FAIL %s\n", what.c_str());
+  }
+}
+
+// ---- problems ---------------------------------------------------------------
+
+struct Problem {
+  int64_t M, K, N, g;
+  std::string counts;  // mixed, all-1, all-4
+  bool bias, unaligned;
+  std::vector<int32_t> slice_count;          // per token
+  std::vector<float> x, scales, zps, bias_v;  // each starts `off` elements into its buffer
+  std::vector<uint8_t> slices;                // [max count, N, K/4], `off` bytes in
+  size_t off;
+
+  std::string describe() const {
+    return "M=" + std::to_string(M) + " K=" + std::to_string(K) + " N=" + std::to_string(N) +
+           " g=" + std::to_string(g) + " counts=" + counts + " bias=" + std::to_string(bias) +
+           " unaligned=" + std::to_string(unaligned);
+  }
+};
+
+Problem make_problem(int64_t M, int64_t K, int64_t N, int64_t g, const std::string& counts, bool bias,
+                     bool unaligned, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> scale(0.02f, 0.1f), zero(0.0f, 3.5f);
+  std::uniform_int_distribution<int> count(1, kS), byte(0, 255);
+  Problem p{M, K, N, g, counts, bias, unaligned, {}, {}, {}, {}, {}, {}, unaligned ? 1u : 0u};
+  int max_count = 1;
+  for (int64_t t = 0; t < M; ++t) {
+    p.slice_count.push_back(counts == "mixed" ? count(rng) : counts == "all-1" ? 1 : kS);
+    max_count = std::max(max_count, p.slice_count.back());
+  }
+  const auto fill = [&](std::vector<float>& v, size_t n, auto&& draw) {
+    v.assign(p.off + n, NAN);
+    for (size_t i = 0; i < n; ++i) v[p.off + i] = draw(rng);
+  };
+  const size_t groups = static_cast<size_t>(N * (K / g));
+  fill(p.x, static_cast<size_t>(M * K), normal);
+  fill(p.scales, groups, scale);
+  fill(p.zps, groups, zero);
+  if (bias) fill(p.bias_v, static_cast<size_t>(N), normal);
+  p.slices.resize(p.off + static_cast<size_t>(max_count) * mobiq::slice_bytes(N, K));
+  for (size_t i = p.off; i < p.slices.size(); ++i) p.slices[i] = static_cast<uint8_t>(byte(rng));
+  return p;
+}
+
+// y of `kernel` on `p`, run as rsmm_op.cc runs it.
+std::vector<float> run(const KernelInfo& kernel, const Problem& p) {
+  std::vector<float> y(p.off + static_cast<size_t>(p.M * p.N), NAN);
+  mobiq::RsmmArgs args{};
+  args.slices = p.slices.data() + p.off;
+  args.scales = p.scales.data() + p.off;
+  args.zero_points = p.zps.data() + p.off;
+  args.bias = p.bias ? p.bias_v.data() + p.off : nullptr;
+  args.y = y.data() + p.off;
+  args.M = p.M, args.K = p.K, args.N = p.N, args.group_size = p.g, args.num_slices = kS;
+  mobiq::ActivationBuffers buffers;
+  mobiq::prepare_activations(kernel, p.x.data() + p.off, p.M, p.K, p.g, buffers, args);
+  for (int64_t n0 = 0; n0 < p.N; n0 += kRowsPerBlock)
+    for (int k = 1; k <= kS; ++k) {
+      std::vector<int32_t> tokens;
+      for (int64_t t = 0; t < p.M; ++t)
+        if (p.slice_count[static_cast<size_t>(t)] == k) tokens.push_back(static_cast<int32_t>(t));
+      if (!tokens.empty())
+        kernel.fn(args, tokens.data(), static_cast<int64_t>(tokens.size()), k, n0, std::min(p.N, n0 + kRowsPerBlock));
+    }
+  return std::vector<float>(y.begin() + static_cast<std::ptrdiff_t>(p.off), y.end());
+}
+
+// ---- comparison ---------------------------------------------------------------
+
+// Empty if y is within tolerance of ref, else what went wrong and where.
+std::string compare(const std::vector<float>& y, const std::vector<float>& ref, int64_t N, bool frobenius) {
+  double max_ref = 0.0, max_err = 0.0, sq_err = 0.0, sq_ref = 0.0;
+  size_t worst = 0;
+  for (size_t i = 0; i < y.size(); ++i) {
+    const double err = std::fabs(static_cast<double>(y[i]) - ref[i]);
+    if (!(err <= max_err)) max_err = std::isnan(err) ? INFINITY : err, worst = i;  // NaN counts as worst
+    max_ref = std::fmax(max_ref, std::fabs(ref[i]));
+    sq_err += err * err, sq_ref += static_cast<double>(ref[i]) * ref[i];
+  }
+  const double value = frobenius ? std::sqrt(sq_err / std::fmax(sq_ref, 1e-300)) : max_err;
+  const double bound = frobenius ? 2e-2 : 1e-5 * max_ref + 1e-6;
+  if (value <= bound) return "";
+  char msg[256];
+  std::snprintf(msg, sizeof msg, "%s %.3g > %.3g, worst at [t=%lld, n=%lld]: got %.7g, want %.7g",
+                frobenius ? "relative Frobenius error" : "max |y - ref|", value, bound,
+                static_cast<long long>(worst / static_cast<size_t>(N)), static_cast<long long>(worst % static_cast<size_t>(N)),
+                static_cast<double>(y[worst]), static_cast<double>(ref[worst]));
+  return msg;
+}
+
+const KernelInfo& kernel_named(const std::string& name) {
+  for (const auto& k : mobiq::all_kernels())
+    if (name == k.name) return k;
+  throw std::logic_error("no kernel " + name);
+}
+
+void test_kernels_on_grid() {
+  const KernelInfo& reference = kernel_named("rsmm_f32_reference");
+  const KernelInfo& portable_i8 = kernel_named("rsmm_i8_1x1__scalar");
+  std::vector<int> cases(mobiq::all_kernels().size(), 0);
+  uint32_t index = 0;
+  for (int64_t g : {32, 64, 128})
+    for (int64_t groups : {1, 3})
+      for (int64_t N : {1, 3, 16, 17, 64})
+        for (const char* counts : {"mixed", "all-1", "all-4"})
+          for (int64_t M : {1, 2, 5, 7}) {
+            ++index;
+            const bool bias = index % 3 == 1, unaligned = index % 5 < 2;  // periods prime to M's: all pairs occur
+            const Problem p = make_problem(M, g * groups, N, g, counts, bias, unaligned, index);
+            const std::vector<float> ref = run(reference, p), ref_i8 = run(portable_i8, p);
+            for (size_t i = 0; i < mobiq::all_kernels().size(); ++i) {
+              const KernelInfo& k = mobiq::all_kernels()[i];
+              if (&k == &reference || !k.supported() || g % k.group_multiple != 0 || kS > k.max_slices) continue;
+              ++cases[i];
+              const std::vector<float> y = run(k, p);
+              const bool i8 = k.mode == Mode::kInt8;
+              std::string why = i8 && M * N < 16 ? "" : compare(y, ref, N, i8);
+              if (why.empty() && i8 && &k != &portable_i8) {
+                why = compare(y, ref_i8, N, false);
+                if (!why.empty()) why = "against rsmm_i8_1x1__scalar: " + why;
+              }
+              check(why.empty(), std::string(k.name) + " " + p.describe() + ": " + why);
+            }
+          }
+  for (size_t i = 0; i < mobiq::all_kernels().size(); ++i) {
+    const KernelInfo& k = mobiq::all_kernels()[i];
+    if (&k == &reference) continue;
+    if (k.supported())
+      std::printf("kernel %s: %d grid cases\n", k.name, cases[i]);
+    else
+      std::printf("kernel %s: not supported on this CPU, skipped\n", k.name);
+  }
+}
+
+// ---- select_kernel --------------------------------------------------------------
+
+std::string select_name(Mode mode, int64_t group_size) {
+  try {
+    return mobiq::select_kernel(mode, group_size, kS).name;
+  } catch (const std::invalid_argument& e) {
+    return std::string("error: ") + e.what();
+  }
+}
+
+void expect_selected(const char* forced, Mode mode, int64_t group_size, const std::string& want) {
+  if (forced) setenv("MOBIQ_KERNEL", forced, 1); else unsetenv("MOBIQ_KERNEL");
+  const std::string got = select_name(mode, group_size);
+  const bool ok = want.rfind("error: ", 0) == 0 ? got.find(want.substr(7)) != std::string::npos : got == want;
+  check(ok, std::string("select_kernel(") + (mode == Mode::kF32 ? "f32" : "int8") + ", group_size=" +
+                std::to_string(group_size) + ") with MOBIQ_KERNEL=" + (forced ? forced : "(unset)") + ": expected " +
+                want + "; got " + got);
+}
+
+void test_select_kernel() {
+  for (Mode mode : {Mode::kF32, Mode::kInt8}) {
+    const std::string scalar = mode == Mode::kF32 ? "rsmm_f32_1x1__scalar" : "rsmm_i8_1x1__scalar";
+    expect_selected("portable", mode, 64, scalar);
+    expect_selected("reference", mode, 64, "rsmm_f32_reference");
+    expect_selected(nullptr, mode, 32, scalar);  // no SIMD kernel takes g = 32
+    expect_selected("no_such_kernel", mode, 64, "error: expected one of reference, portable, rsmm_f32_reference");
+  }
+  for (const auto& k : mobiq::all_kernels()) {
+    expect_selected(k.name, k.mode, 64, k.supported() ? std::string(k.name) : "error: cannot run here");
+    if (k.group_multiple > 32) expect_selected(k.name, k.mode, 32, "error: cannot run here");
+  }
+  unsetenv("MOBIQ_KERNEL");
+  std::printf("selected: f32 -> %s, int8 -> %s\n", select_name(Mode::kF32, 64).c_str(),
+              select_name(Mode::kInt8, 64).c_str());
+}
+
+}  // namespace
+
+int main() {
+  test_kernels_on_grid();
+  test_select_kernel();
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
+}
