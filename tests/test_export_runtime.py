@@ -28,7 +28,8 @@ BUDGETS = (3.0, 4.0, 6.0, 8.0)
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def tiny(tmp_path_factory):
+    """(exported model directory, the PyTorch quantized model it was exported from)."""
     root = tmp_path_factory.mktemp("tiny")
     source = resolve(str(write_tiny_llama(root / "hf")))
     model = load_float_model(source)
@@ -38,7 +39,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     config = ckpt.CheckpointConfig(source.name, source.identity, source.architecture, 4, 64, 4, "minmax", "random")
     ckpt.save(q, config, root / "checkpoint")
     export(root / "checkpoint", root / "model", context=128)  # verifies against PyTorch or raises
-    return root / "model"
+    return root / "model", q
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tiny) -> Path:
+    return tiny[0]
 
 
 def recompute(session: ModelSession, ids: list[int], bits: float) -> np.ndarray:
@@ -196,3 +202,28 @@ def test_signals_command_on_a_fake_pi_tree(tmp_path):
     out = r.stdout.decode()
     assert r.returncode == 0, r.stderr.decode()
     assert "79.5" in out and "low" in out, out
+
+
+def test_mobiq_eval_json_schema_and_agreement_with_pytorch(tiny, tmp_path):
+    """Two-budget sweep: schema of the JSON, and ONNX Runtime PPL within 0.5% of the PyTorch model's."""
+    import json
+
+    from mobiq_eval_reference import torch_ppl
+
+    model_dir, q = tiny
+    text = tmp_path / "text.txt"
+    text.write_text("It was a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. " * 12)
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "mobiquant.runtime.evaluate", str(model_dir), "--corpus", str(text),
+                        "--budgets", "low,max", "--context", "64", "--max-tokens", "0", "--threads", "1",
+                        "--json", str(out), "--plot", str(tmp_path / "eval.png")], capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode()
+    result = json.loads(out.read_text())
+    assert {"model", "corpus", "context", "tokens", "cpu", "threads", "rows"} <= set(result)
+    assert [row["target_bits"] for row in result["rows"]] == [3.0, 8.0]
+    for row in result["rows"]:
+        assert set(row) == {"name", "target_bits", "avg_bits", "ppl", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"}
+        ref = torch_ppl(q, model_dir, text, 64, row["target_bits"])
+        assert abs(row["ppl"] / ref - 1) < 0.005, f"{row['target_bits']} bits: ORT PPL {row['ppl']} vs torch {ref}"
+    assert (tmp_path / "eval.png").stat().st_size > 1000

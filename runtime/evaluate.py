@@ -1,0 +1,216 @@
+"""``mobiq-eval``: quality, speed and memory per budget, through ONNX Runtime (no torch).
+
+For each budget, in its own process (so peak memory is that budget's alone):
+perplexity on a corpus (SPEC §6 protocol: non-overlapping windows of ``context``
+tokens, BOS first, PPL = exp(mean NLL) over the scored tokens), the average bits
+actually read, prefill tokens/s (one window) and decode tokens/s (one token at a
+time with the KV cache), and peak resident memory. ``--baselines`` adds an fp32
+and a MatMulNBits-int4 export of the same source model (built once, cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .budget import BudgetError, parse_budget
+from .modelfile import ModelFileError, locate
+
+DEFAULT_BUDGETS = "low,mid,high,max"
+DECODE_TOKENS = 64
+
+
+def corpus_ids(codec, corpus: str, context: int, max_tokens: int | None) -> np.ndarray:
+    """Windows [n, context] int64: BOS then context-1 text tokens each (non-overlapping)."""
+    from .corpora import load_corpus
+
+    ids = codec.encode(load_corpus(corpus), bos=False)
+    per = context - 1
+    n = len(ids) // per
+    if max_tokens:
+        n = min(n, -(-max_tokens // per))
+    if n == 0:
+        raise ValueError(f"[mobiq-eval] corpus {corpus!r} expected at least {per} tokens; got {len(ids)}")
+    body = np.array(ids[: n * per], np.int64).reshape(n, per)
+    bos = codec.bos_id if codec.bos_id is not None else body[:, :1]
+    return np.concatenate([np.full((n, 1), bos, np.int64), body], axis=1)
+
+
+def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    z = logits.astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(-1))
+    return float((lse - z[np.arange(len(targets)), targets]).sum())
+
+
+def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_tokens: int | None,
+            threads: int | None, progress: bool = False) -> dict:
+    """One row: ppl, avg bits, prefill and decode tok/s, peak RSS (of this process)."""
+    from .session import ModelSession
+    from .text import TextCodec
+
+    session = ModelSession(model_dir, threads)
+    codec = TextCodec(session.info.directory, session.info.meta)
+    windows = corpus_ids(codec, corpus, context, max_tokens)
+    nll, scored, bits_read, prefill_s = 0.0, 0, [], []
+    iterator = range(len(windows))
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc=f"{session.info.meta.get('kind')} {bits if bits else ''}", file=sys.stderr,
+                        leave=False)
+    for w in iterator:
+        t = time.perf_counter()
+        logits, _ = session.forward(windows[w:w + 1], session.empty_cache(), bits)
+        prefill_s.append(time.perf_counter() - t)
+        nll += log_softmax_nll(logits[0, :-1], windows[w, 1:])
+        scored += context - 1
+        bits_read.append(session.last_avg_bits)
+    logits, cache = session.forward(windows[0:1, :32], session.empty_cache(), bits)
+    t = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
+        logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, bits)
+    decode_s = time.perf_counter() - t
+    return {"target_bits": bits, "avg_bits": float(np.mean(bits_read)) if session.elastic else None,
+            "ppl": float(np.exp(nll / scored)), "tokens": scored,
+            "prefill_tok_s": context / float(np.median(prefill_s)), "decode_tok_s": DECODE_TOKENS / decode_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _measure_in_subprocess(model_dir: Path, bits: float | None, args) -> dict:
+    cmd = [sys.executable, "-m", "mobiquant.runtime.evaluate", "--worker", str(model_dir), "--corpus", args.corpus,
+           "--context", str(args.context), "--max-tokens", str(args.max_tokens or 0)]
+    if bits is not None:
+        cmd += ["--bits", str(bits)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"[mobiq-eval] measuring {model_dir} at {bits} bits failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def baseline_dir(info, kind: str) -> Path:
+    """The fp32 / MatMulNBits-int4 export of the model's source, built once beside it."""
+    out = info.directory / "baselines" / kind
+    if (out / "model.onnx").is_file():
+        return out
+    print(f"[mobiq-eval] building the {kind} baseline of {info.meta['source_model']} (once)", file=sys.stderr)
+    cmd = [sys.executable, "-m", "mobiquant.exporter.cli", "baseline", info.meta["source_model"], kind, "-o", str(out),
+           "--context", str(info.context)]
+    if subprocess.run(cmd).returncode != 0:
+        raise RuntimeError(f"[mobiq-eval] could not build the {kind} baseline (needs `pip install mobiquant[export]`)")
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def markdown(result: dict) -> str:
+    head = "| name | target bits | avg bits | PPL | prefill tok/s | decode tok/s | peak RSS MB |\n|---|---|---|---|---|---|---|"
+    rows = [f"| {r['name']} | {_fmt(r['target_bits'])} | {_fmt(r['avg_bits'])} | {r['ppl']:.2f} | "
+            f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |" for r in result["rows"]]
+    return "\n".join([head, *rows])
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def plot(result: dict, path: Path) -> None:
+    """PPL and decode speed against average bits: our curve, baselines as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = [r for r in result["rows"] if r["name"] == "mobiquant"]
+    others = [r for r in result["rows"] if r["name"] != "mobiquant"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [r["avg_bits"] for r in ours]
+    a.plot(xs, [r["ppl"] for r in ours], "o-", label="MoBiQuant (one file)")
+    b.plot(xs, [r["decode_tok_s"] for r in ours], "o-", label="MoBiQuant (one file)")
+    for r in others:
+        x = {"fp32": 32.0, "matmulnbits-int4": 4.0}.get(r["name"], r.get("avg_bits") or 0)
+        a.plot([x], [r["ppl"]], "s", label=r["name"])
+        b.plot([x], [r["decode_tok_s"]], "s", label=r["name"])
+    a.set(xlabel="average weight bits", ylabel=f"perplexity ({result['corpus']}, ctx {result['context']})",
+          yscale="log", title="quality")
+    b.set(xlabel="average weight bits", ylabel="decode tokens/s", title=f"speed ({result['threads'] or 'all'} threads)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['model']} on {result['cpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mobiq-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model directory or its model.onnx")
+    p.add_argument("--corpus", default="austen-test", help="austen-test|brown|lee|a text file (default: austen-test)")
+    p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated (default: {DEFAULT_BUDGETS})")
+    p.add_argument("--baselines", action="store_true", help="also fp32 and MatMulNBits-int4 exports (built once)")
+    p.add_argument("--context", type=int, default=512, help="window length in tokens (default: 512)")
+    p.add_argument("--max-tokens", type=int, default=16384,
+                   help="scored tokens per budget, rounded up to whole windows (default: 16384; 0 = whole corpus)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's choice)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bits", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    try:
+        if args.worker:
+            print(json.dumps(measure(Path(args.model), args.bits, args.corpus, args.context, args.max_tokens or None,
+                                     args.threads)))
+            return 0
+        info = locate(args.model)
+        if args.context < 2 or args.context > info.context:
+            p.error(f"--context expected 2..{info.context}; got {args.context}")
+        budgets = [parse_budget(b.strip(), info.named_budgets) for b in args.budgets.split(",") if b.strip()]
+        if "auto" in budgets:
+            p.error("--budgets expected names or bits; got auto (evaluate fixed budgets)")
+        jobs = [("mobiquant", info.directory, float(b)) for b in budgets] if info.elastic else [
+            (info.meta["kind"], info.directory, None)]
+        if args.baselines:
+            jobs += [(kind, baseline_dir(info, kind), None) for kind in ("fp32", "matmulnbits-int4")]
+        result = {"model": info.meta.get("source_model"), "corpus": args.corpus, "context": args.context,
+                  "tokens": None, "cpu": cpu_name(), "threads": args.threads, "rows": []}
+        from tqdm import tqdm
+
+        for name, directory, bits in tqdm(jobs, desc="mobiq-eval", file=sys.stderr):
+            row = _measure_in_subprocess(directory, bits, args)
+            result["tokens"] = row.pop("tokens")
+            result["rows"].append({"name": name, **row})
+        print(markdown(result))
+        print(f"\n{result['model']}, {args.corpus}, context {args.context}, {result['tokens']} tokens, "
+              f"{result['cpu']}, threads {args.threads or 'default'}")
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        if args.plot:
+            plot(result, args.plot)
+        return 0
+    except (ModelFileError, BudgetError, ValueError, RuntimeError) as e:
+        print(str(e).splitlines()[0], file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

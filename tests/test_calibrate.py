@@ -1,0 +1,223 @@
+"""MoBiQuant calibration on a tiny random Llama (no downloads; seconds).
+
+Covers: torch slicing against runtime/format.py, router prefix masks, threshold
+fitting on held-out tokens, calibration lowering the block loss, the whole
+pipeline (calibrate -> checkpoint -> load -> identical outputs), bad input.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from mobiquant.exporter import baselines as B
+from mobiquant.exporter import checkpoint as ckpt
+from mobiquant.exporter import fakequant as fq
+from mobiquant.exporter.blockwise import CalibrationError, WorkDir, capture_block_inputs, run_block_batched
+from mobiquant.exporter.calibrate import (LINEAR_NAMES, _reads_from_params, calibrate_model, get_recipe)
+from mobiquant.exporter.qmodel import Router, SlicedLinear, build_quantized, slice_model
+from mobiquant.exporter.quantize import assemble
+from mobiquant.exporter.thresholds import fit_thresholds_online
+from mobiquant.runtime import format as F
+
+G = 32
+TINY_RECIPE = dict(samples=6, seq_len=32, batch=2, clip_steps=3, router_steps=4, threshold_samples=6)
+
+
+def tiny_model(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=1)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # a few outlier weights, as real models have
+        for p in model.model.layers.parameters():
+            if p.dim() == 2:
+                mask = torch.rand(p.shape) < 0.01
+                p[mask] *= 8
+    return model
+
+
+def tokens(n: int, t: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(2, 128, (n, t), generator=g)
+    x[:, 0] = 1
+    return x
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    torch.set_num_threads(2)
+    model = tiny_model()
+    recipe = get_recipe("fast", **TINY_RECIPE)
+    cal = calibrate_model(model, tokens(6, 32, 0), recipe, G, 4, progress=False)
+    return model, recipe, cal
+
+
+def test_slice_read_matches_format():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    wt = torch.from_numpy(w).double()
+    wmin, wmax = fq.group_minmax(wt, G)
+    f_lo = torch.from_numpy(rng.uniform(0.6, 1.1, wmin.shape))
+    f_hi = torch.from_numpy(rng.uniform(0.6, 1.1, wmin.shape))
+    s1, z1 = fq.slice1_params(*fq.clip_range(wmin, wmax, f_lo, f_hi))
+    sw = F.quantize(w, G, 4, scales=s1.numpy(), zero_points=z1.numpy())
+    reads = _reads_from_params(torch.from_numpy(w), s1, z1, G, 4)
+    for k in range(1, 5):
+        np.testing.assert_array_equal(fq.slice_read(wt, -z1.double() * s1.double(), -z1.double() * s1.double()
+                                                    + 4 * s1.double(), G, k).numpy(), sw.dequantize(k))
+        np.testing.assert_allclose(reads[k - 1].numpy(), sw.dequantize(k), rtol=0, atol=1e-6)
+    # min/max parameters: every depth within half a step
+    sw = F.quantize(w, G, 4)
+    for k in range(1, 5):
+        step = np.repeat(sw.step(k), G, axis=1)
+        assert np.all(np.abs(sw.dequantize(k) - w) <= step / 2 * (1 + 1e-5))
+
+
+def test_router_prefix_masks():
+    torch.manual_seed(0)
+    w = torch.randn(24, 64)
+    sw = F.quantize(w.numpy(), G, 4)
+    router = Router(64, 4, seed=3)
+    router.thresholds[:] = torch.tensor([-0.1, 0.0, 0.1])
+    lin = SlicedLinear(sw, None, router)
+    x = torch.randn(5, 7, 64)
+    k = router(x)
+    s = router.score(x)
+    assert torch.equal(k, 1 + (s.unsqueeze(-1) > torch.tensor([-0.1, 0.0, 0.1])).sum(-1))
+    assert set(k.unique().tolist()) > {1}  # a mix of depths
+    y = lin(x)
+    for t in np.ndindex(*k.shape):
+        want = x[t] @ torch.from_numpy(sw.dequantize(int(k[t]))).float().T
+        torch.testing.assert_close(y[t], want, atol=1e-5, rtol=1e-5)
+    # the prefix rule: a token reads slice j only if it reads every slice before it
+    deltas = lin.deltas
+    manual = x @ deltas[0].T + sum((k > e).unsqueeze(-1) * (x @ deltas[e].T) for e in range(1, 4))
+    torch.testing.assert_close(y, manual, atol=1e-5, rtol=1e-5)
+
+
+def test_thresholds_hit_average_on_held_out_tokens():
+    model = tiny_model(1)
+    qmodel = build_quantized(model, slice_model(model, G, 4))
+    fit_thresholds_online(qmodel, tokens(8, 48, 10), (2.5, 3.0, 3.5, 5.0, 7.0))
+    held_out = tokens(8, 48, 11)
+    for bits in (2.0, 2.5, 3.0, 3.3, 3.5, 4.0, 4.7, 5.0, 6.0, 7.0, 8.0):
+        qmodel.set_target_bits(bits)
+        qmodel.start_bits_log()
+        with torch.no_grad():
+            qmodel.model(input_ids=held_out)
+        assert abs(qmodel.average_bits() - bits) <= 0.1, (bits, qmodel.average_bits())
+
+
+def _block_depth_losses(model, x, kwargs, params_by_name, block_index=0):
+    """MSE of block 0's output at every depth against fp32, for given (s1, z1) per linear."""
+    layer = model.model.layers[block_index]
+    y_fp = run_block_batched(layer, x, kwargs, 8)
+    losses = []
+    for k in range(1, 5):
+        saved = {}
+        for name in LINEAR_NAMES:
+            lin = layer.get_submodule(name)
+            s1, z1 = params_by_name[name]
+            saved[name] = lin.weight.data.clone()
+            lin.weight.data = _reads_from_params(saved[name], torch.as_tensor(s1), torch.as_tensor(z1), G, 4)[k - 1]
+        losses.append(((run_block_batched(layer, x, kwargs, 8) - y_fp) ** 2).mean().item())
+        for name in LINEAR_NAMES:
+            layer.get_submodule(name).weight.data = saved[name]
+    return np.array(losses)
+
+
+def test_calibration_lowers_block_loss(calibrated):
+    model, recipe, cal = calibrated
+    x, kwargs = capture_block_inputs(model, tokens(6, 32, 0))
+    minmax = {name: F.minmax_params(model.model.layers[0].get_submodule(name).weight.detach().numpy(), G)
+              for name in LINEAR_NAMES}
+    ours = {name: cal.params[f"layers.0.{name}"] for name in LINEAR_NAMES}
+    base, tuned = _block_depth_losses(model, x, kwargs, minmax), _block_depth_losses(model, x, kwargs, ours)
+    weights = np.array(recipe.depth_weights)
+    assert (weights * tuned / base).sum() < 0.98 * weights.sum(), (base, tuned)  # the stage-1 objective improved
+    assert tuned[3] < 1.5 * base[3]  # and the 8-bit read not ruined
+
+
+def test_pipeline_checkpoint_roundtrip(calibrated, tmp_path):
+    model, recipe, cal = calibrated
+    qmodel = assemble(copy.deepcopy(model), cal, G, 4)
+    fit_thresholds_online(qmodel, tokens(6, 32, 5), recipe.threshold_anchors)
+    config = ckpt.CheckpointConfig("tiny", "id-tiny", "LlamaForCausalLM", 4, G, 4, recipe.name, "random tokens")
+    ckpt.save(qmodel, config, tmp_path / "ck")
+    loaded, cfg2 = ckpt.load(tmp_path / "ck", copy.deepcopy(model), "id-tiny")
+    assert cfg2 == config
+    ids = tokens(2, 24, 7)
+    for bits in (2.0, 3.0, 4.5, 8.0):
+        qmodel.set_target_bits(bits)
+        loaded.set_target_bits(bits)
+        with torch.no_grad():
+            assert torch.equal(qmodel.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
+    # the checkpoint's slices are the calibrated parameters
+    name = "layers.1.mlp.down_proj"
+    np.testing.assert_array_equal(loaded.linears[name].sliced.scales, cal.params[name][0])
+    with pytest.raises(ckpt.CheckpointError, match="source model"):
+        ckpt.load(tmp_path / "ck", copy.deepcopy(model), "another-model")
+
+
+def test_resume_from_work_dir(tmp_path):
+    recipe = get_recipe("fast", **TINY_RECIPE)
+    work = WorkDir(tmp_path / "w", {"run": 1})
+    first = calibrate_model(tiny_model(2), tokens(6, 32, 0), recipe, G, 4, work, progress=False, max_blocks=1)
+    assert set(first.routers) == {f"layers.0.{g}" for g in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
+    resumed = calibrate_model(tiny_model(2), tokens(6, 32, 0), recipe, G, 4, WorkDir(tmp_path / "w", {"run": 1}),
+                              progress=False)
+    assert resumed.resumed_at == 1
+    for name, (s1, z1) in first.params.items():
+        np.testing.assert_array_equal(resumed.params[name][0], s1)
+    assert len(resumed.params) == 2 * len(LINEAR_NAMES)
+    # another run's work dir is never mixed in
+    other = calibrate_model(tiny_model(2), tokens(6, 32, 0), recipe, G, 4, WorkDir(tmp_path / "w", {"run": 2}),
+                            progress=False)
+    assert other.resumed_at == 0
+
+
+def test_random_routing_keeps_average():
+    model = tiny_model(3)
+    qmodel = build_quantized(model, slice_model(model, G, 4))
+    with B.random_routing(qmodel, seed=0) as rq:
+        rq.set_target_bits(3.0)
+        rq.start_bits_log()
+        with torch.no_grad():
+            rq.model(input_ids=tokens(8, 64, 3))
+        assert abs(rq.average_bits() - 3.0) < 0.1
+    assert all(isinstance(r, Router) for r in qmodel.routers.values())
+
+
+def test_bad_group_size_names_the_layer():
+    model = tiny_model()
+    with pytest.raises(CalibrationError, match=r"layers\.0\.self_attn\.q_proj.*K=64"):
+        calibrate_model(model, tokens(4, 16, 0), get_recipe("fast", **TINY_RECIPE), 48, 4, progress=False)
+
+
+def test_cli_unknown_model_lists_supported(capsys):
+    from mobiquant.exporter.cli import main
+
+    assert main(["quantize", "no-such-model", "-o", "/tmp/never"]) == 2
+    err = capsys.readouterr().err
+    assert "smollm2-135m" in err and "no-such-model" in err
+
+
+def test_baseline_quantizers():
+    torch.manual_seed(0)
+    w = torch.randn(8, 64)
+    wmin, wmax = fq.group_minmax(w, G)
+    for bits in (2, 3, 4, 8):
+        q = fq.uniform_read(w, wmin, wmax, G, bits)
+        levels = fq.grouped(q, G)
+        assert all(len(torch.unique(levels[i, j])) <= 2**bits for i in range(8) for j in range(2))
+        step = ((wmax - wmin) / (2**bits - 1)).repeat_interleave(G, 1)
+        assert torch.all((q - w).abs() <= step * 0.5 + 1e-6)
+    top = fq.top_bits_read(w, wmin, wmax, G, 3)
+    assert all(len(torch.unique(fq.grouped(top, G)[i, j])) <= 8 for i in range(8) for j in range(2))
