@@ -36,8 +36,7 @@ class MoBiQuantLinear(LinearKind):
         self.q = qmodel
         self.accuracy_level = accuracy_level
         self._row: str | None = None  # threshold-row index for target_bits (built once)
-        self._usage: list[tuple[str, int]] = []  # (slice-count sum, weights it applies to)
-        self._tokens: str | None = None
+        self._usage: list[tuple[str, int]] = []  # (slice counts [B, S], weights they apply to)
 
     def linear(self, g: GraphBuilder, x: str, name: str, weights: list[np.ndarray], group: str) -> str:
         if group == "lm_head":
@@ -50,10 +49,7 @@ class MoBiQuantLinear(LinearKind):
         parts = [self.q.linears[f"{layer}.{lin}"].sliced for lin in ROUTED_GROUPS[kind]]
         sw = concat_sliced(parts)
         counts = self._router(g, x, group)
-        self._usage.append((g.op("ReduceSum", [g.op("Cast", [counts], to=TensorProto.FLOAT)], keepdims=0),
-                            sw.out_features * sw.in_features))
-        if self._tokens is None:
-            self._tokens = g.op("Cast", [g.op("Size", [counts])], "tokens", to=TensorProto.FLOAT)
+        self._usage.append((counts, sw.out_features * sw.in_features))
         return self._op(g, x, name, sw, counts)
 
     def _op(self, g: GraphBuilder, x: str, name: str, sw: F.SlicedWeight, counts: str | None) -> str:
@@ -66,7 +62,7 @@ class MoBiQuantLinear(LinearKind):
                     layout=F.LAYOUT_VERSION, accuracy_level=self.accuracy_level)
 
     def _router(self, g: GraphBuilder, x: str, group: str) -> str:
-        """Per-token slice counts int32 [B, S] = 1 + #(score > tau_j(target_bits))."""
+        """Per-token slice counts int32 [B, S] = #(score > tau'_j), tau' = [-inf, tau_1 .. tau_{S-1}](target_bits)."""
         r = self.q.routers[group]
         hidden = g.op("Relu", [g.op("Add", [g.op("MatMul", [x, g.const(r.fc1.weight.detach().numpy().T.copy(),
                                                                        f"{group}.router.w1")]),
@@ -74,11 +70,13 @@ class MoBiQuantLinear(LinearKind):
         score = g.op("Add", [g.op("MatMul", [hidden, g.const(r.fc2.weight.detach().numpy().T.copy(),
                                                             f"{group}.router.w2")]),
                              g.const(r.fc2.bias.detach().numpy(), f"{group}.router.b2")], f"{group}.score")
-        tau = g.op("Gather", [g.const(r.thresholds.numpy(), f"{group}.router.thresholds"), self._threshold_row(g)])
-        above = g.op("Cast", [g.op("Greater", [score, tau])], to=TensorProto.FLOAT)
-        extra = g.op("ReduceSum", [above, g.const(np.array([-1], np.int64), "last_axis")], keepdims=0)
-        return g.op("Cast", [g.op("Add", [extra, g.const(np.array(1.0, np.float32), "one")])], f"{group}.counts",
-                    to=TensorProto.INT32)
+        table = r.thresholds.numpy()
+        always = np.full((table.shape[0], 1), -np.inf, np.float32)  # slice 1: every token
+        tau = g.op("Gather", [g.const(np.concatenate([always, table], 1), f"{group}.router.thresholds"),
+                              self._threshold_row(g)])
+        above = g.op("Cast", [g.op("Greater", [score, tau])], to=TensorProto.INT32)
+        return g.op("ReduceSum", [above, g.const(np.array([-1], np.int64), "last_axis")], f"{group}.counts",
+                    keepdims=0)
 
     def _threshold_row(self, g: GraphBuilder) -> str:
         """Row of the threshold tables for target_bits: nearest grid point, clipped (as qmodel.grid_index)."""
@@ -94,11 +92,16 @@ class MoBiQuantLinear(LinearKind):
 
     def finish(self, g: GraphBuilder):
         """target_bits input; avg_bits = 2 * sum_r weights_r * sum_t k_rt / (sum_r weights_r * tokens)."""
-        weighted = [g.op("Mul", [s, g.const(np.array(float(n), np.float32), "weights")]) for s, n in self._usage]
-        total = weighted[0] if len(weighted) == 1 else g.op("Sum", weighted)
-        denom = g.op("Mul", [self._tokens, g.const(np.array(float(sum(n for _, n in self._usage)) / F.SLICE_BITS,
-                                                            np.float32), "weights_per_bit")])
-        avg = g.op("Div", [total, g.op("Max", [denom, g.const(np.array(1e-9, np.float32), "eps")])])
+        sizes = np.array([n for _, n in self._usage], np.float32)
+        # counts [B, S] of every router side by side: [B, R*S], router-major, viewed as [B, R, S]
+        stacked = g.op("Reshape", [g.op("Concat", [c for c, _ in self._usage], axis=-1),
+                                   g.const(np.array([0, len(sizes), -1], np.int64), "batch_routers_tokens")])
+        per_router = g.op("ReduceSum", [g.op("Cast", [stacked], to=TensorProto.FLOAT),
+                                        g.const(np.array([0, 2], np.int64), "axes_0_2")], keepdims=0)
+        total = g.op("ReduceSum", [g.op("Mul", [per_router, g.const(sizes * F.SLICE_BITS, "router_weights")])],
+                     keepdims=0)
+        tokens = g.op("Cast", [g.op("Size", [self._usage[0][0]])], "tokens", to=TensorProto.FLOAT)
+        avg = g.op("Div", [total, g.op("Mul", [tokens, g.const(np.array(sizes.sum(), np.float32), "all_weights")])])
         g.op("Reshape", [avg, g.const(np.zeros(0, np.int64), "scalar_shape")], outputs=[AVG_BITS])
         return ([helper.make_tensor_value_info(TARGET_BITS, TensorProto.FLOAT, [])],
                 [helper.make_tensor_value_info(AVG_BITS, TensorProto.FLOAT, [])])
