@@ -173,7 +173,7 @@ def _kernel_command(args: argparse.Namespace) -> int:
     shapes = [s for s in KERNEL_SHAPES if not args.small or s[0] < 4096 or s == (4096, 4096, 128)]
     rng = np.random.default_rng(0)
     kernels = {acc: ops.usable_kernels(acc)[0] for acc in (ops.ACCURACY_INT8, ops.ACCURACY_F32)}
-    result = {"cpu": _cpu_name(), "kernel": kernels[ops.ACCURACY_INT8], "kernel_f32": kernels[ops.ACCURACY_F32],
+    result = {"cpu": cpu_name(), "kernel": kernels[ops.ACCURACY_INT8], "kernel_f32": kernels[ops.ACCURACY_F32],
               "results": []}
     print(f"cpu: {result['cpu']}; kernels: {kernels[ops.ACCURACY_INT8]} (int8), {kernels[ops.ACCURACY_F32]} (f32)")
     cols = ["rsmm_1", "rsmm_2", "rsmm_3", "rsmm_4", "rsmm_f32_2", "matmulnbits_2", "matmulnbits_4", "matmulnbits_8",
@@ -205,7 +205,7 @@ def _kernel_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -230,7 +230,7 @@ def _layer_command(args: argparse.Namespace) -> int:
     missing = [n for n in names if n not in tensors]
     if missing:
         raise ModelError(f"[mobiq-bench] layer expected a 2-D weight of {entry.name}; got unknown {missing}")
-    result = {"cpu": _cpu_name(), "model": entry.name,
+    result = {"cpu": cpu_name(), "model": entry.name,
               "group_size": entry.group_size, "threads": args.threads, "layers": {}}
     print(f"{entry.name}: g={entry.group_size}, S={entry.num_slices}, threads={args.threads}")
     print(f"{'layer':44} {'k':>2} {'bits':>4} {'rel err W':>10} {'op err':>9} {'KiB/token':>10} {'us/token':>9}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench import cpu_name
 from .budget import BudgetError, parse_budget
 from .modelfile import ModelFileError, locate
 
@@ -109,16 +109,6 @@ def baseline_dir(info, kind: str) -> Path:
     if subprocess.run(cmd).returncode != 0:
         raise RuntimeError(f"[mobiq-eval] could not build the {kind} baseline (needs `pip install mobiquant[export]`)")
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(result: dict) -> str:
