@@ -52,18 +52,19 @@ struct Unpack {
   }
 };
 
-// sum_g s1_g (ratio/2 - z1_g) xsum_g over one row's groups: the zero-point term.
-MOBIQ_AVX512 double zero_point_term(const float* s1, const float* z1, const float* xsum, int64_t groups, float ratio) {
+// Lane-wise partial sums of the zero-point term sum_g s1_g (ratio/2 - z1_g) xsum_g of one row
+// (masked loads: one step for up to 16 groups), to be reduced together with the dot products.
+MOBIQ_AVX512 inline __m512 zero_point_lanes(const float* s1, const float* z1, const float* xsum, int64_t groups,
+                                            float ratio) {
   const __m512 half = _mm512_set1_ps(0.5f * ratio);
   __m512 acc = _mm512_setzero_ps();
-  int64_t g = 0;
-  for (; g + 16 <= groups; g += 16) {
-    const __m512 c = _mm512_mul_ps(_mm512_loadu_ps(s1 + g), _mm512_sub_ps(half, _mm512_loadu_ps(z1 + g)));
-    acc = _mm512_fmadd_ps(c, _mm512_loadu_ps(xsum + g), acc);
+  for (int64_t g = 0; g < groups; g += 16) {
+    const int64_t left = groups - g;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    const __m512 c = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s1 + g), _mm512_sub_ps(half, _mm512_maskz_loadu_ps(m, z1 + g)));
+    acc = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(m, xsum + g), acc);
   }
-  double total = _mm512_reduce_add_ps(acc);
-  for (; g < groups; ++g) total += static_cast<double>(s1[g] * (0.5f * ratio - z1[g])) * xsum[g];
-  return total;
+  return acc;
 }
 
 MOBIQ_AVX512 void store_rows(const RsmmArgs& a, const int32_t* tok, int nt, int64_t n, int nr, const __m512* facc,
@@ -72,10 +73,9 @@ MOBIQ_AVX512 void store_rows(const RsmmArgs& a, const int32_t* tok, int nt, int6
   for (int r = 0; r < nr; ++r)
     for (int j = 0; j < nt; ++j) {
       const int64_t row = n + r;
-      const double zp = zero_point_term(a.scales + row * groups, a.zero_points + row * groups,
-                                        a.x_group_sums + tok[j] * groups, groups, ratio);
-      a.y[tok[j] * a.N + row] =
-          static_cast<float>((a.bias ? a.bias[row] : 0.0) + zp + static_cast<double>(_mm512_reduce_add_ps(facc[r * nt + j])));
+      const __m512 zp = zero_point_lanes(a.scales + row * groups, a.zero_points + row * groups,
+                                         a.x_group_sums + tok[j] * groups, groups, ratio);
+      a.y[tok[j] * a.N + row] = (a.bias ? a.bias[row] : 0.0f) + _mm512_reduce_add_ps(_mm512_add_ps(facc[r * nt + j], zp));
     }
 }
 
