@@ -19,11 +19,17 @@ NEVER = 1e30  # a threshold no score passes (p_j = 0) — finite, so ONNX and to
 
 def fit_router(router: Router, scores: np.ndarray) -> None:
     """Fill router.thresholds [grid, S-1] from calibration scores."""
-    s = np.sort(scores.astype(np.float64))
-    table = np.empty((len(THRESHOLD_GRID), router.num_slices - 1))
-    for row, bits in enumerate(THRESHOLD_GRID):
-        extra = bits / 2 - 1
-        for j in range(1, router.num_slices):
+    table = threshold_rows(scores, router.num_slices, THRESHOLD_GRID)
+    router.thresholds.copy_(torch.from_numpy(table).float())
+
+
+def threshold_rows(scores: np.ndarray, num_slices: int, bits: np.ndarray) -> np.ndarray:
+    """Water-filling thresholds [len(bits), S-1] for the targets ``bits`` from calibration ``scores``."""
+    s = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
+    table = np.empty((len(bits), num_slices - 1))
+    for row, b in enumerate(bits):
+        extra = b / 2 - 1
+        for j in range(1, num_slices):
             p = float(np.clip(extra - (j - 1), 0.0, 1.0))
             if p <= 0:
                 table[row, j - 1] = NEVER
@@ -33,7 +39,7 @@ def fit_router(router: Router, scores: np.ndarray) -> None:
                 # the (1-p) quantile: tokens strictly above it are the top p fraction
                 idx = min(int(np.floor((1 - p) * len(s))), len(s) - 1)
                 table[row, j - 1] = s[idx] if idx == 0 else 0.5 * (s[idx - 1] + s[idx])
-    router.thresholds.copy_(torch.from_numpy(table).float())
+    return table
 
 
 @torch.no_grad()
@@ -50,3 +56,56 @@ def fit_thresholds(qmodel, token_batches: list[torch.Tensor], record_bits: float
     finally:
         for r in qmodel.routers.values():
             r.record = None
+
+
+@torch.no_grad()
+def fit_thresholds_online(qmodel, tokens: torch.Tensor, anchors: tuple[float, ...]) -> dict[float, float]:
+    """Fit every router's table with the routers upstream already running at the target.
+
+    Scores recorded at 8 bits (:func:`fit_thresholds`) drift at low budgets: the input
+    of block i changes when the blocks before it read fewer slices. Here, for each
+    anchor budget b, one pass over ``tokens`` [n, T] (one batch, so each quantile is
+    over all tokens) lets every router, in order, set its own row for b to the
+    water-filling quantiles of its current scores before it is applied, and records
+    those scores. Each grid row is then fitted from the scores of the nearest anchor
+    in the same interval between even widths (2-4, 4-6, 6-8; rows at even widths
+    need no scores). Returns {anchor: average bits measured in its pass}.
+    """
+    from .qmodel import BITS_MAX, THRESHOLD_GRID, grid_index
+
+    routers = qmodel.routers
+    recorded: dict[float, dict[str, np.ndarray]] = {}
+    measured: dict[float, float] = {}
+    for bits in anchors:
+        row = grid_index(bits)
+        scores: dict[str, np.ndarray] = {}
+        handles = []
+        for name, router in routers.items():
+            def hook(module, args, name=name):
+                if name in scores:  # q/k/v call their shared router with the same input
+                    return
+                s = module.score(args[0]).reshape(-1).numpy()
+                scores[name] = s
+                module.thresholds[row] = torch.from_numpy(
+                    threshold_rows(s, module.num_slices, THRESHOLD_GRID[row: row + 1])[0]).float()
+            handles.append(router.register_forward_pre_hook(hook))
+        qmodel.set_target_bits(bits)
+        qmodel.start_bits_log()
+        try:
+            qmodel.model.model(input_ids=tokens)  # the decoder only: the LM head does not route
+        finally:
+            for h in handles:
+                h.remove()
+        measured[bits] = qmodel.average_bits()
+        recorded[bits] = scores
+    for lin in qmodel.linears.values():
+        lin.bits_log = None
+    for name, router in routers.items():
+        table = np.empty((len(THRESHOLD_GRID), router.num_slices - 1))
+        for row, bits in enumerate(THRESHOLD_GRID):
+            same = [a for a in anchors if np.floor(a / 2) == np.floor(bits / 2)] or list(anchors)
+            src = recorded[min(same, key=lambda a: abs(a - bits))][name]
+            table[row] = threshold_rows(src, router.num_slices, THRESHOLD_GRID[row: row + 1])[0]
+        router.thresholds.copy_(torch.from_numpy(table).float())
+    qmodel.set_target_bits(BITS_MAX)
+    return measured

@@ -1,0 +1,108 @@
+"""``mobiq-export``: quantize a model into a MoBiQuant checkpoint, evaluate it (and export ONNX).
+
+    mobiq-export quantize MODEL -o CHECKPOINT [--recipe fast|paper] [--calib NAME|FILE] [--slices 4] [--group-size G]
+    mobiq-export eval CHECKPOINT [--corpus NAME ...] [--baselines] [--json FILE] [--max-tokens N]
+    mobiq-export onnx ...   (added by exporter/onnx_export.py: add_onnx_command(subparsers))
+
+MODEL is a registry name from ``models/`` (``smollm2-135m``, ``gemma3-270m``) or a
+local Hugging Face folder. Errors are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="calibrate MODEL and write a MoBiQuant checkpoint")
+    p.add_argument("model", help="registry name (see models/) or a Hugging Face folder")
+    p.add_argument("-o", "--output", required=True, type=Path, help="checkpoint folder to write")
+    p.add_argument("--recipe", default="fast", choices=("fast", "paper"),
+                   help="fast: minutes on 2 CPU cores (default); paper: 128 x 2048 tokens, 20 epochs, GPU if present")
+    p.add_argument("--calib", default="austen-train", help="calibration corpus name or text file (default austen-train)")
+    p.add_argument("--slices", type=int, default=4, help="2-bit slices per weight (default 4: reads of 2/4/6/8 bits)")
+    p.add_argument("--group-size", type=int, default=None, help="group size (default: the model entry's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args) -> int:
+    from .quantize import quantize
+
+    quantize(args.model, args.output, args.recipe, args.calib, args.slices, args.group_size, progress=not args.quiet)
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a checkpoint at several budgets (and baselines)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--corpus", nargs="+", default=["austen-test", "brown", "lee"],
+                   help="corpora (names or text files; default austen-test brown lee)")
+    p.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3, 3.5, 4, 5, 6, 8])
+    p.add_argument("--baselines", action="store_true",
+                   help="also fp32, PTQ-b, RTN-b (b = 2,3,4,6,8), sliced8-b, random-b and ptq3-read4")
+    p.add_argument("--rows", nargs="+", default=None,
+                   help="only these row names (e.g. fp32 mobiquant ptq-3 random-3)")
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=40960,
+                   help="scored tokens per corpus, rounded up to whole windows (default 40960; 0 = all)")
+    p.add_argument("--json", type=Path, default=None, help="write the tables here (one object per corpus, in a list)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, args.corpus, args.budgets, args.baselines, args.context,
+                        args.max_tokens or None, args.json, rows=args.rows)
+    return 0
+
+
+def _add_onnx(sub) -> None:
+    # ---- ONNX export: owned by exporter/onnx_export.py (add_onnx_command(subparsers)) ----
+    try:
+        from . import onnx_export
+    except ModuleNotFoundError as e:
+        if e.name and e.name.endswith("onnx_export"):
+            return  # not written yet: no onnx subcommand
+        raise
+    add = getattr(onnx_export, "add_onnx_command", None)
+    if add is not None:
+        add(sub)
+    # ---- end ONNX ----
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mobiq-export", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_onnx(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    from mobiquant.runtime.models import ModelError
+
+    from .blockwise import CalibrationError
+    from .checkpoint import CheckpointError
+    from mobiquant.runtime.format import FormatError
+
+    try:
+        return args.func(args)
+    except (ModelError, CalibrationError, CheckpointError, FormatError, FileNotFoundError) as e:
+        print(f"mobiq-export: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mobiq-export: interrupted (quantize resumes from the last finished block)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
