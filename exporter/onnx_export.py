@@ -28,6 +28,7 @@ from mobiquant.runtime import ops
 from mobiquant.runtime.modelfile import FORMAT_NAME, FORMAT_VERSION, NAMED_BUDGETS, MODEL_FILE, DATA_FILE, META_FILE
 
 from . import checkpoint as ckpt
+from .budgets import measure_named_budgets
 from .graph import DecoderSpec, Fp32Linear, LinearKind, build_decoder
 from .linears import MatMulNBitsLinear, MoBiQuantLinear
 from .source import Source, load_float_model, resolve
@@ -117,7 +118,24 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
             exact = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, ops.ACCURACY_F32)), meta,
                                     source.folder, Path(tmp))
         verify(exact, path, qmodel, verify_tokens)
+    named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
+    set_metadata(out_dir, {"named_budgets": named, "validation_ppl": {f"{b:g}": p for b, p in ppl.items()}})
+    print(f"[export] named budgets: {named}", file=sys.stderr)
     return path
+
+
+def set_metadata(out_dir: Path, updates: dict) -> None:
+    """Rewrite mobiq.json and the graph's metadata_props (the graph file is small: tensors are external)."""
+    meta = {**json.loads((out_dir / META_FILE).read_text()), **updates}
+    model = onnx.load(str(out_dir / MODEL_FILE), load_external_data=False)
+    del model.metadata_props[:]
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    tmp = out_dir / (MODEL_FILE + ".partial")
+    tmp.write_bytes(model.SerializeToString())
+    tmp.replace(out_dir / MODEL_FILE)
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
 
 
 def export_baseline(model_name: str, kind: str, out_dir: Path, context: int = DEFAULT_CONTEXT) -> Path:
@@ -135,9 +153,9 @@ def write_model_dir(graph: onnx.ModelProto, meta: dict, tokenizer_dir: Path, out
     for key, value in meta.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    ops.register_schema()
-    onnx.checker.check_model(graph)
     path = save_model(graph, out_dir)
+    ops.register_schema()
+    onnx.checker.check_model(str(path))  # from the file: a graph with its tensors inline may pass 2 GB
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, out_dir / name)

@@ -1,0 +1,53 @@
+"""Named budgets per model: what low / mid / high mean, measured on the exported file.
+
+A tiny model degrades much faster with fewer bits than a large one, so a fixed
+"low = 3 bits" can mean fluent text on one model and noise on another. After
+export, the file's own perplexity is measured through ONNX Runtime on validation
+text (never the test split) at candidate budgets, and each name gets the fewest
+bits whose perplexity stays within its quality band of the max-bits read:
+
+    low  <= 1.25 x PPL(max)     mid <= 1.10 x     high <= 1.03 x     max = all slices
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+CANDIDATES = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0)
+BANDS = {"low": 1.25, "mid": 1.10, "high": 1.03}
+VALIDATION = "austen-validation"
+
+
+def perplexity(session, windows: np.ndarray, bits: float) -> float:
+    from mobiquant.runtime.evaluate import log_softmax_nll
+
+    nll = 0.0
+    for w in windows:
+        logits, _ = session.forward(w[None], session.empty_cache(), bits)
+        nll += log_softmax_nll(logits[0, :-1], w[1:])
+    return float(np.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))))
+
+
+def measure_named_budgets(model_dir, max_bits: float, windows: int = 4, context: int = 512,
+                          corpus: str = VALIDATION) -> tuple[dict[str, float], dict[float, float]]:
+    """(named budgets, PPL per measured budget) for the exported model in ``model_dir``."""
+    from mobiquant.runtime.evaluate import corpus_ids
+    from mobiquant.runtime.session import ModelSession
+    from mobiquant.runtime.text import TextCodec
+
+    session = ModelSession(model_dir, threads=2)
+    codec = TextCodec(session.info.directory, session.info.meta)
+    ids = corpus_ids(codec, corpus, min(context, session.info.context), windows * (context - 1))
+    ppl = {max_bits: perplexity(session, ids, max_bits)}
+    named = {"max": max_bits}
+    for bits in CANDIDATES:
+        if bits >= max_bits:
+            break
+        ppl[bits] = perplexity(session, ids, bits)
+        print(f"[budgets] {bits:g} bits: validation PPL {ppl[bits]:.2f} ({ppl[bits] / ppl[max_bits]:.2f} x max)",
+              file=sys.stderr, flush=True)
+    for name, band in BANDS.items():
+        named[name] = next((b for b in sorted(ppl) if ppl[b] <= band * ppl[max_bits]), max_bits)
+    return named, ppl
