@@ -216,7 +216,7 @@ def test_mobiq_eval_json_schema_and_agreement_with_pytorch(tiny, tmp_path):
                     "must be in want of a wife. " * 12)
     out = tmp_path / "eval.json"
     r = subprocess.run([sys.executable, "-m", "mobiquant.runtime.evaluate", str(model_dir), "--corpus", str(text),
-                        "--budgets", "low,max", "--context", "64", "--max-tokens", "0", "--threads", "1",
+                        "--budgets", "3,max", "--context", "64", "--max-tokens", "0", "--threads", "1",
                         "--json", str(out), "--plot", str(tmp_path / "eval.png")], capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr.decode()
     result = json.loads(out.read_text())
