@@ -2,6 +2,7 @@
 
     mobiq-bench kernel [--threads 1,2] [--shapes ...] [--json FILE]
     mobiq-bench layer [MODEL] [--layer NAME] [--threads N] [--json FILE]
+    mobiq-bench decode MODEL_DIR [--baseline DIR ...] [--threads N] [--json FILE]
 
 ``kernel`` times, in one process on identical inputs, ResidualSliceMatMul at
 k = 1..4 slices (int8-activation mode: rsmm_k; exact float mode: rsmm_f32_k),
@@ -215,6 +216,71 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def decode_speed(session, bits: float | None, steps: int = 64, prompt: int = 32) -> float:
+    """Steady-state decode milliseconds per token at ``bits`` (best of 3 runs)."""
+    ids = np.arange(100, 100 + prompt, dtype=np.int64)[None] % session.vocab
+    best = float("inf")
+    for _ in range(3):
+        logits, cache = session.forward(ids, session.empty_cache(), bits)
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, bits)
+        best = min(best, (time.perf_counter() - t) / steps * 1e3)
+    return best
+
+
+def switch_cost(session, before: float, after: float, steps: int = 32) -> float:
+    """First decode step after switching budget, relative to a steady step at the new budget (median of 5)."""
+    ratios = []
+    for _ in range(5):
+        logits, cache = session.forward(np.arange(100, 132, dtype=np.int64)[None] % session.vocab,
+                                        session.empty_cache(), before)
+        for _ in range(steps):
+            logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, before)
+        t = time.perf_counter()
+        logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, after)
+        first = time.perf_counter() - t
+        steady = []
+        for _ in range(8):
+            t = time.perf_counter()
+            logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, after)
+            steady.append(time.perf_counter() - t)
+        ratios.append(first / float(np.median(steady)))
+    return float(np.median(ratios))
+
+
+def _decode_command(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .session import ModelSession
+
+    rows: list[dict] = []
+    result = {"cpu": cpu_name(), "threads": args.threads, "rows": rows}
+    session = ModelSession(args.model, args.threads)
+    named = session.info.named_budgets
+    for name, bits in named.items():
+        rows.append({"model": "mobiquant", "budget": name, "bits": bits, "ms_per_token": decode_speed(session, bits)})
+    for directory in args.baseline or []:
+        base = ModelSession(directory, args.threads)
+        rows.append({"model": base.info.meta.get("kind"), "budget": None, "bits": None,
+                     "ms_per_token": decode_speed(base, None)})
+    result["switch_low_to_max"] = switch_cost(session, named["low"], named["max"])
+    result["switch_max_to_low"] = switch_cost(session, named["max"], named["low"])
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "mobiquant.runtime.cli", str(args.model), "--budget", "low", "-n", "1",
+                    "-p", "Hi"], check=True, capture_output=True)
+    result["first_token_s"] = time.perf_counter() - t
+    for r in rows:
+        print(f"{r['model']:>18} {str(r['budget'] or ''):>5} {str(r['bits'] or ''):>4} "
+              f"{r['ms_per_token']:7.2f} ms/token  {1e3 / r['ms_per_token']:6.1f} tok/s")
+    print(f"switch cost (first step / steady step): low->max {result['switch_low_to_max']:.2f}, "
+          f"max->low {result['switch_max_to_low']:.2f}")
+    print(f"mobiq-run start to first token (low): {result['first_token_s']:.2f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def _layer_command(args: argparse.Namespace) -> int:
     from safetensors.numpy import load_file
 
@@ -250,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mobiq-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    decode = sub.add_parser("decode", help="decode speed per named budget, budget-switch cost, time to first token")
+    decode.add_argument("model", help="exported model directory")
+    decode.add_argument("--baseline", action="append", help="baseline model directory to time too (repeatable)")
+    decode.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
+    decode.add_argument("--json", help="also write the results to this JSON file")
     kernel = sub.add_parser("kernel", help="ResidualSliceMatMul against MatMulNBits and fp32 MatMul")
     kernel.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts (default: 1,2)")
     kernel.add_argument("--m", default="1,64", help="comma-separated token counts M (default: 1,64)")
@@ -261,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     layer.add_argument("--threads", type=int, default=1, help="intra-op threads (default: 1)")
     layer.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if args.command == "decode":
+        return _decode_command(args)
     if args.command == "kernel":
         try:
             args.threads = [int(t) for t in args.threads.split(",")]
