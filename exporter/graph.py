@@ -1,4 +1,4 @@
-"""A direct ONNX graph builder for decoder-only LMs with a KV cache (Llama family).
+"""A direct ONNX graph builder for decoder-only LMs with a KV cache (Llama and Gemma 3).
 
 One graph, batch-1 friendly, KV cache in BNSH layout::
 
@@ -8,8 +8,10 @@ One graph, batch-1 friendly, KV cache in BNSH layout::
     outputs: logits float32 [B, S, vocab], present.{i}.key|value [B, kv_heads, T, head_dim],
              avg_bits float32 []                          (MoBiQuant graphs only)
 
-Attention is ONNX Runtime's com.microsoft.GroupQueryAttention with rotary inside;
-RMSNorm is ONNX RMSNormalization (opset 23). How a linear layer is
+Attention is ONNX Runtime's com.microsoft.GroupQueryAttention with rotary inside
+(one cos/sin table per rope base; sliding-window layers through local_window_size;
+the cache always holds every position); RMSNorm is ONNX RMSNormalization (opset 23).
+The block structure is the architecture's (:data:`FAMILIES`). How a linear layer is
 computed is the caller's choice (:class:`LinearKind`): that is what differs
 between the MoBiQuant file and the fp32 / MatMulNBits baselines built here too.
 """
@@ -22,14 +24,29 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from mobiquant.runtime.models import ModelError
+
 OPSET = 23
 MS_DOMAIN = "com.microsoft"
+FAMILIES = {"llama": "llama", "gemma3_text": "gemma3"}  # HF model_type -> block structure built here
+ACTIVATIONS = {"llama": "silu", "gemma3": "gelu_pytorch_tanh"}  # the MLP activation each family is built with
+
+
+class GraphSpecError(ModelError):
+    """A model configuration this builder does not reproduce (named, never silently approximated)."""
 
 
 @dataclass(frozen=True)
 class DecoderSpec:
-    """Shapes and constants of a Llama-style decoder (read from a HF config)."""
+    """Shapes and constants of a decoder (read from a HF config).
 
+    ``family`` "llama": pre-norm blocks, SiLU MLP. ``family`` "gemma3": embeddings scaled by
+    sqrt(hidden), RMSNorm weights used as (1 + w), per-head q/k RMSNorm before rotary,
+    norms before and after attention and MLP, GELU-tanh MLP. Per layer: the rope base and
+    the sliding window (keys a query sees, its own included; 0 = all).
+    """
+
+    family: str
     num_layers: int
     hidden: int
     heads: int
@@ -37,17 +54,43 @@ class DecoderSpec:
     head_dim: int
     vocab: int
     rms_eps: float
-    rope_theta: float
     max_positions: int
+    rope_thetas: tuple[float, ...]
+    windows: tuple[int, ...]
+    attn_scale: float  # on q.k before softmax (HF's Gemma 3 ignores attn_logit_softcapping: so do we)
+    final_softcap: float = 0.0  # logits -> c * tanh(logits / c) when > 0
 
     @classmethod
     def from_hf_config(cls, config, max_positions: int | None = None) -> "DecoderSpec":
-        rope = getattr(config, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        family = FAMILIES.get(config.model_type)
+        if family is None:
+            raise GraphSpecError(f"[graph] model_type expected one of {', '.join(FAMILIES)}; got {config.model_type}")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise GraphSpecError("[graph] causal attention expected; got use_bidirectional_attention=True")
+        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+            raise GraphSpecError("[graph] linears without bias expected; got attention_bias/mlp_bias=True")
+        act = getattr(config, "hidden_activation", None) or config.hidden_act
+        if act != ACTIVATIONS[family]:
+            raise GraphSpecError(f"[graph] {config.model_type} activation expected {ACTIVATIONS[family]}; got {act}")
+        n = config.num_hidden_layers
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                   config.num_key_value_heads, head_dim, config.vocab_size, float(config.rms_norm_eps), float(theta),
-                   int(max_positions or config.max_position_embeddings))
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n
+        windows = tuple(int(config.sliding_window) if t == "sliding_attention" else 0 for t in layer_types)
+        gemma = family == "gemma3"
+        return cls(family, n, config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
+                   config.vocab_size, float(config.rms_norm_eps), int(max_positions or config.max_position_embeddings),
+                   tuple(_rope_theta(config, t) for t in layer_types), windows,
+                   float(config.query_pre_attn_scalar if gemma else head_dim) ** -0.5,
+                   float(getattr(config, "final_logit_softcapping", None) or 0.0))
+
+
+def _rope_theta(config, layer_type: str) -> float:
+    """The rope base of a layer type: ``rope_parameters`` is one dict (Llama) or one per layer type (Gemma 3)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get(layer_type, rope)
+    if rope.get("rope_type", "default") != "default":
+        raise GraphSpecError(f"[graph] rope_type expected 'default'; got {rope['rope_type']!r} ({layer_type})")
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 @dataclass
@@ -92,21 +135,115 @@ class Fp32Linear(LinearKind):
         return g.op("MatMul", [x, g.const(w.T.copy(), f"{name}.weight_t")], name)
 
 
-def rotary_cache(spec: DecoderSpec) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_positions, head_dim/2] for non-interleaved (rotate-half) rotary."""
-    inv = 1.0 / spec.rope_theta ** (np.arange(0, spec.head_dim, 2, dtype=np.float64) / spec.head_dim)
+def rotary_cache(spec: DecoderSpec, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_positions, head_dim/2] of rope base ``theta``, non-interleaved (rotate-half) rotary."""
+    inv = 1.0 / theta ** (np.arange(0, spec.head_dim, 2, dtype=np.float64) / spec.head_dim)
     angles = np.outer(np.arange(spec.max_positions, dtype=np.float64), inv)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@dataclass
+class _Decoder:
+    """What every block of one graph shares: builder, spec, weights, linears, attention inputs, graph I/O."""
+
+    g: GraphBuilder
+    spec: DecoderSpec
+    weights: dict[str, np.ndarray]
+    kind: LinearKind
+    seqlens_k: str
+    total_len: str
+    rotary: dict[float, tuple[str, str]]  # rope base -> (cos, sin) initializers
+    inputs: list
+    outputs: list
+
+    def norm(self, x: str, name: str) -> str:
+        """RMSNorm with HF weight ``name``; Gemma 3 scales by (1 + w), computed in float32 as HF does."""
+        w = self.weights[name].astype(np.float32)
+        if self.spec.family == "gemma3":
+            w = np.float32(1.0) + w
+        return self.g.op("RMSNormalization", [x, self.g.const(w, "rms_weight")], "rms", axis=-1,
+                         epsilon=self.spec.rms_eps)
+
+    def head_norm(self, x: str, name: str, heads: int) -> str:
+        """RMSNorm over head_dim of x [B, S, heads*head_dim], each head on its own (Gemma 3 q/k norms)."""
+        g = self.g
+        split = g.op("Reshape", [x, g.const(np.array([0, 0, heads, self.spec.head_dim], np.int64), "heads_shape")])
+        return g.op("Reshape", [self.norm(split, name), g.const(np.array([0, 0, heads * self.spec.head_dim],
+                                                                         np.int64), "merged_shape")])
+
+    def attention(self, i: int, h: str) -> str:
+        """o_proj(attention(h)) of layer ``i``, appending its past/present cache to the graph I/O."""
+        g, spec, pre = self.g, self.spec, f"model.layers.{i}.self_attn"
+        qkv = self.kind.linear(g, h, f"layers.{i}.qkv", [self.weights[f"{pre}.{p}_proj.weight"] for p in "qkv"],
+                               f"layers.{i}.attn_in")
+        split = g.const(np.array([spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim,
+                                  spec.kv_heads * spec.head_dim], np.int64), "qkv_split")
+        q, k, v = g.op("Split", [qkv, split], outputs=3, axis=-1)
+        if spec.family == "gemma3":
+            q, k = self.head_norm(q, f"{pre}.q_norm.weight", spec.heads), self.head_norm(k, f"{pre}.k_norm.weight",
+                                                                                         spec.kv_heads)
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
+        B, T, P = "batch", "total_sequence", "past_sequence"
+        self.inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, spec.kv_heads, P, spec.head_dim])
+                        for n in (past_k, past_v)]
+        self.outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, spec.kv_heads, T, spec.head_dim])
+                         for n in (present_k, present_v)]
+        cos, sin = self.rotary[spec.rope_thetas[i]]
+        # local_window_size = keys a query sees, its own included: HF's sliding_window as is (checked
+        # numerically against HF on prompts and decode steps past the window); "all" (0) is -1 (unused).
+        attn = g.op("GroupQueryAttention", [q, k, v, past_k, past_v, self.seqlens_k, self.total_len, cos, sin],
+                    outputs=[g.name(f"attn{i}"), present_k, present_v], domain=MS_DOMAIN,
+                    num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1, rotary_interleaved=0,
+                    scale=spec.attn_scale, local_window_size=spec.windows[i] or -1)[0]
+        return self.kind.linear(g, attn, f"layers.{i}.o_proj", [self.weights[f"{pre}.o_proj.weight"]],
+                                f"layers.{i}.attn_out")
+
+    def mlp(self, i: int, h: str, activation) -> str:
+        """down(act(gate(h)) * up(h)) of layer ``i``; ``activation(g, gate)`` is the architecture's."""
+        g, pre = self.g, f"model.layers.{i}.mlp"
+        inter = self.weights[f"{pre}.gate_proj.weight"].shape[0]
+        gate_up = self.kind.linear(g, h, f"layers.{i}.gate_up", [self.weights[f"{pre}.gate_proj.weight"],
+                                                                 self.weights[f"{pre}.up_proj.weight"]],
+                                   f"layers.{i}.mlp_in")
+        gate, up = g.op("Split", [gate_up, g.const(np.array([inter, inter], np.int64), "gu_split")], outputs=2, axis=-1)
+        act = g.op("Mul", [activation(g, gate), up], f"act{i}")
+        return self.kind.linear(g, act, f"layers.{i}.down_proj", [self.weights[f"{pre}.down_proj.weight"]],
+                                f"layers.{i}.mlp_out")
+
+
+def _silu(g: GraphBuilder, x: str) -> str:
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
+def _gelu_tanh(g: GraphBuilder, x: str) -> str:
+    return g.op("Gelu", [x], approximate="tanh")
+
+
+def _llama_block(d: _Decoder, i: int, x: str) -> str:
+    pre = f"model.layers.{i}"
+    x = d.g.op("Add", [x, d.attention(i, d.norm(x, f"{pre}.input_layernorm.weight"))], f"residual{i}a")
+    return d.g.op("Add", [x, d.mlp(i, d.norm(x, f"{pre}.post_attention_layernorm.weight"), _silu)], f"residual{i}b")
+
+
+def _gemma3_block(d: _Decoder, i: int, x: str) -> str:
+    pre = f"model.layers.{i}"
+    attn = d.attention(i, d.norm(x, f"{pre}.input_layernorm.weight"))
+    x = d.g.op("Add", [x, d.norm(attn, f"{pre}.post_attention_layernorm.weight")], f"residual{i}a")
+    mlp = d.mlp(i, d.norm(x, f"{pre}.pre_feedforward_layernorm.weight"), _gelu_tanh)
+    return d.g.op("Add", [x, d.norm(mlp, f"{pre}.post_feedforward_layernorm.weight")], f"residual{i}b")
+
+
+_BLOCKS = {"llama": _llama_block, "gemma3": _gemma3_block}
 
 
 def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: LinearKind,
                   lm_head: LinearKind | None = None) -> onnx.ModelProto:
     """The decoder graph. ``weights`` holds HF-named float tensors (embeddings, norms, linears)."""
     g = GraphBuilder()
-    B, S, T, P = "batch", "sequence", "total_sequence", "past_sequence"
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, S]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [B, T])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [B, S, spec.vocab])]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", spec.vocab])]
 
     # seqlens_k = tokens so far - 1 per row; total_sequence_length = T (GroupQueryAttention's contract).
     mask_sum = g.op("ReduceSum", [g.op("Cast", ["attention_mask"], to=TensorProto.INT32),
@@ -114,54 +251,28 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: Linea
     seqlens_k = g.op("Sub", [mask_sum, g.const(np.array(1, np.int32), "one_i32")], "seqlens_k")
     total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const(np.array(1, np.int64), "idx1")])],
                      "total_len", to=TensorProto.INT32)
-    cos, sin = rotary_cache(spec)
-    cos_name, sin_name = g.const(cos, "cos_cache"), g.const(sin, "sin_cache")
+    rotary = {theta: tuple(g.const(t, f"{n}_cache_{theta:g}") for t, n in zip(rotary_cache(spec, theta),
+                                                                               ("cos", "sin")))
+              for theta in dict.fromkeys(spec.rope_thetas)}  # one table per distinct rope base
+    d = _Decoder(g, spec, weights, kind, seqlens_k, total_len, rotary, inputs, outputs)
 
-    x = g.op("Gather", [g.const(weights["model.embed_tokens.weight"].astype(np.float32), "embed_tokens"), "input_ids"],
-             "embeddings")
-    qkv_split = g.const(np.array([spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim,
-                                  spec.kv_heads * spec.head_dim], np.int64), "qkv_split")
+    embed = weights["model.embed_tokens.weight"].astype(np.float32)
+    if spec.family == "gemma3":  # HF multiplies the looked-up rows by sqrt(hidden) in float32: the same products
+        embed = embed * np.float32(spec.hidden ** 0.5)
+    x = g.op("Gather", [g.const(embed, "embed_tokens"), "input_ids"], "embeddings")
     for i in range(spec.num_layers):
-        pre = f"model.layers.{i}"
-        h = _rms_norm(g, x, weights[f"{pre}.input_layernorm.weight"], spec.rms_eps)
-        qkv = kind.linear(g, h, f"layers.{i}.qkv", [weights[f"{pre}.self_attn.{p}_proj.weight"] for p in "qkv"],
-                          f"layers.{i}.attn_in")
-        q, k, v = g.op("Split", [qkv, qkv_split], outputs=3, axis=-1)
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
-        kv_shape = [B, spec.kv_heads, P, spec.head_dim]
-        inputs += [helper.make_tensor_value_info(past_k, TensorProto.FLOAT, kv_shape),
-                   helper.make_tensor_value_info(past_v, TensorProto.FLOAT, kv_shape)]
-        out_shape = [B, spec.kv_heads, T, spec.head_dim]
-        outputs += [helper.make_tensor_value_info(present_k, TensorProto.FLOAT, out_shape),
-                    helper.make_tensor_value_info(present_v, TensorProto.FLOAT, out_shape)]
-        attn = g.op("GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total_len, cos_name, sin_name],
-                    outputs=[g.name(f"attn{i}"), present_k, present_v], domain=MS_DOMAIN,
-                    num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1, rotary_interleaved=0)[0]
-        o = kind.linear(g, attn, f"layers.{i}.o_proj", [weights[f"{pre}.self_attn.o_proj.weight"]],
-                        f"layers.{i}.attn_out")
-        x = g.op("Add", [x, o], f"residual{i}a")
-        h = _rms_norm(g, x, weights[f"{pre}.post_attention_layernorm.weight"], spec.rms_eps)
-        inter = weights[f"{pre}.mlp.gate_proj.weight"].shape[0]
-        gate_up = kind.linear(g, h, f"layers.{i}.gate_up",
-                              [weights[f"{pre}.mlp.gate_proj.weight"], weights[f"{pre}.mlp.up_proj.weight"]],
-                              f"layers.{i}.mlp_in")
-        gate, up = g.op("Split", [gate_up, g.const(np.array([inter, inter], np.int64), "gu_split")], outputs=2, axis=-1)
-        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up], f"act{i}")
-        down = kind.linear(g, act, f"layers.{i}.down_proj", [weights[f"{pre}.mlp.down_proj.weight"]],
-                           f"layers.{i}.mlp_out")
-        x = g.op("Add", [x, down], f"residual{i}b")
-    x = _rms_norm(g, x, weights["model.norm.weight"], spec.rms_eps)
+        x = _BLOCKS[spec.family](d, i, x)
+    x = d.norm(x, "model.norm.weight")
     head_weight = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    g.op("Identity", [(lm_head or kind).linear(g, x, "lm_head", [head_weight], "lm_head")], outputs=["logits"])
+    logits = (lm_head or kind).linear(g, x, "lm_head", [head_weight], "lm_head")
+    if spec.final_softcap:
+        cap = g.const(np.array(spec.final_softcap, np.float32), "final_softcap")
+        logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap])]), cap])
+    g.op("Identity", [logits], outputs=["logits"])
     extra_in, extra_out = kind.finish(g)
-    graph = helper.make_graph(g.nodes, "mobiquant_decoder", inputs + extra_in, outputs + extra_out,
+    graph = helper.make_graph(g.nodes, "mobiquant_decoder", d.inputs + extra_in, d.outputs + extra_out,
                               initializer=g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     if any(n.domain == "ai.mobiquant" for n in g.nodes):
         opsets.append(helper.make_opsetid("ai.mobiquant", 1))
     return helper.make_model(graph, opset_imports=opsets, producer_name="mobiquant")
-
-
-def _rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
-    return g.op("RMSNormalization", [x, g.const(weight.astype(np.float32), "rms_weight")], "rms", axis=-1, epsilon=eps)

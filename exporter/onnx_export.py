@@ -223,9 +223,12 @@ def _greedy_ort(session, prompt: np.ndarray, bits: float, n: int) -> list[int]:
 
 
 def _greedy_torch(model, prompt: np.ndarray, n: int) -> list[int]:
+    """Argmax continuation recomputed from the whole sequence each step. Like _greedy_ort, it never stops
+    nor masks EOS (generate's min_new_tokens would mask it: a model whose argmax is EOS then differs)."""
     ids = torch.from_numpy(prompt)
-    out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
-    return out[0, prompt.shape[1]:].tolist()
+    for _ in range(n):
+        ids = torch.cat([ids, model(input_ids=ids, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids[0, prompt.shape[1]:].tolist()
 
 
 def _size_mb(folder: Path) -> float:

