@@ -39,6 +39,7 @@ def tiny(tmp_path_factory):
     config = ckpt.CheckpointConfig(source.name, source.identity, source.architecture, 4, 64, 4, "minmax", "random")
     ckpt.save(q, config, root / "checkpoint")
     export(root / "checkpoint", root / "model", context=128)  # verifies against PyTorch or raises
+    export(root / "checkpoint", root / "model-exact", context=128, accuracy_level=0)
     return root / "model", q
 
 
@@ -53,8 +54,10 @@ def recompute(session: ModelSession, ids: list[int], bits: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bits", BUDGETS)
-def test_kv_cache_decode_equals_recompute(tiny_model_dir, bits):
-    s = ModelSession(tiny_model_dir, threads=1)
+def test_kv_cache_decode_equals_recompute(tiny, bits):
+    """Exact-float file: with int8 activations a last-bit difference between the attention's prefill and
+    decode paths may flip one activation's rounding, so equality is only defined for exact arithmetic."""
+    s = ModelSession(tiny[0].parent / "model-exact", threads=1)
     ids = [1, 40, 41, 42, 43, 44]
     logits, cache = s.forward(np.array([ids]), s.empty_cache(), bits)
     for step in range(6):
