@@ -91,7 +91,7 @@ def calibrate_ptq(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, group_
 
     rng = random.Random(recipe.seed)
     layers = decoder_layers(model)
-    x0, kwargs = capture_block_inputs(model, tokens)
+    x0, layer_kwargs = capture_block_inputs(model, tokens)
     start, state = work.resume() if work is not None else (0, None)
     if state is None:
         start, state = 0, {"fp": x0, "streams": {b: x0 for b in widths}}
@@ -102,7 +102,7 @@ def calibrate_ptq(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, group_
     for i in range(start, len(layers)):
         for p in layers[i].parameters():
             p.requires_grad_(False)
-        factors, y_fp, streams = _calibrate_ptq_block(i, layers[i], kwargs, state["fp"], state["streams"], recipe,
+        factors, y_fp, streams = _calibrate_ptq_block(i, layers[i], layer_kwargs[i], state["fp"], state["streams"], recipe,
                                                       group_size, rng, bar)
         state = {"fp": y_fp, "streams": streams}
         blocks.append(factors)

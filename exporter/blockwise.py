@@ -46,30 +46,39 @@ class _Caught(Exception):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering block 0 for every window [n, T, d], and the block kwargs (batch-1 shaped)."""
-    layer0 = model.model.layers[0]
-    caught: dict = {}
+def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, list[dict]]:
+    """Hidden states entering block 0 for every window [n, T, d], and each block's kwargs (batch-1 shaped).
 
-    def hook(module, args, kwargs):
-        caught["x"] = args[0] if args else kwargs["hidden_states"]
-        caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Caught
+    Kwargs are per block: Gemma 3 alternates sliding-window and global layers with their own
+    rotary tables and masks, so block i must run with block i's kwargs."""
+    layers = list(model.model.layers)
+    per_layer: list[dict | None] = [None] * len(layers)
+    first: dict = {}
 
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    def keep(i):
+        def hook(module, args, kwargs):
+            if per_layer[i] is None:
+                per_layer[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if i == 0:
+                first["x"] = args[0] if args else kwargs["hidden_states"]
+                if all(p is not None for p in per_layer):
+                    raise _Caught  # every block's kwargs are known: stop after block 0's input
+        return hook
+
+    handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]
     xs = []
     try:
         for i in range(0, len(tokens), batch):
             try:
                 model(input_ids=tokens[i: i + batch], use_cache=False)
             except _Caught:
-                xs.append(caught["x"].detach().clone())
+                pass
+            xs.append(first["x"].detach().clone())
     finally:
-        handle.remove()
-    kwargs = caught["kwargs"]
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")}
-    kwargs = _first_row(kwargs)
-    return torch.cat(xs), kwargs
+        for h in handles:
+            h.remove()
+    drop = ("cache", "past_key_values", "use_cache")
+    return torch.cat(xs), [_first_row({k: v for k, v in kw.items() if k not in drop}) for kw in per_layer]
 
 
 def _first_row(value):

@@ -277,7 +277,7 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, grou
     rng = random.Random(recipe.seed)
     layers = decoder_layers(model)
     with torch.no_grad():
-        x0, kwargs = capture_block_inputs(model, tokens)
+        x0, layer_kwargs = capture_block_inputs(model, tokens)
     start, state = work.resume() if work is not None else (0, None)
     if state is None:
         start = 0
@@ -294,7 +294,7 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, grou
     for i in range(start, len(layers) if max_blocks is None else min(max_blocks, len(layers))):
         for p in layers[i].parameters():
             p.requires_grad_(False)
-        bp, state = calibrate_block(i, layers[i], kwargs, state["fp"], state["depth"], state["target"], recipe,
+        bp, state = calibrate_block(i, layers[i], layer_kwargs[i], state["fp"], state["depth"], state["target"], recipe,
                                     group_size, num_slices, router_seed=4 * i, rng=rng, bar=bar)
         blocks.append(bp)
         if work is not None:

@@ -135,7 +135,8 @@ def _block_depth_losses(model, x, kwargs, params_by_name, block_index=0):
 
 def test_calibration_lowers_block_loss(calibrated):
     model, recipe, cal = calibrated
-    x, kwargs = capture_block_inputs(model, tokens(6, 32, 0))
+    x, layer_kwargs = capture_block_inputs(model, tokens(6, 32, 0))
+    kwargs = layer_kwargs[0]
     minmax = {name: F.minmax_params(model.model.layers[0].get_submodule(name).weight.detach().numpy(), G)
               for name in LINEAR_NAMES}
     ours = {name: cal.params[f"layers.0.{name}"] for name in LINEAR_NAMES}

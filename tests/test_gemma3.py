@@ -233,3 +233,22 @@ def test_real_gemma3_fp32_graph_matches_hf_past_the_window(tmp_path):
         out = model(torch.tensor([[token]]), cache=hf_cache, use_cache=True)
         hf_cache, token = out.past_key_values, int(logits[0, -1].argmax())
         assert _rel(logits[0, -1], out.logits[0, -1].numpy()) < 1e-4, f"decode step {step}"
+
+
+def test_blockwise_calibration_feeds_each_block_its_own_kwargs(tiny):
+    """Block by block from block 0's input, with each block's own rotary table and mask (sliding vs
+    global layers), reproduces the model's hidden states: what calibration relies on."""
+    import torch
+
+    from mobiquant.exporter.blockwise import capture_block_inputs, run_block_batched
+
+    model = tiny[0]
+    tokens = torch.from_numpy(_prompt(40)).reshape(1, -1)
+    x, layer_kwargs = capture_block_inputs(model, tokens)
+    with torch.no_grad():
+        hidden = model(input_ids=tokens, output_hidden_states=True).hidden_states
+        for i, layer in enumerate(model.model.layers):
+            x = run_block_batched(layer, x, layer_kwargs[i], 1)
+            if i + 1 < len(model.model.layers):  # the last entry is after the final norm
+                err = float((x - hidden[i + 1]).abs().max() / hidden[i + 1].abs().max())
+                assert err < 1e-5, f"block {i}: {err:.2e} from the model's hidden state"
