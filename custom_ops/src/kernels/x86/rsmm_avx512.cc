@@ -1,5 +1,7 @@
 // AVX-512 kernels: tiles of NR rows x NT tokens (NR*NT independent accumulator
 // chains, so dot-product latency is hidden even for one token), 64 columns per step.
+// More than 4 tokens (prefill): each row's Q(k) bytes are decoded once into scratch
+// and every token tile reads them back.
 //
 // rsmm_i8_4x64__avx512vnni: int8 mode. Per 64-column block, the 16 packed bytes
 //   of each slice are broadcast to the four 128-bit lanes; lane i rotates its
@@ -12,6 +14,8 @@
 //   16 at a time and multiplied with block-permuted float activations.
 // Both: group_size % 64 == 0, k <= 4, bytes of slices k+1..S never read.
 #include <immintrin.h>
+
+#include <vector>
 
 #include "../tiles.h"
 #include "mobiq/format.h"
@@ -79,10 +83,19 @@ MOBIQ_AVX512 void store_rows(const RsmmArgs& a, const int32_t* tok, int nt, int6
     }
 }
 
-template <int KS, int NR, int NT>
-MOBIQ_AVX512VNNI void i8_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, const Unpack<KS>& u) {
+// Q(k) of row n + r, columns c..c+63: decoded from the slices, or (Scratch) read back from the
+// rows decoded once for a whole prefill (scratch holds row r at r * K).
+template <int KS, bool Scratch>
+MOBIQ_AVX512 inline __m512i row_codes(const RsmmArgs& a, const Unpack<KS>& u, const uint8_t* scratch, int64_t n, int r,
+                                      int64_t c) {
+  if constexpr (Scratch) return _mm512_loadu_si512(scratch + r * a.K + c);
+  return u.codes(a.slices + (n + r) * (a.K / 4) + c / 4, slice_bytes(a.N, a.K));
+}
+
+template <int KS, int NR, int NT, bool Scratch>
+MOBIQ_AVX512VNNI void i8_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, const Unpack<KS>& u,
+                              const uint8_t* scratch) {
   const int64_t groups = a.K / a.group_size;
-  const size_t plane = slice_bytes(a.N, a.K), row_bytes = static_cast<size_t>(a.K / 4);
   const float ratio = step_ratio(KS);
   __m512 facc[NR * NT];
   for (auto& f : facc) f = _mm512_setzero_ps();
@@ -91,7 +104,7 @@ MOBIQ_AVX512VNNI void i8_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, 
     for (auto& v : acc) v = _mm512_setzero_si512();
     for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += 64) {
       for (int r = 0; r < NR; ++r) {
-        const __m512i q = u.codes(a.slices + (n + r) * row_bytes + static_cast<size_t>(c) / 4, plane);
+        const __m512i q = row_codes<KS, Scratch>(a, u, scratch, n, r, c);
         for (int j = 0; j < NT; ++j)
           acc[r * NT + j] = _mm512_dpbusd_epi32(acc[r * NT + j], q, _mm512_loadu_si512(a.xq + tok[j] * a.K + c));
       }
@@ -106,10 +119,10 @@ MOBIQ_AVX512VNNI void i8_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, 
   store_rows(a, tok, NT, n, NR, facc, ratio);
 }
 
-template <int KS, int NR, int NT>
-MOBIQ_AVX512 void f32_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, const Unpack<KS>& u) {
+template <int KS, int NR, int NT, bool Scratch>
+MOBIQ_AVX512 void f32_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, const Unpack<KS>& u,
+                           const uint8_t* scratch) {
   const int64_t groups = a.K / a.group_size;
-  const size_t plane = slice_bytes(a.N, a.K), row_bytes = static_cast<size_t>(a.K / 4);
   const float ratio = step_ratio(KS);
   __m512 facc[NR * NT];
   for (auto& f : facc) f = _mm512_setzero_ps();
@@ -118,7 +131,7 @@ MOBIQ_AVX512 void f32_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, con
     for (auto& v : gacc) v = _mm512_setzero_ps();
     for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += 64) {
       for (int r = 0; r < NR; ++r) {
-        const __m512i q = u.codes(a.slices + (n + r) * row_bytes + static_cast<size_t>(c) / 4, plane);
+        const __m512i q = row_codes<KS, Scratch>(a, u, scratch, n, r, c);
         const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 0))),
                              _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 1))),
                              _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 2))),
@@ -140,14 +153,23 @@ MOBIQ_AVX512 void f32_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, con
   store_rows(a, tok, NT, n, NR, facc, ratio);
 }
 
-// Rows in tiles of NR (then single rows) for one token tile of NT.
+template <int KS, int NR, int NT, bool Int8, bool Scratch>
+MOBIQ_AVX512 inline void rows_at(const RsmmArgs& a, const int32_t* tok, int64_t n, const Unpack<KS>& u,
+                                 const uint8_t* scratch) {
+  if constexpr (Int8)
+    i8_rows<KS, NR, NT, Scratch>(a, tok, n, u, scratch);
+  else
+    f32_rows<KS, NR, NT, Scratch>(a, tok, n, u, scratch);
+}
+
+// Decode: rows in tiles of NR (then single rows) for one token tile of NT, codes decoded in registers.
 template <int KS, int NT, bool Int8>
 MOBIQ_AVX512 void rows(const RsmmArgs& a, const int32_t* tok, int64_t n0, int64_t n1) {
   constexpr int NR = NT == 1 ? 4 : 2;
   const Unpack<KS> u;
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) Int8 ? i8_rows<KS, NR, NT>(a, tok, n, u) : f32_rows<KS, NR, NT>(a, tok, n, u);
-  for (; n < n1; ++n) Int8 ? i8_rows<KS, 1, NT>(a, tok, n, u) : f32_rows<KS, 1, NT>(a, tok, n, u);
+  for (; n + NR <= n1; n += NR) rows_at<KS, NR, NT, Int8, false>(a, tok, n, u, nullptr);
+  for (; n < n1; ++n) rows_at<KS, 1, NT, Int8, false>(a, tok, n, u, nullptr);
 }
 
 template <int NT, bool Int8>
@@ -160,16 +182,57 @@ void tile(const RsmmArgs& a, const int32_t* tok, int k, int64_t n0, int64_t n1) 
   }
 }
 
+// Prefill (more tokens than one tile): each pair of rows is decoded once into scratch, then every
+// token tile reads the codes back instead of decoding them again.
+template <int KS, int NR, bool Int8>
+MOBIQ_AVX512 void prefill_rows(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int64_t n,
+                               const Unpack<KS>& u, uint8_t* scratch) {
+  for (int r = 0; r < NR; ++r)
+    for (int64_t c = 0; c < a.K; c += 64)
+      _mm512_storeu_si512(scratch + r * a.K + c, row_codes<KS, false>(a, u, nullptr, n, r, c));
+  int64_t i = 0;
+  for (; i + 4 <= num_tokens; i += 4) rows_at<KS, NR, 4, Int8, true>(a, tokens + i, n, u, scratch);
+  switch (num_tokens - i) {
+    case 3: rows_at<KS, NR, 3, Int8, true>(a, tokens + i, n, u, scratch); break;
+    case 2: rows_at<KS, NR, 2, Int8, true>(a, tokens + i, n, u, scratch); break;
+    case 1: rows_at<KS, NR, 1, Int8, true>(a, tokens + i, n, u, scratch); break;
+    default: break;
+  }
+}
+
+template <int KS, bool Int8>
+MOBIQ_AVX512 void prefill(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int64_t n0, int64_t n1) {
+  const Unpack<KS> u;
+  std::vector<uint8_t> scratch(static_cast<size_t>(2 * a.K));
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) prefill_rows<KS, 2, Int8>(a, tokens, num_tokens, n, u, scratch.data());
+  for (; n < n1; ++n) prefill_rows<KS, 1, Int8>(a, tokens, num_tokens, n, u, scratch.data());
+}
+
+template <bool Int8>
+void run(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0, int64_t n1) {
+  if (num_tokens <= 4) {
+    run_tiles<tile<1, Int8>, tile<2, Int8>, tile<3, Int8>, tile<4, Int8>>(a, tokens, num_tokens, k, n0, n1);
+    return;
+  }
+  switch (k) {
+    case 1: prefill<1, Int8>(a, tokens, num_tokens, n0, n1); break;
+    case 2: prefill<2, Int8>(a, tokens, num_tokens, n0, n1); break;
+    case 3: prefill<3, Int8>(a, tokens, num_tokens, n0, n1); break;
+    default: prefill<4, Int8>(a, tokens, num_tokens, n0, n1); break;
+  }
+}
+
 }  // namespace
 
 void rsmm_i8_4x64__avx512vnni(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
                               int64_t n1) {
-  run_tiles<tile<1, true>, tile<2, true>, tile<3, true>, tile<4, true>>(a, tokens, num_tokens, k, n0, n1);
+  run<true>(a, tokens, num_tokens, k, n0, n1);
 }
 
 void rsmm_f32_4x64__avx512(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
                            int64_t n1) {
-  run_tiles<tile<1, false>, tile<2, false>, tile<3, false>, tile<4, false>>(a, tokens, num_tokens, k, n0, n1);
+  run<false>(a, tokens, num_tokens, k, n0, n1);
 }
 
 }  // namespace mobiq
