@@ -135,10 +135,14 @@ def plot(result: dict, path: Path) -> None:
     xs = [r["avg_bits"] for r in ours]
     a.plot(xs, [r["ppl"] for r in ours], "o-", label="MoBiQuant (one file)")
     b.plot(xs, [r["decode_tok_s"] for r in ours], "o-", label="MoBiQuant (one file)")
-    for r in others:
-        x = {"fp32": 32.0, "matmulnbits-int4": 4.0}.get(r["name"], r.get("avg_bits") or 0)
-        a.plot([x], [r["ppl"]], "s", label=r["name"])
-        b.plot([x], [r["decode_tok_s"]], "s", label=r["name"])
+    for r in others:  # fixed-precision baselines: fp32 as a reference line, the others at their bits
+        bits = {"matmulnbits-int4": 4.0}.get(r["name"], r.get("avg_bits"))
+        if bits is None:
+            a.axhline(r["ppl"], ls="--", color="gray", label=r["name"])
+            b.axhline(r["decode_tok_s"], ls="--", color="gray", label=r["name"])
+        else:
+            a.plot([bits], [r["ppl"]], "s", label=r["name"])
+            b.plot([bits], [r["decode_tok_s"]], "s", label=r["name"])
     a.set(xlabel="average weight bits", ylabel=f"perplexity ({result['corpus']}, ctx {result['context']})",
           yscale="log", title="quality")
     b.set(xlabel="average weight bits", ylabel="decode tokens/s", title=f"speed ({result['threads'] or 'all'} threads)")
