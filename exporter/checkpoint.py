@@ -76,8 +76,9 @@ def read_meta(path: Path) -> tuple[dict, CheckpointConfig]:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"[checkpoint] format expected {FORMAT!r}; got {meta.get('format')!r}")
-    if meta.get("version") != VERSION or meta.get("layout") != F.LAYOUT_VERSION:
-        raise CheckpointError(f"[checkpoint] version/layout expected {VERSION}/{F.LAYOUT_VERSION} (this exporter); "
+    if meta.get("version") != VERSION or meta.get("layout") not in (1, F.LAYOUT_VERSION):
+        raise CheckpointError(f"[checkpoint] version/layout expected {VERSION}/{F.LAYOUT_VERSION} (or layout 1, "
+                              f"repacked on load; this exporter); "
                               f"got {meta.get('version')}/{meta.get('layout')}")
     return meta, CheckpointConfig(**meta["config"])
 
@@ -95,7 +96,10 @@ def load(path: Path, model: torch.nn.Module, source_identity: str) -> tuple[Quan
     sliced = {}
     for name in names:
         try:
-            sliced[name] = F.SlicedWeight(tensors[f"{name}.slices"], tensors[f"{name}.scales"],
+            packed = tensors[f"{name}.slices"]
+            if meta["layout"] == 1:
+                packed = F.from_layout1(packed)
+            sliced[name] = F.SlicedWeight(packed, tensors[f"{name}.scales"],
                                           tensors[f"{name}.zero_points"], config.group_size)
         except F.FormatError as e:
             raise CheckpointError(f"[checkpoint] {name}: {e}") from e

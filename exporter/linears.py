@@ -22,15 +22,6 @@ from .qmodel import BITS_MIN, BITS_STEP, ROUTED_GROUPS, THRESHOLD_GRID, Quantize
 TARGET_BITS, AVG_BITS = "target_bits", "avg_bits"
 
 
-def concat_sliced(parts: list[F.SlicedWeight]) -> F.SlicedWeight:
-    """Stack weights sharing K along N (rows), e.g. q|k|v."""
-    if len(parts) == 1:
-        return parts[0]
-    return F.SlicedWeight(np.concatenate([p.packed for p in parts], axis=1),
-                          np.concatenate([p.scales for p in parts], axis=0),
-                          np.concatenate([p.zero_points for p in parts], axis=0), parts[0].group_size)
-
-
 class MoBiQuantLinear(LinearKind):
     def __init__(self, qmodel: QuantizedModel, accuracy_level: int = ops.ACCURACY_INT8):
         self.q = qmodel
@@ -41,13 +32,10 @@ class MoBiQuantLinear(LinearKind):
     def linear(self, g: GraphBuilder, x: str, name: str, weights: list[np.ndarray], group: str) -> str:
         if group == "lm_head":
             head = self.q.linears["lm_head"]
-            k = head.fixed_slices
-            sw = head.sliced
-            sw = F.SlicedWeight(sw.packed[:k], sw.scales, sw.zero_points, sw.group_size)  # prefix slices only
-            return self._op(g, x, name, sw, None)
+            return self._op(g, x, name, head.sliced.prefix(head.fixed_slices), None)
         layer, kind = group.rsplit(".", 1)
         parts = [self.q.linears[f"{layer}.{lin}"].sliced for lin in ROUTED_GROUPS[kind]]
-        sw = concat_sliced(parts)
+        sw = F.concat_rows(parts)
         counts = self._router(g, x, group)
         self._usage.append((counts, sw.out_features * sw.in_features))
         return self._op(g, x, name, sw, counts)

@@ -128,7 +128,7 @@ def kernel_results(m: int, k: int, n: int, group_size: int, threads: int, kernel
     x = rng.standard_normal((m, k)).astype(np.float32)
     x_info = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [m, k])]
     us: dict[str, float] = {}
-    sw = F.SlicedWeight(rng.integers(0, 256, (4, n, k // 4), dtype=np.uint8),
+    sw = F.SlicedWeight(rng.integers(0, 256, (4, -(-n // F.TILE_ROWS), k // F.TILE_COLS, F.TILE_BYTES), dtype=np.uint8),
                         rng.uniform(1e-3, 1e-2, (n, k // group_size)).astype(np.float32),
                         rng.uniform(0, 4, (n, k // group_size)).astype(np.float32), group_size)
     inits = [from_array(sw.packed, "slices"), from_array(sw.scales, "scales"), from_array(sw.zero_points, "zero_points")]

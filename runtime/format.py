@@ -16,11 +16,17 @@ With ``s1 = range / 4`` and the real-valued ``z1 = -min / s1`` the four bins of
 slice 1 tile the group's range, so every residual stays within +-s_k/2 and each
 added slice divides the error bound by four. No parameter depends on k.
 
-Packed layout, version 1: one uint8 array ``[S, N, K/4]``, slice-major (all of
-slice 1, then all of slice 2, ...). Byte j of a row holds columns 4j..4j+3::
+Packed layout, version 2: one uint8 array ``[S, ceil(N/16), K/16, 64]``,
+slice-major (all of slice 1, then all of slice 2, ...). A slice is cut into tiles
+of 16 rows x 16 columns (rows padded to a multiple of 16 with code 0), 64 bytes
+each; byte ``4 r + b`` of a tile holds row r's columns b, 4+b, 8+b, 12+b::
 
     bit    7 6  | 5 4  | 3 2  | 1 0
-    column 4j+3 | 4j+2 | 4j+1 | 4j
+    column 12+b | 8+b  | 4+b  | b
+
+Bit pair i of a tile's 64 bytes, read as 16 little-endian words, is the 16 rows'
+codes of columns 4i..4i+3: one shift and mask gives the SIMD kernels a register
+with output rows in lanes, ready for 4-way integer dot products.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 SLICE_BITS = 2
 CODES_PER_BYTE = 8 // SLICE_BITS
+TILE_ROWS = 16
+TILE_COLS = 16
+TILE_BYTES = TILE_ROWS * TILE_COLS // CODES_PER_BYTE
 MAX_SLICES = 8
 DEFAULT_NUM_SLICES = 4
 
@@ -46,20 +55,24 @@ class FormatError(ValueError):
 
 @dataclass(frozen=True)
 class SlicedWeight:
-    """One quantized linear weight in packed layout version 1."""
+    """One quantized linear weight in packed layout version 2."""
 
-    packed: np.ndarray  # uint8 [S, N, K/4]
+    packed: np.ndarray  # uint8 [S, ceil(N/16), K/16, 64]
     scales: np.ndarray  # float32 [N, K/g]: s1
     zero_points: np.ndarray  # float32 [N, K/g]: z1, real-valued
     group_size: int
 
     def __post_init__(self) -> None:
-        if self.packed.dtype != np.uint8 or self.packed.ndim != 3:
-            raise FormatError(f"[SlicedWeight] packed expected uint8 [S, N, K/4]; got {self.packed.dtype} {self.packed.shape}")
-        s, n, kq = self.packed.shape
+        if self.packed.dtype != np.uint8 or self.packed.ndim != 4 or self.packed.shape[3] != TILE_BYTES:
+            raise FormatError(f"[SlicedWeight] packed expected uint8 [S, ceil(N/16), K/16, {TILE_BYTES}]; "
+                              f"got {self.packed.dtype} {self.packed.shape}")
+        s, row_tiles, col_tiles, _ = self.packed.shape
         if not 1 <= s <= MAX_SLICES:
             raise FormatError(f"[SlicedWeight] number of slices expected 1..{MAX_SLICES}; got {s}")
-        k = kq * CODES_PER_BYTE
+        n, k = self.scales.shape[0], col_tiles * TILE_COLS
+        if _row_tiles(n) != row_tiles:
+            raise FormatError(f"[SlicedWeight] packed expected {_row_tiles(n)} row tiles for N={n} (rows of scales); "
+                              f"got {row_tiles}")
         want = (n, _groups(k, self.group_size, "SlicedWeight"))
         for name in ("scales", "zero_points"):
             arr = getattr(self, name)
@@ -75,15 +88,20 @@ class SlicedWeight:
 
     @property
     def out_features(self) -> int:
-        return self.packed.shape[1]
+        return self.scales.shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.packed.shape[2] * CODES_PER_BYTE
+        return self.packed.shape[2] * TILE_COLS
 
     def codes(self) -> np.ndarray:
         """The 2-bit codes, uint8 [S, N, K] with values 0..3."""
-        return unpack(self.packed)
+        return unpack(self.packed, self.out_features)
+
+    def prefix(self, k: int) -> "SlicedWeight":
+        """The same weight holding only its first k slices (what a k-slice read touches)."""
+        _check_depth(k, self.num_slices)
+        return SlicedWeight(self.packed[:k], self.scales, self.zero_points, self.group_size)
 
     def dequantize(self, k: int) -> np.ndarray:
         """W^(k) as float64 [N, K]: the sum of the first k slices' reconstructions."""
@@ -95,9 +113,13 @@ class SlicedWeight:
         return self.scales.astype(np.float64) / 4.0 ** (k - 1)
 
 
+def _row_tiles(n: int) -> int:
+    return -(-n // TILE_ROWS)
+
+
 def _groups(k: int, group_size: int, where: str) -> int:
-    if group_size <= 0 or group_size % CODES_PER_BYTE:
-        raise FormatError(f"[{where}] group_size expected a positive multiple of {CODES_PER_BYTE}; got {group_size}")
+    if group_size <= 0 or group_size % TILE_COLS:
+        raise FormatError(f"[{where}] group_size expected a positive multiple of {TILE_COLS}; got {group_size}")
     if k % group_size:
         fits = [g for g in (32, 64, 128, 256) if k % g == 0]
         raise FormatError(f"[{where}] K % group_size expected 0; got K={k}, group_size={group_size} (sizes that fit: {fits})")
@@ -196,20 +218,46 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, g
 
 
 def pack(codes: np.ndarray) -> np.ndarray:
-    """uint8 codes [S, N, K] (values 0..3) -> packed uint8 [S, N, K/4], layout version 1."""
-    if codes.ndim != 3 or codes.shape[2] % CODES_PER_BYTE:
-        raise FormatError(f"[pack] codes expected [S, N, K] with K % {CODES_PER_BYTE} == 0; got {codes.shape}")
+    """uint8 codes [S, N, K] (values 0..3, K % 16 == 0) -> packed uint8 [S, ceil(N/16), K/16, 64], layout 2."""
+    if codes.ndim != 3 or codes.shape[2] % TILE_COLS:
+        raise FormatError(f"[pack] codes expected [S, N, K] with K % {TILE_COLS} == 0; got {codes.shape}")
     if codes.size and codes.max() > 3:
         raise FormatError(f"[pack] codes expected values 0..3; got max {int(codes.max())}")
-    c = codes.astype(np.uint8).reshape(*codes.shape[:2], -1, CODES_PER_BYTE)
-    return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)).astype(np.uint8)
+    s, n, k = codes.shape
+    padded = np.zeros((s, _row_tiles(n) * TILE_ROWS, k), dtype=np.uint8)
+    padded[:, :n] = codes
+    # [S, row tile, r, col tile, i, b] -> [S, row tile, col tile, r, b, i]: byte 4r+b, bit pair i = column 4i+b
+    t = padded.reshape(s, -1, TILE_ROWS, k // TILE_COLS, 4, 4).transpose(0, 1, 3, 2, 5, 4)
+    packed = t[..., 0] | (t[..., 1] << 2) | (t[..., 2] << 4) | (t[..., 3] << 6)
+    return np.ascontiguousarray(packed.reshape(s, -1, k // TILE_COLS, TILE_BYTES), dtype=np.uint8)
 
 
-def unpack(packed: np.ndarray) -> np.ndarray:
-    """packed uint8 [S, N, K/4] -> codes uint8 [S, N, K]."""
-    shifts = np.arange(CODES_PER_BYTE, dtype=np.uint8) * SLICE_BITS
-    codes = (packed[..., None] >> shifts) & 3
-    return codes.reshape(*packed.shape[:2], -1).astype(np.uint8)
+def unpack(packed: np.ndarray, n: int) -> np.ndarray:
+    """packed uint8 [S, ceil(N/16), K/16, 64] -> codes uint8 [S, N, K] (padding rows dropped)."""
+    s, row_tiles, col_tiles, _ = packed.shape
+    shifts = np.arange(4, dtype=np.uint8) * SLICE_BITS
+    t = (packed.reshape(s, row_tiles, col_tiles, TILE_ROWS, 4)[..., None] >> shifts) & 3  # [.., r, b, i]
+    codes = t.transpose(0, 1, 3, 2, 5, 4).reshape(s, row_tiles * TILE_ROWS, col_tiles * TILE_COLS)
+    return np.ascontiguousarray(codes[:, :n], dtype=np.uint8)
+
+
+def concat_rows(parts: list[SlicedWeight]) -> SlicedWeight:
+    """One weight whose rows are those of ``parts`` in order (same K, group size and slice count)."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(p.out_features % TILE_ROWS == 0 for p in parts[:-1]):  # whole row tiles: stack them as they are
+        packed = np.concatenate([p.packed for p in parts], axis=1)
+    else:
+        packed = pack(np.concatenate([p.codes() for p in parts], axis=1))
+    return SlicedWeight(packed, np.concatenate([p.scales for p in parts]),
+                        np.concatenate([p.zero_points for p in parts]), parts[0].group_size)
+
+
+def from_layout1(packed: np.ndarray) -> np.ndarray:
+    """Packed layout 1 ([S, N, K/4], byte j of a row = columns 4j..4j+3) repacked as layout 2."""
+    shifts = np.arange(4, dtype=np.uint8) * SLICE_BITS
+    codes = ((packed[..., None] >> shifts) & 3).reshape(*packed.shape[:2], -1)
+    return pack(codes)
 
 
 def _checked_weight(weight: np.ndarray, group_size: int) -> np.ndarray:

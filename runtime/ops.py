@@ -85,7 +85,7 @@ def register_schema() -> None:
         "Y[t] = X[t] @ W^(slice_counts[t])^T + bias, W stored as residual 2-bit slices (MoBiQuant).",
         inputs=[
             P("X", "T", "float32 [..., K] activations"),
-            P("slices", "tensor(uint8)", "packed codes [S, N, K/4], slice-major, layout version `layout`"),
+            P("slices", "tensor(uint8)", "packed codes [S, ceil(N/16), K/16, 64], slice-major, layout version `layout`"),
             P("scales", "T", "s1 per (row, group) [N, K/group_size]"),
             P("zero_points", "T", "real-valued z1 per (row, group) [N, K/group_size]"),
             P("slice_counts", "tensor(int32)", "active slices per token, in [1, S]", param_option=optional),
@@ -99,7 +99,7 @@ def register_schema() -> None:
             A("group_size", ints, "input columns per (scale, zero point)"),
             A("num_slices", ints, "S, slices stored"),
             A("slice_bits", helper.make_attribute("slice_bits", 2), "bits per slice (2)"),
-            A("layout", helper.make_attribute("layout", 1), "packed format version"),
+            A("layout", helper.make_attribute("layout", 2), "packed format version"),
             A("accuracy_level", helper.make_attribute("accuracy_level", 0),
               "0/1: exact float32 compute; 4: int8 activations (as MatMulNBits)"),
         ],
@@ -127,9 +127,9 @@ def _infer_output(ctx) -> None:
 
 # Kernel variants by numeric mode, fastest first (names as in custom_ops/include/mobiq/kernels.h).
 KERNELS = {
-    ACCURACY_INT8: ("rsmm_i8_4x64__avx512vnni", "rsmm_i8_4x64__avx2", "rsmm_i8_4x64__neondot",
-                    "rsmm_i8_4x64__neon", "rsmm_i8_1x1__scalar"),
-    ACCURACY_F32: ("rsmm_f32_4x64__avx512", "rsmm_f32_4x64__avx2", "rsmm_f32_4x64__neon", "rsmm_f32_1x1__scalar"),
+    ACCURACY_INT8: ("rsmm_i8_16x4__avx512vnni", "rsmm_i8_16x4__avx2", "rsmm_i8_16x4__neondot",
+                    "rsmm_i8_16x4__neon", "rsmm_i8_1x1__scalar"),
+    ACCURACY_F32: ("rsmm_f32_16x4__avx512vnni", "rsmm_f32_16x4__avx2", "rsmm_f32_16x4__neon", "rsmm_f32_1x1__scalar"),
 }
 
 
@@ -145,7 +145,8 @@ def usable_kernels(accuracy: int, group_size: int = 64) -> list[str]:
     node = helper.make_node(OP_TYPE, ["X", "slices", "scales", "zero_points"], ["Y"], domain=DOMAIN, K=group_size,
                             N=1, group_size=group_size, num_slices=1, accuracy_level=accuracy)
     inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, group_size])]
-    inits = [helper.make_tensor("slices", TensorProto.UINT8, [1, 1, group_size // 4], bytes(group_size // 4), raw=True),
+    inits = [helper.make_tensor("slices", TensorProto.UINT8, [1, 1, group_size // 16, 64], bytes(group_size * 4),
+                                raw=True),
              helper.make_tensor("scales", TensorProto.FLOAT, [1, 1], [1.0]),
              helper.make_tensor("zero_points", TensorProto.FLOAT, [1, 1], [0.0])]
     graph = helper.make_graph([node], "probe", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],

@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from mobiquant.runtime import format as F
 from mobiquant.runtime import ops
 
 _TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE,
@@ -31,4 +32,4 @@ def run_rsmm(feeds: dict[str, np.ndarray], attrs: dict[str, int], threads: int =
 
 
 def attrs_for(k: int, n: int, group_size: int, num_slices: int) -> dict[str, int]:
-    return dict(K=k, N=n, group_size=group_size, num_slices=num_slices, slice_bits=2, layout=1)
+    return dict(K=k, N=n, group_size=group_size, num_slices=num_slices, slice_bits=2, layout=F.LAYOUT_VERSION)

@@ -67,13 +67,30 @@ def test_clipped_scale_bounds_error_inside_the_clipping_range_only():
     assert np.abs(w - sw.dequantize(4))[~inside].max() > 0.1, "values outside the clip saturate"
 
 
-def test_pack_unpack_round_trip_and_bit_layout():
-    codes = RNG.integers(0, 4, size=(4, 7, 64), dtype=np.uint8)
+@pytest.mark.parametrize("n", [1, 7, 16, 20, 33])
+def test_pack_unpack_round_trip_and_bit_layout(n):
+    codes = RNG.integers(0, 4, size=(4, n, 64), dtype=np.uint8)
     packed = F.pack(codes)
-    assert packed.shape == (4, 7, 16)
-    np.testing.assert_array_equal(F.unpack(packed), codes)
-    # Documented layout: column 4j+i in bits 2i..2i+1 of byte j.
-    assert packed[1, 2, 3] == sum(int(codes[1, 2, 12 + i]) << (2 * i) for i in range(4))
+    assert packed.shape == (4, -(-n // 16), 4, 64)
+    np.testing.assert_array_equal(F.unpack(packed, n), codes)
+    # Documented layout: tile (row tile, column tile) of 64 bytes; byte 4r+b holds row r's
+    # columns b, 4+b, 8+b, 12+b at bit pairs 0..3; padding rows hold 0.
+    for row, col in [(0, 0), (n - 1, 63), (n // 2, 37)]:
+        byte = packed[2, row // 16, col // 16, 4 * (row % 16) + col % 4]
+        assert (byte >> (2 * ((col % 16) // 4))) & 3 == codes[2, row, col]
+    rows = np.arange(-(-n // 16) * 16)
+    assert not packed[:, -1].reshape(4, -1, 16, 4)[:, :, rows[-16:] >= n].any()
+
+
+def test_concat_rows_and_layout1_migration():
+    ws = [RNG.standard_normal((n, 64)) for n in (16, 7, 20)]
+    parts = [F.quantize(w, 32) for w in ws]
+    joined = F.concat_rows(parts)
+    np.testing.assert_array_equal(joined.codes(), np.concatenate([p.codes() for p in parts], axis=1))
+    np.testing.assert_allclose(joined.dequantize(3), np.concatenate([p.dequantize(3) for p in parts]))
+    codes = parts[1].codes()  # layout 1: byte j of a row = columns 4j..4j+3, lowest bits first
+    v1 = sum(codes[..., i::4] << (2 * i) for i in range(4)).astype(np.uint8)
+    np.testing.assert_array_equal(F.from_layout1(v1), parts[1].packed)
 
 
 def test_slices_are_independent_of_read_depth():

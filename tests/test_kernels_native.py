@@ -111,14 +111,11 @@ def x86_expected() -> tuple[set[str], dict[str, str]]:
     flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[1].split())
     kernels, selected = set(SCALAR), {"f32": "rsmm_f32_1x1__scalar", "int8": "rsmm_i8_1x1__scalar"}
     if {"avx2", "fma"} <= flags:
-        kernels |= {"rsmm_f32_4x64__avx2", "rsmm_i8_4x64__avx2"}
-        selected = {"f32": "rsmm_f32_4x64__avx2", "int8": "rsmm_i8_4x64__avx2"}
-    if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
-        kernels.add("rsmm_f32_4x64__avx512")
-        selected["f32"] = "rsmm_f32_4x64__avx512"
-        if "avx512_vnni" in flags:
-            kernels.add("rsmm_i8_4x64__avx512vnni")
-            selected["int8"] = "rsmm_i8_4x64__avx512vnni"
+        kernels |= {"rsmm_f32_16x4__avx2", "rsmm_i8_16x4__avx2"}
+        selected = {"f32": "rsmm_f32_16x4__avx2", "int8": "rsmm_i8_16x4__avx2"}
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"} <= flags:
+        kernels |= {"rsmm_f32_16x4__avx512vnni", "rsmm_i8_16x4__avx512vnni"}
+        selected = {"f32": "rsmm_f32_16x4__avx512vnni", "int8": "rsmm_i8_16x4__avx512vnni"}
     return kernels, selected
 
 
@@ -140,8 +137,8 @@ def test_kernels_x86_sanitizers():
 
 # (qemu -cpu, kernels that must run, kernels that must be skipped, int8 kernel chosen)
 AARCH64_CPUS = [
-    ("max", {"rsmm_f32_4x64__neon", "rsmm_i8_4x64__neon", "rsmm_i8_4x64__neondot"}, set(), "rsmm_i8_4x64__neondot"),
-    ("cortex-a72", {"rsmm_f32_4x64__neon", "rsmm_i8_4x64__neon"}, {"rsmm_i8_4x64__neondot"}, "rsmm_i8_4x64__neon"),
+    ("max", {"rsmm_f32_16x4__neon", "rsmm_i8_16x4__neon", "rsmm_i8_16x4__neondot"}, set(), "rsmm_i8_16x4__neondot"),
+    ("cortex-a72", {"rsmm_f32_16x4__neon", "rsmm_i8_16x4__neon"}, {"rsmm_i8_16x4__neondot"}, "rsmm_i8_16x4__neon"),
 ]
 
 
@@ -150,7 +147,7 @@ AARCH64_CPUS = [
 def test_kernels_aarch64_qemu(aarch64_build, cpu, ran, skipped, int8):
     result = kernel_test([*qemu(cpu), str(aarch64_build / "mobiq_kernel_test")])
     assert result.ran == SCALAR | ran and result.skipped == skipped
-    assert result.selected == {"f32": "rsmm_f32_4x64__neon", "int8": int8}
+    assert result.selected == {"f32": "rsmm_f32_16x4__neon", "int8": int8}
 
 
 # ---- a whole graph in the aarch64 ONNX Runtime ---------------------------------------------------

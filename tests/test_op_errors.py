@@ -42,8 +42,8 @@ def test_wrong_dtype(name, dtype):
 
 @pytest.mark.parametrize("name,shape,expected", [
     ("X", (3, K + 4), "X expected shape [..., K=128]; got (3, 132)"),
-    ("slices", (S, N, K // 4 + 1), "slices shape expected (4, 12, 32)"),
-    ("slices", (S - 1, N, K // 4), "got (3, 12, 32)"),
+    ("slices", (S, 1, K // 16, 65), "slices shape expected (4, 1, 8, 64)"),
+    ("slices", (S - 1, 1, K // 16, 64), "got (3, 1, 8, 64)"),
     ("scales", (N, 3), "scales shape expected (12, 2)"),
     ("zero_points", (N + 1, 2), "zero_points shape expected (12, 2)"),
     ("bias", (N - 1,), "bias shape expected (12,)"),
@@ -64,8 +64,8 @@ def test_slice_count_out_of_range_is_an_error_not_a_clamp(bad):
 
 @pytest.mark.parametrize("attr,value,expected", [
     ("group_size", 48, "K % group_size expected 0; got K=128, group_size=48"),
-    ("group_size", 6, "group_size expected a positive multiple of 4"),
-    ("layout", 2, "unknown version 2"),
+    ("group_size", 24, "group_size expected a positive multiple of 16"),
+    ("layout", 1, "unknown version 1"),
     ("slice_bits", 3, "slice_bits expected 2; got 3"),
     ("num_slices", 0, "num_slices expected 1..8; got 0"),
     ("num_slices", 9, "num_slices expected 1..8; got 9"),

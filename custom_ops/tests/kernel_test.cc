@@ -2,8 +2,7 @@
 // rsmm_f32_reference (float64 dequantize, then multiply) on a fixed edge-case
 // grid, and the MOBIQ_KERNEL override of select_kernel. No ONNX Runtime.
 //
-// Grid: g in {32, 64, 128} (where the kernel's group_multiple allows), K = g and
-// 3g; N in {1, 3, 16, 17, 64}; M in {1, 2, 5, 7}; per-token slice counts mixed,
+// Grid: g in {16, 32, 64, 128}, K = g and 3g; N in {1, 3, 16, 17, 64}; M in {1, 2, 5, 7}; per-token slice counts mixed,
 // all 1, all S (S = 4); bias on/off and unaligned operands (x, slices, scales,
 // zero points, bias and y one element / byte past an aligned allocation) take
 // turns. Random data from fixed seeds. The slices buffer ends after the largest
@@ -56,7 +55,7 @@ struct Problem {
   bool bias, unaligned;
   std::vector<int32_t> slice_count;          // per token
   std::vector<float> x, scales, zps, bias_v;  // each starts `off` elements into its buffer
-  std::vector<uint8_t> slices;                // [max count, N, K/4], `off` bytes in
+  std::vector<uint8_t> slices;                // the first max-count slices (format.h), `off` bytes in
   size_t off;
 
   std::string describe() const {
@@ -102,8 +101,11 @@ std::vector<float> run(const KernelInfo& kernel, const Problem& p) {
   args.bias = p.bias ? p.bias_v.data() + p.off : nullptr;
   args.y = y.data() + p.off;
   args.M = p.M, args.K = p.K, args.N = p.N, args.group_size = p.g, args.num_slices = kS;
+  mobiq::TileParams params;
+  mobiq::build_tile_params(args.scales, args.zero_points, p.N, p.K / p.g, params);
+  mobiq::use_tile_params(params, args);
   mobiq::ActivationBuffers buffers;
-  mobiq::prepare_activations(kernel, p.x.data() + p.off, p.M, p.K, p.g, buffers, args);
+  mobiq::prepare_activations(kernel.operand, p.x.data() + p.off, p.M, p.K, p.g, buffers, args);
   for (int64_t n0 = 0; n0 < p.N; n0 += kRowsPerBlock)
     for (int k = 1; k <= kS; ++k) {
       std::vector<int32_t> tokens;
@@ -149,7 +151,7 @@ void test_kernels_on_grid() {
   const KernelInfo& portable_i8 = kernel_named("rsmm_i8_1x1__scalar");
   std::vector<int> cases(mobiq::all_kernels().size(), 0);
   uint32_t index = 0;
-  for (int64_t g : {32, 64, 128})
+  for (int64_t g : {16, 32, 64, 128})
     for (int64_t groups : {1, 3})
       for (int64_t N : {1, 3, 16, 17, 64})
         for (const char* counts : {"mixed", "all-1", "all-4"})
@@ -160,7 +162,7 @@ void test_kernels_on_grid() {
             const std::vector<float> ref = run(reference, p), ref_i8 = run(portable_i8, p);
             for (size_t i = 0; i < mobiq::all_kernels().size(); ++i) {
               const KernelInfo& k = mobiq::all_kernels()[i];
-              if (&k == &reference || !k.supported() || g % k.group_multiple != 0 || kS > k.max_slices) continue;
+              if (&k == &reference || !k.supported() || kS > k.max_slices) continue;
               ++cases[i];
               const std::vector<float> y = run(k, p);
               const bool i8 = k.mode == Mode::kInt8;
@@ -184,38 +186,37 @@ void test_kernels_on_grid() {
 
 // ---- select_kernel --------------------------------------------------------------
 
-std::string select_name(Mode mode, int64_t group_size) {
+std::string select_name(Mode mode, int64_t num_slices = kS) {
   try {
-    return mobiq::select_kernel(mode, group_size, kS).name;
+    return mobiq::select_kernel(mode, num_slices).name;
   } catch (const std::invalid_argument& e) {
     return std::string("error: ") + e.what();
   }
 }
 
-void expect_selected(const char* forced, Mode mode, int64_t group_size, const std::string& want) {
+void expect_selected(const char* forced, Mode mode, int64_t num_slices, const std::string& want) {
   if (forced) setenv("MOBIQ_KERNEL", forced, 1); else unsetenv("MOBIQ_KERNEL");
-  const std::string got = select_name(mode, group_size);
+  const std::string got = select_name(mode, num_slices);
   const bool ok = want.rfind("error: ", 0) == 0 ? got.find(want.substr(7)) != std::string::npos : got == want;
-  check(ok, std::string("select_kernel(") + (mode == Mode::kF32 ? "f32" : "int8") + ", group_size=" +
-                std::to_string(group_size) + ") with MOBIQ_KERNEL=" + (forced ? forced : "(unset)") + ": expected " +
+  check(ok, std::string("select_kernel(") + (mode == Mode::kF32 ? "f32" : "int8") + ", num_slices=" +
+                std::to_string(num_slices) + ") with MOBIQ_KERNEL=" + (forced ? forced : "(unset)") + ": expected " +
                 want + "; got " + got);
 }
 
 void test_select_kernel() {
   for (Mode mode : {Mode::kF32, Mode::kInt8}) {
     const std::string scalar = mode == Mode::kF32 ? "rsmm_f32_1x1__scalar" : "rsmm_i8_1x1__scalar";
-    expect_selected("portable", mode, 64, scalar);
-    expect_selected("reference", mode, 64, "rsmm_f32_reference");
-    expect_selected(nullptr, mode, 32, scalar);  // no SIMD kernel takes g = 32
-    expect_selected("no_such_kernel", mode, 64, "error: expected one of reference, portable, rsmm_f32_reference");
+    expect_selected("portable", mode, kS, scalar);
+    expect_selected("reference", mode, kS, "rsmm_f32_reference");
+    expect_selected(nullptr, mode, 8, scalar);  // no SIMD kernel reads 8 slices
+    expect_selected("no_such_kernel", mode, kS, "error: expected one of reference, portable, rsmm_f32_reference");
   }
   for (const auto& k : mobiq::all_kernels()) {
-    expect_selected(k.name, k.mode, 64, k.supported() ? std::string(k.name) : "error: cannot run here");
-    if (k.group_multiple > 32) expect_selected(k.name, k.mode, 32, "error: cannot run here");
+    expect_selected(k.name, k.mode, kS, k.supported() ? std::string(k.name) : "error: cannot run here");
+    if (k.max_slices < 8) expect_selected(k.name, k.mode, 8, "error: cannot run here");
   }
   unsetenv("MOBIQ_KERNEL");
-  std::printf("selected: f32 -> %s, int8 -> %s\n", select_name(Mode::kF32, 64).c_str(),
-              select_name(Mode::kInt8, 64).c_str());
+  std::printf("selected: f32 -> %s, int8 -> %s\n", select_name(Mode::kF32).c_str(), select_name(Mode::kInt8).c_str());
 }
 
 }  // namespace

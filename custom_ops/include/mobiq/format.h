@@ -1,16 +1,22 @@
-// MoBiSlice packed weight format, layout version 1 — the C++ twin of
+// MoBiSlice packed weight format, layout version 2 — the C++ twin of
 // runtime/format.py (keep both in step; the model file carries the version).
 //
 // A weight W [N out x K in] is stored as S residual 2-bit slices, one uint8
-// tensor of shape [S, N, K/4], slice-major: every byte of slice e comes before
-// any byte of slice e+1, so a token that reads k slices touches only the first
-// k * N * K/4 bytes.
+// tensor of shape [S, ceil(N/16), K/16, 64], slice-major: every byte of slice e
+// comes before any byte of slice e+1, so a token that reads k slices touches only
+// the first k * slice_bytes(N, K) bytes.
 //
-// Inside one slice, rows follow each other (row n at byte n * K/4), and byte j
-// of a row holds the codes of input columns 4j .. 4j+3, lowest bits first:
+// Inside one slice, the weight is cut into tiles of 16 rows x 16 columns (rows
+// padded to a multiple of 16 with code 0), row tile by row tile, each row tile
+// column tile by column tile, 64 bytes per tile. In a tile, byte 4 r + b holds the
+// codes of row r, columns b, 4 + b, 8 + b, 12 + b, lowest bits first:
 //
-//     bit   7 6 | 5 4 | 3 2 | 1 0
-//     col  4j+3 | 4j+2| 4j+1| 4j
+//     bit   7 6  | 5 4  | 3 2  | 1 0
+//     col  12+b  | 8+b  | 4+b  | b
+//
+// so bit pair i of the 64 bytes, read as 16 dwords, is the 16 rows' codes of
+// columns 4i .. 4i+3: one shift and mask gives a SIMD register with rows in lanes
+// and 4 consecutive columns per lane (the operand of a 4-way dot product).
 //
 // Per (row, group of g columns) there is one scale s1 and one real-valued zero
 // point z1 (float32 [N, K/g]). Slice e has step s_e = s1 / 4^(e-1):
@@ -24,22 +30,34 @@
 
 namespace mobiq {
 
-inline constexpr int64_t kLayoutVersion = 1;
+inline constexpr int64_t kLayoutVersion = 2;
 inline constexpr int64_t kSliceBits = 2;
 inline constexpr int64_t kCodesPerByte = 8 / kSliceBits;
+inline constexpr int64_t kTileRows = 16;
+inline constexpr int64_t kTileCols = 16;
+inline constexpr int64_t kTileBytes = kTileRows * kTileCols / kCodesPerByte;
 inline constexpr int64_t kMaxSlices = 8;  // Q(k) stays exact in float32 (16 bits)
 
 static_assert(kCodesPerByte * kSliceBits == 8, "2-bit codes must tile a byte");
+static_assert(kTileBytes == 64, "a tile is one 64-byte line");
 static_assert(2 * kMaxSlices <= 24, "Q(k) must be exactly representable in float32");
 
-// Bytes of one slice of an N x K weight.
+inline constexpr int64_t row_tiles(int64_t n) { return (n + kTileRows - 1) / kTileRows; }
+
+// Bytes of one slice of an N x K weight (rows padded to whole tiles).
 inline constexpr size_t slice_bytes(int64_t n, int64_t k) {
-  return static_cast<size_t>(n) * static_cast<size_t>(k / kCodesPerByte);
+  return static_cast<size_t>(row_tiles(n)) * static_cast<size_t>(k / kTileCols) * static_cast<size_t>(kTileBytes);
 }
 
-// The 2-bit code of column `col` in a packed row.
-inline uint32_t code_at(const uint8_t* row, int64_t col) {
-  return (row[col >> 2] >> ((col & 3) * 2)) & 3u;
+// The tile holding row n, columns c .. c+15 (c a multiple of 16) inside one slice.
+inline const uint8_t* tile_at(const uint8_t* slice, int64_t k, int64_t n, int64_t c) {
+  return slice + static_cast<size_t>(((n / kTileRows) * (k / kTileCols) + c / kTileCols) * kTileBytes);
+}
+
+// The 2-bit code of (row n, column c) in one slice of a K-column weight.
+inline uint32_t code_at(const uint8_t* slice, int64_t k, int64_t n, int64_t c) {
+  const uint8_t byte = tile_at(slice, k, n, c - c % kTileCols)[4 * (n % kTileRows) + c % 4];
+  return (byte >> (2 * ((c % kTileCols) / 4))) & 3u;
 }
 
 // Step of slice k (1-based) relative to s1: 4^-(k-1).

@@ -10,13 +10,13 @@
 //   kInt8  activations quantized per (token, group) to int8 with one scale
 //          (like MatMulNBits accuracy_level=4); integer dot products with the
 //          2k-bit codes, the second term still from the float sums.
-// Operands (RsmmArgs): weights as in format.h; activations prepared once per
-// call by prepare_activations() for the chosen kernel. "Block-permuted" means:
-// inside each 64-column block, position 16 i + j holds column 4 j + i — the
-// order in which SIMD kernels unpack 2-bit codes (lane i = bit pair i).
+// Operands (RsmmArgs): weights as in format.h, their slice-1 parameters also
+// as tile parameters (build_tile_params: per row tile and group, 16 rows in
+// lanes, the order of the SIMD accumulators); activations prepared once per
+// call by prepare_activations().
 // Preconditions (checked by the ORT glue / select_kernel): K % g == 0,
-// g % KernelInfo::group_multiple == 0, 1 <= k <= min(S, max_slices),
-// 0 <= n0 <= n1 <= N, token indices in [0, M).
+// g % 16 == 0, 1 <= k <= min(S, max_slices),
+// 0 <= n0 <= n1 <= N with n0 % 16 == 0, token indices in [0, M).
 #pragma once
 
 #include <cstdint>
@@ -27,14 +27,24 @@ namespace mobiq {
 
 enum class Mode { kF32, kInt8 };
 
+// The activations a kernel reads (prepare_activations makes them):
+//   kFloat   x as given;
+//   kInt8    per (token, group) int8 with one scale (the kInt8 mode);
+//   kDigits  per (token, group) 23-bit block floating point, x = scale (d2 2^16 + d1 2^8 + d0)
+//            with signed int8 digits stored as three planes [M, 3, K] (d0, d1, d2): kF32
+//            accuracy (|error| <= 2^-23 max|x_group|) through integer dot products.
+enum class Operand { kFloat, kInt8, kDigits };
+
 struct RsmmArgs {
-  const uint8_t* slices;       // [S, N, K/4]
-  const float* scales;         // [N, G]
-  const float* zero_points;    // [N, G]
+  const uint8_t* slices;       // [S, ceil(N/16), K/16, 64], format.h
+  const float* scales;         // [N, G]: s1
+  const float* zero_points;    // [N, G]: z1
+  const float* tile_scales;    // [ceil(N/16), G, 16]: s1, rows in lanes, 0 past row N
+  const float* tile_offsets;   // [ceil(N/16), G, 16]: s1 * z1, same order
   const float* bias;           // [N] or nullptr
-  const float* x;              // [M, K] float32 activations (kF32: block-permuted if the kernel says so)
-  const int8_t* xq;            // kInt8: [M, K] quantized activations (block-permuted if the kernel says so)
-  const float* xq_scale;       // kInt8: [M, G] dequantization scale of xq
+  const float* x;              // [M, K] float32 activations
+  const int8_t* xq;            // kInt8: [M, K] quantized activations; kDigits: [M, 3, K]
+  const float* xq_scale;       // kInt8, kDigits: [M, G] dequantization scale of xq
   const float* x_group_sums;   // [M, G] float sums of the original activations per group
   float* y;                    // [M, N]
   int64_t M, K, N, group_size, num_slices;
@@ -47,8 +57,7 @@ struct KernelInfo {
   RsmmKernelFn fn;
   const char* name;      // XNNPACK style: rsmm_<mode>_<tile>__<isa>
   Mode mode;
-  bool permuted;         // activations block-permuted
-  int64_t group_multiple;
+  Operand operand;
   int max_slices;        // largest k it reads (Q(k) must fit its integer type)
   bool (*supported)();   // this CPU can run it
 };
@@ -58,32 +67,40 @@ const std::vector<KernelInfo>& all_kernels();
 
 // The kernel for one op instance, chosen once: MOBIQ_KERNEL=<name>|reference|portable
 // forces a variant (invalid_argument if unknown or unusable here), otherwise the
-// fastest supported one for this mode, group size and slice count.
-const KernelInfo& select_kernel(Mode mode, int64_t group_size, int64_t num_slices);
+// fastest supported one for this mode and slice count.
+const KernelInfo& select_kernel(Mode mode, int64_t num_slices);
 
-// Activation buffers for one call: fills x_group_sums and, per the kernel, the
-// permuted float copy or the int8 quantization. Storage is owned by `buffers`.
+// Activation buffers for one call: fills x_group_sums (of the activations as the
+// kernel sees them) and xq / xq_scale for integer operands. Storage is owned by `buffers`.
 struct ActivationBuffers {
-  std::vector<float> x_perm, xq_scale, group_sums;
+  std::vector<float> xq_scale, group_sums;
   std::vector<int8_t> xq;
 };
-void prepare_activations(const KernelInfo& kernel, const float* x, int64_t M, int64_t K, int64_t group_size,
+void prepare_activations(Operand operand, const float* x, int64_t M, int64_t K, int64_t group_size,
                          ActivationBuffers& buffers, RsmmArgs& args);
+
+// Slice-1 parameters regrouped by row tile (RsmmArgs::tile_scales / tile_offsets), built once
+// per weight; points args at them.
+struct TileParams {
+  std::vector<float> scales, offsets;
+};
+void build_tile_params(const float* scales, const float* zero_points, int64_t N, int64_t groups, TileParams& params);
+void use_tile_params(const TileParams& params, RsmmArgs& args);
 
 // Kernel implementations (see their files for the contracts).
 void rsmm_f32_reference(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
 void rsmm_f32_1x1__scalar(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
 void rsmm_i8_1x1__scalar(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
 #if defined(__x86_64__)
-void rsmm_f32_4x64__avx512(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
-void rsmm_i8_4x64__avx512vnni(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
-void rsmm_f32_4x64__avx2(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
-void rsmm_i8_4x64__avx2(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
+void rsmm_f32_16x4__avx512vnni(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
+void rsmm_i8_16x4__avx512vnni(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
+void rsmm_f32_16x4__avx2(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
+void rsmm_i8_16x4__avx2(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
 #endif
 #if defined(__aarch64__)
-void rsmm_f32_4x64__neon(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
-void rsmm_i8_4x64__neon(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
-void rsmm_i8_4x64__neondot(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
+void rsmm_f32_16x4__neon(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
+void rsmm_i8_16x4__neon(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
+void rsmm_i8_16x4__neondot(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
 #endif
 
 }  // namespace mobiq

@@ -21,11 +21,11 @@ namespace {
 bool always() { return true; }
 #if defined(__x86_64__)
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-bool has_avx512() {
+bool has_avx512vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vnni");
 }
-bool has_avx512vnni() { return has_avx512() && __builtin_cpu_supports("avx512vnni"); }
 #endif
 #if defined(__aarch64__)
 bool has_dotprod() {
@@ -44,27 +44,27 @@ constexpr int kAny = static_cast<int>(kMaxSlices);
 const std::vector<KernelInfo>& all_kernels() {
   // Slowest first within a mode: select_kernel takes the last usable one.
   static const std::vector<KernelInfo> kernels = {
-      {rsmm_f32_reference, "rsmm_f32_reference", Mode::kF32, false, 4, kAny, always},
-      {rsmm_f32_1x1__scalar, "rsmm_f32_1x1__scalar", Mode::kF32, false, 4, kAny, always},
-      {rsmm_i8_1x1__scalar, "rsmm_i8_1x1__scalar", Mode::kInt8, false, 4, kAny, always},
+      {rsmm_f32_reference, "rsmm_f32_reference", Mode::kF32, Operand::kFloat, kAny, always},
+      {rsmm_f32_1x1__scalar, "rsmm_f32_1x1__scalar", Mode::kF32, Operand::kFloat, kAny, always},
+      {rsmm_i8_1x1__scalar, "rsmm_i8_1x1__scalar", Mode::kInt8, Operand::kInt8, kAny, always},
 #if defined(__x86_64__)
-      {rsmm_f32_4x64__avx2, "rsmm_f32_4x64__avx2", Mode::kF32, true, 64, 4, has_avx2},
-      {rsmm_f32_4x64__avx512, "rsmm_f32_4x64__avx512", Mode::kF32, true, 64, 4, has_avx512},
-      {rsmm_i8_4x64__avx2, "rsmm_i8_4x64__avx2", Mode::kInt8, true, 64, 4, has_avx2},
-      {rsmm_i8_4x64__avx512vnni, "rsmm_i8_4x64__avx512vnni", Mode::kInt8, true, 64, 4, has_avx512vnni},
+      {rsmm_f32_16x4__avx2, "rsmm_f32_16x4__avx2", Mode::kF32, Operand::kFloat, 4, has_avx2},
+      {rsmm_i8_16x4__avx2, "rsmm_i8_16x4__avx2", Mode::kInt8, Operand::kInt8, 4, has_avx2},
+      {rsmm_f32_16x4__avx512vnni, "rsmm_f32_16x4__avx512vnni", Mode::kF32, Operand::kDigits, 4, has_avx512vnni},
+      {rsmm_i8_16x4__avx512vnni, "rsmm_i8_16x4__avx512vnni", Mode::kInt8, Operand::kInt8, 4, has_avx512vnni},
 #endif
 #if defined(__aarch64__)
-      {rsmm_f32_4x64__neon, "rsmm_f32_4x64__neon", Mode::kF32, true, 64, 4, always},
-      {rsmm_i8_4x64__neon, "rsmm_i8_4x64__neon", Mode::kInt8, true, 64, 4, always},
-      {rsmm_i8_4x64__neondot, "rsmm_i8_4x64__neondot", Mode::kInt8, true, 64, 4, has_dotprod},
+      {rsmm_f32_16x4__neon, "rsmm_f32_16x4__neon", Mode::kF32, Operand::kFloat, 4, always},
+      {rsmm_i8_16x4__neon, "rsmm_i8_16x4__neon", Mode::kInt8, Operand::kInt8, 4, always},
+      {rsmm_i8_16x4__neondot, "rsmm_i8_16x4__neondot", Mode::kInt8, Operand::kInt8, 4, has_dotprod},
 #endif
   };
   return kernels;
 }
 
-const KernelInfo& select_kernel(Mode mode, int64_t group_size, int64_t num_slices) {
+const KernelInfo& select_kernel(Mode mode, int64_t num_slices) {
   const auto fits = [&](const KernelInfo& k) {
-    return k.supported() && group_size % k.group_multiple == 0 && num_slices <= k.max_slices;
+    return k.supported() && num_slices <= k.max_slices;
   };
   const char* forced = std::getenv("MOBIQ_KERNEL");
   const std::string want = forced ? forced : "";
@@ -73,13 +73,11 @@ const KernelInfo& select_kernel(Mode mode, int64_t group_size, int64_t num_slice
     for (const auto& k : all_kernels()) {
       const bool reference = k.fn == rsmm_f32_reference;
       const bool match = (k.name == want && (k.mode == mode || reference)) || (want == "reference" && reference) ||
-                         (want == "portable" && k.group_multiple == 4 && k.mode == mode && !reference);
+                         (want == "portable" && k.max_slices == kAny && k.mode == mode && !reference);
       if (match) {
         if (!fits(k))
-          throw std::invalid_argument("[ResidualSliceMatMul] MOBIQ_KERNEL=" + want + " cannot run here (CPU support, "
-                                      "group_size % " + std::to_string(k.group_multiple) + ", k <= " +
-                                      std::to_string(k.max_slices) + "); got group_size=" +
-                                      std::to_string(group_size) + ", num_slices=" + std::to_string(num_slices));
+          throw std::invalid_argument("[ResidualSliceMatMul] MOBIQ_KERNEL=" + want + " cannot run here (CPU support, k <= " +
+                                      std::to_string(k.max_slices) + "); got num_slices=" + std::to_string(num_slices));
         return k;
       }
       names += std::string(names.empty() ? "" : ", ") + k.name;

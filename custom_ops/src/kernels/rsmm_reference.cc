@@ -13,7 +13,6 @@ namespace mobiq {
 void rsmm_f32_reference(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k,
                         int64_t n0, int64_t n1) {
   const int64_t groups = a.K / a.group_size;
-  const size_t row_bytes = static_cast<size_t>(a.K / kCodesPerByte);
   std::vector<double> w(static_cast<size_t>(a.K));
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t c = 0; c < a.K; ++c) {
@@ -22,9 +21,8 @@ void rsmm_f32_reference(const RsmmArgs& a, const int32_t* tokens, int64_t num_to
       const double z1 = a.zero_points[n * groups + g];
       double value = 0.0;
       for (int e = 1; e <= k; ++e) {
-        const uint8_t* row = a.slices + static_cast<size_t>(e - 1) * slice_bytes(a.N, a.K) +
-                             static_cast<size_t>(n) * row_bytes;
-        const double q = code_at(row, c);
+        const uint8_t* slice = a.slices + static_cast<size_t>(e - 1) * slice_bytes(a.N, a.K);
+        const double q = code_at(slice, a.K, n, c);
         value += (e == 1) ? s1 * (q - z1 + 0.5) : s1 * step_ratio(e) * (q - 1.5);
       }
       w[static_cast<size_t>(c)] = value;

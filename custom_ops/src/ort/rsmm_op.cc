@@ -102,6 +102,27 @@ void run_block(void* data, size_t block) {
   }
 }
 
+// Builds the kernel's tile parameters from constant scales and zero points of the right size;
+// false when either is a graph input (then they are built per call, after validation).
+bool constant_tile_params(const OrtKernelInfo* info, RsmmKernel& k) {
+  const OrtApi& api = Ort::GetApi();
+  const OrtValue* values[2] = {nullptr, nullptr};
+  for (size_t i = 0; i < 2; ++i) {
+    int is_constant = 0;
+    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 2 + i, &is_constant, &values[i]);
+    if (status) api.ReleaseStatus(status);
+    if (status || !is_constant || !values[i]) return false;
+    Ort::ConstValue v(values[i]);
+    auto shape_info = v.GetTensorTypeAndShapeInfo();
+    if (shape_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+        shape_info.GetShape() != std::vector<int64_t>{k.N, k.K / k.group_size})
+      return false;  // ComputeV2 reports the mismatch
+  }
+  build_tile_params(Ort::ConstValue(values[0]).GetTensorData<float>(), Ort::ConstValue(values[1]).GetTensorData<float>(),
+                    k.N, k.K / k.group_size, k.tile_params);
+  return true;
+}
+
 }  // namespace
 
 ONNXTensorElementDataType RsmmOp::GetInputType(size_t index) const { return kInputTypes[index]; }
@@ -130,8 +151,8 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
       why << "slice_bits expected " << kSliceBits << "; got " << slice_bits;
     else if (k->K <= 0 || k->N <= 0)
       why << "K and N expected > 0; got K=" << k->K << ", N=" << k->N;
-    else if (k->group_size <= 0 || k->group_size % kCodesPerByte != 0)
-      why << "group_size expected a positive multiple of " << kCodesPerByte << "; got " << k->group_size;
+    else if (k->group_size <= 0 || k->group_size % kTileCols != 0)
+      why << "group_size expected a positive multiple of " << kTileCols << "; got " << k->group_size;
     else if (k->K % k->group_size != 0)
       why << "K % group_size expected 0; got K=" << k->K << ", group_size=" << k->group_size;
     else if (k->num_slices < 1 || k->num_slices > kMaxSlices)
@@ -140,7 +161,8 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
       why << "accuracy_level expected 0 or 1 (float32) or 4 (int8 activations); got " << accuracy;
     if (!why.str().empty()) fail(why.str());
     k->mode = accuracy == 4 ? Mode::kInt8 : Mode::kF32;
-    k->kernel = &select_kernel(k->mode, k->group_size, k->num_slices);
+    k->kernel = &select_kernel(k->mode, k->num_slices);
+    k->constant_params = constant_tile_params(info, *k);
     *kernel = k.release();
     return nullptr;
   } catch (const std::exception& e) {
@@ -161,8 +183,8 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
     const int64_t groups = K / group_size;
     const std::string sizes = "N=" + std::to_string(N) + ", K=" + std::to_string(K) +
                               ", group_size=" + std::to_string(group_size);
-    expect_shape(slices, "slices", {num_slices, N, K / kCodesPerByte},
-                 "num_slices=" + std::to_string(num_slices) + ", " + sizes + ", 4 codes per byte");
+    expect_shape(slices, "slices", {num_slices, row_tiles(N), K / kTileCols, kTileBytes},
+                 "num_slices=" + std::to_string(num_slices) + ", " + sizes + ", tiles of 16 x 16 codes in 64 bytes");
     expect_shape(scales, "scales", {N, groups}, sizes);
     expect_shape(zps, "zero_points", {N, groups}, sizes);
     if (bias.value) expect_shape(bias, "bias", {N}, "N=" + std::to_string(N));
@@ -202,9 +224,14 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
     args.bias = bias.value ? bias.value.GetTensorData<float>() : nullptr;
     args.y = y.GetTensorMutableData<float>();
     args.M = M, args.K = K, args.N = N, args.group_size = group_size, args.num_slices = num_slices;
+    TileParams call_params;
+    if (!constant_params) build_tile_params(args.scales, args.zero_points, N, groups, call_params);
+    use_tile_params(constant_params ? tile_params : call_params, args);
     ActivationBuffers buffers;
-    prepare_activations(*kernel, x.value.GetTensorData<float>(), M, K, group_size, buffers, args);
-    const int64_t rows_per_block = 16;
+    prepare_activations(kernel->operand, x.value.GetTensorData<float>(), M, K, group_size, buffers, args);
+    // Whole row tiles per task: 4 for large N (fewer calls, pairs of tiles for the kernels), 2 for
+    // small N (still >= 18 tasks at N = 576, enough to balance 2-4 threads).
+    const int64_t rows_per_block = (N >= 2048 ? 4 : 2) * kTileRows;
     ParallelTask task{&args, kernel->fn, &order, &starts, rows_per_block, num_slices};
     const size_t blocks = static_cast<size_t>((N + rows_per_block - 1) / rows_per_block);
     ctx.ParallelFor(run_block, blocks, 0, &task);

@@ -19,6 +19,8 @@ struct RsmmKernel {
   int64_t K = 0, N = 0, group_size = 0, num_slices = 0;
   Mode mode = Mode::kF32;
   const KernelInfo* kernel = nullptr;
+  TileParams tile_params;       // built once when scales and zero points are constant initializers
+  bool constant_params = false;
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 };
 

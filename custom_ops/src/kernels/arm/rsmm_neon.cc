@@ -1,28 +1,38 @@
-// ARM NEON kernels (aarch64): tiles of NR rows x NT tokens (NR*NT independent
-// accumulator chains, so latency is hidden even for one token), 64 columns per step.
+// ARM NEON kernels (aarch64) on layout v2 (format.h): the scheme of
+// x86/rsmm_avx512.cc with 128-bit registers. A 16-row tile is four quarters of
+// 4 rows (tile bytes 16j .. 16j+15 = rows 4j .. 4j+3), each quarter's rows in the
+// 4 lanes of a register; tokens in tiles of up to 4 (../tiles.h). Per group the
+// four quarters take turns over the group's tiles (their bytes stay in L1), so
+// only one quarter's accumulators are live in the column loop (no spills there) and
+// no horizontal sums are needed.
 //
-// Formula (kernels.h), per token and row, with ratio = 4^-(k-1):
-//   y = bias + sum_g [ s1 ratio dot_g + s1 (c ratio - z1) xsum_g ],  c = 1/2,
-// dot_g = sum_c x_c Q_c, Q(k) = sum_e 4^(k-e) qe; the second term in double
-// as in the scalar kernels, the first in float.
-// Per 64-column block the 16 packed bytes b of a slice give four vectors of
-// codes, vector i = (b >> 2i) & 3 = block positions 16i..16i+15: the
-// block-permuted order. Shift-left-and-insert (sli) over the k slices builds
-// Q(k) as 64 unsigned bytes (k <= 4).
-// rsmm_f32_4x64__neon: exact float mode. Q bytes widened to float, FMA with the
-//   permuted float activations.
-// rsmm_i8_4x64__neondot: int8 mode, ARMv8.2 dot product (sdot; Raspberry Pi 5).
-//   Q bytes as int8 against the permuted int8 activations, dot_g scaled by
-//   xq_scale. k <= 3: Q <= 63 fits int8. k = 4: the bytes hold Q - 128 and
-//   c = 1/2 + 128 adds 128 s_k xsum_g back (xsum is the sum of the dequantized
-//   activations, so this is exact up to float rounding).
-// rsmm_i8_4x64__neon: the same on ARMv8.0 (Raspberry Pi 4): smull + smlal sum two
-//   byte products in int16 (2 * 128 * 127 < 2^15 since prepare_activations keeps
-//   xq in [-127, 127]), sadalp accumulates pairs into int32.
-// All: group_size % 64 == 0, k <= 4, activations block-permuted, bytes of
-// slices k+1..S never read.
+// Per quarter and tile: one 16-byte load per active slice; bit pair i of those bytes,
+// shifted down (ushr) and stacked over the slices with shift-left-and-insert
+// (sli), gives Q(k) of columns 4i .. 4i+3 for the 4 rows as unsigned bytes.
+// rsmm_f32_16x4__neon: exact float mode (ARMv8.0, Raspberry Pi 4). Byte b = 1, 2 of
+//   each dword masked in place and converted by a fixed-point ucvtf (#8b fraction
+//   bits: exact, at most 8 significant bits; byte 0 masked, byte 3 shifted down),
+//   then one FMA by element per (column, token) against the token's 4 floats of
+//   the column quad.
+// rsmm_i8_16x4__neon: int8 mode on ARMv8.0. smull/smlal multiply the Q bytes as
+//   int8 with the token's four activations broadcast to every dword, addp adds
+//   the products of a row's neighbour columns, sadalp accumulates a row's pair
+//   into its int32 lane. For k <= 3 (Q <= 63) two column quads share the int16
+//   sums: 4 products, at most 4 * 63 * 127 < 2^15.
+// rsmm_i8_16x4__neondot: int8 mode with the ARMv8.2 dot product (Raspberry Pi 5):
+//   one sdot by element per (column quad, token).
+// int8, k = 4: Q(4) up to 255 does not fit int8, so the bytes hold Q - 128 and
+//   the group's dot gets 128 * sum(xq) back (integer sum: exact); the int16 sums
+//   of the plain-NEON kernel then hold 2 products, at most 2 * 128 * 127 < 2^15.
+// Per group g and token: y += s1 * (s_k/s1 * (dot * dot_scale + xsum/2)) - (s1 z1)
+// * xsum, with s1 and s1 z1 from the tile parameters. Independent accumulator
+// chains per quarter: 4 for a single token, 2 each for two, 1 each for more.
+// All: group_size % 16 == 0, k <= 4, any N (rows past min(n1, N) never stored,
+// bias past N never read), unaligned pointers, xq in [-127, 127] (as
+// prepare_activations makes it), bytes of slices k+1..S never read.
 #include <arm_neon.h>
 
+#include <cstring>
 #include <type_traits>
 
 #include "../tiles.h"
@@ -37,144 +47,202 @@
 namespace mobiq {
 namespace {
 
-// Q(KS) of the 64-column block whose slice-1 bytes start at p: q[i] = block positions 16i..16i+15.
-template <int KS>
-inline void codes(const uint8_t* p, size_t plane, uint8x16_t q[4]) {
-  const uint8x16_t three = vdupq_n_u8(3), b = vld1q_u8(p);
-  q[0] = vandq_u8(b, three);
-  q[1] = vandq_u8(vshrq_n_u8(b, 2), three);
-  q[2] = vandq_u8(vshrq_n_u8(b, 4), three);
-  q[3] = vshrq_n_u8(b, 6);
-  for (int e = 1; e < KS; ++e) {  // Q = (Q << 2) | qe: sli keeps the low 2 bits of its first operand
-    const uint8x16_t c = vld1q_u8(p + e * plane);
-    q[0] = vsliq_n_u8(c, q[0], 2);
-    q[1] = vsliq_n_u8(vshrq_n_u8(c, 2), q[1], 2);
-    q[2] = vsliq_n_u8(vshrq_n_u8(c, 4), q[2], 2);
-    q[3] = vsliq_n_u8(vshrq_n_u8(c, 6), q[3], 2);
+constexpr int kQuarters = 4, kQuarterRows = 4, kQuarterBytes = 16;
+
+constexpr int chains(int nt) { return nt == 1 ? 4 : nt == 2 ? 2 : 1; }
+
+// Bit pair I of every byte moved to bits 0..1 (higher pairs above it).
+template <int I>
+inline uint8x16_t pair_down(uint8x16_t v) {
+  if constexpr (I == 0) return v;
+  else return vshrq_n_u8(v, 2 * I);
+}
+
+// Q(KS) of columns 4I .. 4I+3 of one quarter, 4 rows x 4 bytes, from its slice bytes
+// v[0..KS) (most significant slice first): unsigned bytes < 4^KS.
+template <int KS, int I>
+inline uint8x16_t codes(const uint8x16_t* v) {
+  uint8x16_t q = pair_down<I>(v[0]);
+  for (int e = 1; e < KS; ++e) q = vsliq_n_u8(pair_down<I>(v[e]), q, 2);  // (q << 2) | low pair of slice e
+  if constexpr (KS < 4 && I < 3) q = vandq_u8(q, vdupq_n_u8((1u << (2 * KS)) - 1));  // higher pairs of slice 1
+  return q;
+}
+
+// The int8 operand: Q, or Q - 128 for KS = 4.
+template <int KS, int I>
+inline int8x16_t i8_codes(const uint8x16_t* v) {
+  const uint8x16_t q = codes<KS, I>(v);
+  return vreinterpretq_s8_u8(KS == 4 ? veorq_u8(q, vdupq_n_u8(0x80)) : q);
+}
+
+// Byte B of every dword as float.
+template <int B>
+inline float32x4_t byte_to_float(uint32x4_t q) {
+  if constexpr (B == 0) return vcvtq_f32_u32(vandq_u32(q, vdupq_n_u32(0xFF)));
+  else if constexpr (B == 3) return vcvtq_f32_u32(vshrq_n_u32(q, 24));
+  else return vcvtq_n_f32_u32(vandq_u32(q, vdupq_n_u32(0xFFu << (8 * B))), 8 * B);
+}
+
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Exact sum of n int8 activations (n % 16 == 0).
+inline int32_t xq_sum(const int8_t* x, int64_t n) {
+  int32x4_t s = vdupq_n_s32(0);
+  for (int64_t c = 0; c < n; c += 16) s = vpadalq_s16(s, vpaddlq_s8(vld1q_s8(x + c)));
+  return vaddvq_s32(s);
+}
+
+// Adds the group's dot products of quarter r (per token, rows in lanes) to its running outputs.
+template <int NT>
+inline void group_epilogue(const RsmmArgs& a, const int32_t* tok, int64_t tile, int64_t g, int r, float ratio,
+                           const float32x4_t (&dot)[NT], const float* dot_scale, float32x4_t (&out)[NT]) {
+  const int64_t groups = a.K / a.group_size, at = (tile * groups + g) * kTileRows + kQuarterRows * r;
+  const float32x4_t s1 = vld1q_f32(a.tile_scales + at), o1 = vld1q_f32(a.tile_offsets + at);
+  for (int j = 0; j < NT; ++j) {
+    const float xsum = a.x_group_sums[tok[j] * groups + g];
+    const float32x4_t t = vfmaq_n_f32(vdupq_n_f32(0.5f * ratio * xsum), dot[j], ratio * dot_scale[j]);
+    out[j] = vfmsq_f32(vfmaq_f32(out[j], s1, t), o1, vdupq_n_f32(xsum));
   }
 }
 
-// bias + sum_g s1 (half - z1) xsum_g for one (row, token): the zero-point term, in double.
-inline double offset_term(const RsmmArgs& a, int64_t row, int64_t t, float half) {
-  const int64_t groups = a.K / a.group_size;
-  const float *s1 = a.scales + row * groups, *z1 = a.zero_points + row * groups, *xs = a.x_group_sums + t * groups;
-  double acc = a.bias ? a.bias[row] : 0.0;
-  for (int64_t g = 0; g < groups; ++g) acc += static_cast<double>(s1[g] * (half - z1[g])) * xs[g];
-  return acc;
+// Rows n .. end-1 (end <= n + 16) of the outputs, plus bias.
+template <int NT>
+inline void store_tile(const RsmmArgs& a, const int32_t* tok, int64_t n, int64_t end,
+                       const float32x4_t (&out)[kQuarters][NT]) {
+  for (int r = 0; r < kQuarters; ++r) {
+    const int64_t row = n + kQuarterRows * r, rows = end - row;
+    if (rows <= 0) break;
+    if (rows >= kQuarterRows) {
+      const float32x4_t bias = a.bias ? vld1q_f32(a.bias + row) : vdupq_n_f32(0.0f);
+      for (int j = 0; j < NT; ++j) vst1q_f32(a.y + tok[j] * a.N + row, vaddq_f32(out[r][j], bias));
+    } else {
+      for (int j = 0; j < NT; ++j) {
+        float v[kQuarterRows];
+        vst1q_f32(v, out[r][j]);
+        for (int64_t i = 0; i < rows; ++i) a.y[tok[j] * a.N + row + i] = v[i] + (a.bias ? a.bias[row + i] : 0.0f);
+      }
+    }
+  }
 }
 
-template <int NR, int NT>
-inline void store_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, const float32x4_t* facc, float half) {
-  for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < NT; ++j)
-      a.y[tok[j] * a.N + n + r] = static_cast<float>(offset_term(a, n + r, tok[j], half) +
-                                                     static_cast<double>(vaddvq_f32(facc[r * NT + j])));
+// Columns 4I .. 4I+3 of one quarter for NT tokens (x: their activations at the tile's first column).
+template <int KS, int NT, int I, int A>
+inline void f32_columns(const uint8x16_t* v, const float* const* x, float32x4_t (&acc)[NT][A]) {
+  const uint32x4_t q = vreinterpretq_u32_u8(codes<KS, I>(v));
+  const float32x4_t w0 = byte_to_float<0>(q), w1 = byte_to_float<1>(q), w2 = byte_to_float<2>(q),
+                    w3 = byte_to_float<3>(q);
+  for (int j = 0; j < NT; ++j) {
+    const float32x4_t xv = vld1q_f32(x[j] + 4 * I);
+    acc[j][(4 * I) % A] = vfmaq_laneq_f32(acc[j][(4 * I) % A], w0, xv, 0);
+    acc[j][(4 * I + 1) % A] = vfmaq_laneq_f32(acc[j][(4 * I + 1) % A], w1, xv, 1);
+    acc[j][(4 * I + 2) % A] = vfmaq_laneq_f32(acc[j][(4 * I + 2) % A], w2, xv, 2);
+    acc[j][(4 * I + 3) % A] = vfmaq_laneq_f32(acc[j][(4 * I + 3) % A], w3, xv, 3);
+  }
 }
+
+// int8 dots of one quarter with one token: acc (rows in lanes, A chains) += sum over the
+// 16 columns of q[I] (columns 4I .. 4I+3) times the activations x[0..16).
+struct Mull {  // ARMv8.0
+  template <int KS, int A>
+  static inline void quarter(int32x4_t (&acc)[A], const int8x16_t (&q)[4], const int8_t* x) {
+    constexpr int P = KS < 4 ? 2 : 1;  // column quads per int16 sum
+    for (int i = 0; i < 4; i += P) {
+      const int8x16_t x0 = vreinterpretq_s8_s32(vdupq_n_s32(load4(x + 4 * i)));
+      int16x8_t lo = vmull_s8(vget_low_s8(q[i]), vget_low_s8(x0)), hi = vmull_high_s8(q[i], x0);  // rows 0-1, 2-3
+      if constexpr (P == 2) {
+        const int8x16_t x1 = vreinterpretq_s8_s32(vdupq_n_s32(load4(x + 4 * i + 4)));
+        lo = vmlal_s8(lo, vget_low_s8(q[i + 1]), vget_low_s8(x1));
+        hi = vmlal_high_s8(hi, q[i + 1], x1);
+      }
+      int32x4_t& s = acc[(i / P) % A];
+      s = vpadalq_s16(s, vpaddq_s16(lo, hi));
+    }
+  }
+};
+
+struct Dot {  // ARMv8.2 dot product
+  template <int KS, int A>
+  MOBIQ_DOTPROD static inline void quarter(int32x4_t (&acc)[A], const int8x16_t (&q)[4], const int8_t* x) {
+    const int8x16_t xv = vld1q_s8(x);
+    acc[0] = vdotq_laneq_s32(acc[0], q[0], xv, 0);
+    acc[1 % A] = vdotq_laneq_s32(acc[1 % A], q[1], xv, 1);
+    acc[2 % A] = vdotq_laneq_s32(acc[2 % A], q[2], xv, 2);
+    acc[3 % A] = vdotq_laneq_s32(acc[3 % A], q[3], xv, 3);
+  }
+};
 
 struct F32 {};  // exact float mode
 
-// int8 x int8 -> int32, 16 bytes: ARMv8.0 (two products per int16 lane, then pairwise into int32).
-struct Mull {
-  static inline int32x4_t dot(int32x4_t acc, int8x16_t q, int8x16_t x) {
-    return vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(q), vget_low_s8(x)), q, x));
-  }
-};
-
-// int8 x int8 -> int32, 16 bytes: ARMv8.2 dot product.
-struct Dot {
-  MOBIQ_DOTPROD static inline int32x4_t dot(int32x4_t acc, int8x16_t q, int8x16_t x) { return vdotq_s32(acc, q, x); }
-};
-
-template <int KS, int NR, int NT>
-inline void f32_rows(const RsmmArgs& a, const int32_t* tok, int64_t n) {
-  const int64_t groups = a.K / a.group_size;
-  const size_t plane = slice_bytes(a.N, a.K), row_bytes = static_cast<size_t>(a.K / 4);
-  const float ratio = step_ratio(KS);
-  float32x4_t facc[NR * NT];
-  for (auto& f : facc) f = vdupq_n_f32(0.0f);
+// One row tile (rows n .. n+15, stored up to `end`) for NT tokens reading KS slices. Per
+// group the quarters take turns (their tile bytes stay in L1), so only one quarter's
+// accumulators are live in the column loop.
+template <class Dots, int KS, int NT>
+inline void row_tile(const RsmmArgs& a, const int32_t* tok, int64_t n, int64_t end) {
+  constexpr int A = chains(NT);
+  constexpr bool kF32 = std::is_same_v<Dots, F32>;
+  using Acc = std::conditional_t<kF32, float32x4_t, int32x4_t>;
+  const int64_t groups = a.K / a.group_size, tile = n / kTileRows;
+  const size_t plane = slice_bytes(a.N, a.K);
+  const uint8_t* tiles = tile_at(a.slices, a.K, n, 0);
+  float32x4_t out[kQuarters][NT];
+  for (auto& quarter : out)
+    for (auto& o : quarter) o = vdupq_n_f32(0.0f);
   for (int64_t g = 0; g < groups; ++g) {
-    float32x4_t gacc[NR * NT];
-    for (auto& v : gacc) v = vdupq_n_f32(0.0f);
-    for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += 64) {
-      for (int r = 0; r < NR; ++r) {
-        uint8x16_t q[4];
-        codes<KS>(a.slices + static_cast<size_t>(n + r) * row_bytes + static_cast<size_t>(c) / 4, plane, q);
-        for (int i = 0; i < 4; ++i) {
-          const uint16x8_t lo = vmovl_u8(vget_low_u8(q[i])), hi = vmovl_high_u8(q[i]);
-          const float32x4_t w[4] = {vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo))), vcvtq_f32_u32(vmovl_high_u16(lo)),
-                                    vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi))), vcvtq_f32_u32(vmovl_high_u16(hi))};
-          for (int j = 0; j < NT; ++j) {
-            const float* x = a.x + tok[j] * a.K + c + 16 * i;
-            float32x4_t s = vmulq_f32(w[0], vld1q_f32(x));
-            s = vfmaq_f32(s, w[1], vld1q_f32(x + 4));
-            s = vfmaq_f32(s, w[2], vld1q_f32(x + 8));
-            s = vfmaq_f32(s, w[3], vld1q_f32(x + 12));
-            gacc[r * NT + j] = vaddq_f32(gacc[r * NT + j], s);
-          }
+    const int64_t c0 = g * a.group_size, c1 = c0 + a.group_size;
+    float dot_scale[NT];
+    int32_t centre[NT];  // int8, KS = 4: 128 * sum(xq) of the group
+    for (int j = 0; j < NT; ++j) {
+      dot_scale[j] = kF32 ? 1.0f : a.xq_scale[tok[j] * groups + g];
+      centre[j] = !kF32 && KS == 4 ? 128 * xq_sum(a.xq + tok[j] * a.K + c0, a.group_size) : 0;
+    }
+    for (int r = 0; r < kQuarters; ++r) {
+      Acc acc[NT][A];
+      for (auto& token : acc)
+        for (auto& s : token) s = Acc{};
+      const uint8_t* p = tiles + (c0 / kTileCols) * kTileBytes + kQuarterBytes * r;
+      for (int64_t c = c0; c < c1; c += kTileCols, p += kTileBytes) {
+        uint8x16_t v[KS];
+        for (int e = 0; e < KS; ++e) v[e] = vld1q_u8(p + e * plane);
+        if constexpr (kF32) {
+          const float* x[NT];
+          for (int j = 0; j < NT; ++j) x[j] = a.x + tok[j] * a.K + c;
+          f32_columns<KS, NT, 0, A>(v, x, acc);
+          f32_columns<KS, NT, 1, A>(v, x, acc);
+          f32_columns<KS, NT, 2, A>(v, x, acc);
+          f32_columns<KS, NT, 3, A>(v, x, acc);
+        } else {
+          const int8x16_t q[4] = {i8_codes<KS, 0>(v), i8_codes<KS, 1>(v), i8_codes<KS, 2>(v), i8_codes<KS, 3>(v)};
+          for (int j = 0; j < NT; ++j) Dots::template quarter<KS, A>(acc[j], q, a.xq + tok[j] * a.K + c);
         }
       }
-    }
-    for (int r = 0; r < NR; ++r) {
-      const float sk = a.scales[(n + r) * groups + g] * ratio;
-      for (int j = 0; j < NT; ++j) facc[r * NT + j] = vfmaq_n_f32(facc[r * NT + j], gacc[r * NT + j], sk);
-    }
-  }
-  store_rows<NR, NT>(a, tok, n, facc, 0.5f * ratio);
-}
-
-template <class Step, int KS, int NR, int NT>
-inline void i8_rows(const RsmmArgs& a, const int32_t* tok, int64_t n) {
-  const int64_t groups = a.K / a.group_size;
-  const size_t plane = slice_bytes(a.N, a.K), row_bytes = static_cast<size_t>(a.K / 4);
-  const float ratio = step_ratio(KS);
-  constexpr bool kShifted = KS == 4;  // Q < 256 does not fit int8: bytes hold Q - 128
-  float32x4_t facc[NR * NT];
-  for (auto& f : facc) f = vdupq_n_f32(0.0f);
-  for (int64_t g = 0; g < groups; ++g) {
-    int32x4_t acc[NR * NT];
-    for (auto& v : acc) v = vdupq_n_s32(0);
-    for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += 64) {
-      for (int r = 0; r < NR; ++r) {
-        uint8x16_t q[4];
-        codes<KS>(a.slices + static_cast<size_t>(n + r) * row_bytes + static_cast<size_t>(c) / 4, plane, q);
-        for (int i = 0; i < 4; ++i) {
-          const int8x16_t qs = vreinterpretq_s8_u8(kShifted ? veorq_u8(q[i], vdupq_n_u8(0x80)) : q[i]);
-          for (int j = 0; j < NT; ++j)
-            acc[r * NT + j] = Step::dot(acc[r * NT + j], qs, vld1q_s8(a.xq + tok[j] * a.K + c + 16 * i));
+      float32x4_t dot[NT];
+      for (int j = 0; j < NT; ++j) {
+        if constexpr (kF32) {
+          dot[j] = acc[j][0];
+          for (int h = 1; h < A; ++h) dot[j] = vaddq_f32(dot[j], acc[j][h]);
+        } else {
+          int32x4_t s = vaddq_s32(acc[j][0], vdupq_n_s32(centre[j]));
+          for (int h = 1; h < A; ++h) s = vaddq_s32(s, acc[j][h]);
+          dot[j] = vcvtq_f32_s32(s);
         }
       }
-    }
-    for (int r = 0; r < NR; ++r) {
-      const float sk = a.scales[(n + r) * groups + g] * ratio;
-      for (int j = 0; j < NT; ++j)
-        facc[r * NT + j] = vfmaq_n_f32(facc[r * NT + j], vcvtq_f32_s32(acc[r * NT + j]),
-                                       sk * a.xq_scale[tok[j] * groups + g]);
+      group_epilogue<NT>(a, tok, tile, g, r, step_ratio(KS), dot, dot_scale, out[r]);
     }
   }
-  store_rows<NR, NT>(a, tok, n, facc, (kShifted ? 128.5f : 0.5f) * ratio);
+  store_tile<NT>(a, tok, n, end, out);
 }
 
-// Rows in tiles of NR (then single rows) for one token tile of NT.
-template <class Step, int KS, int NT>
-inline void rows(const RsmmArgs& a, const int32_t* tok, int64_t n0, int64_t n1) {
-  constexpr int NR = NT == 1 ? 4 : 2;
-  int64_t n = n0;
-  if constexpr (std::is_same_v<Step, F32>) {
-    for (; n + NR <= n1; n += NR) f32_rows<KS, NR, NT>(a, tok, n);
-    for (; n < n1; ++n) f32_rows<KS, 1, NT>(a, tok, n);
-  } else {
-    for (; n + NR <= n1; n += NR) i8_rows<Step, KS, NR, NT>(a, tok, n);
-    for (; n < n1; ++n) i8_rows<Step, KS, 1, NT>(a, tok, n);
-  }
-}
-
-template <class Step, int NT>
+template <class Dots, int NT>
 inline void tile(const RsmmArgs& a, const int32_t* tok, int k, int64_t n0, int64_t n1) {
   switch (k) {
-    case 1: rows<Step, 1, NT>(a, tok, n0, n1); break;
-    case 2: rows<Step, 2, NT>(a, tok, n0, n1); break;
-    case 3: rows<Step, 3, NT>(a, tok, n0, n1); break;
-    default: rows<Step, 4, NT>(a, tok, n0, n1); break;
+    case 1: row_tile<Dots, 1, NT>(a, tok, n0, n1); break;
+    case 2: row_tile<Dots, 2, NT>(a, tok, n0, n1); break;
+    case 3: row_tile<Dots, 3, NT>(a, tok, n0, n1); break;
+    default: row_tile<Dots, 4, NT>(a, tok, n0, n1); break;
   }
 }
 
@@ -193,21 +261,28 @@ MOBIQ_DOTPROD_ENTRY void dot_tile(const RsmmArgs& a, const int32_t* tok, int k, 
   tile<Dot, NT>(a, tok, k, n0, n1);
 }
 
+// Row tiles outermost: a prefill reads each row tile's slice bytes from cache for every token tile.
+template <TileFn T1, TileFn T2, TileFn T3, TileFn T4>
+void run(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += kTileRows)
+    run_tiles<T1, T2, T3, T4>(a, tokens, num_tokens, k, n, n + kTileRows < n1 ? n + kTileRows : n1);
+}
+
 }  // namespace
 
-void rsmm_f32_4x64__neon(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
+void rsmm_f32_16x4__neon(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
                          int64_t n1) {
-  run_tiles<f32_tile<1>, f32_tile<2>, f32_tile<3>, f32_tile<4>>(a, tokens, num_tokens, k, n0, n1);
+  run<f32_tile<1>, f32_tile<2>, f32_tile<3>, f32_tile<4>>(a, tokens, num_tokens, k, n0, n1);
 }
 
-void rsmm_i8_4x64__neon(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
+void rsmm_i8_16x4__neon(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
                         int64_t n1) {
-  run_tiles<i8_tile<1>, i8_tile<2>, i8_tile<3>, i8_tile<4>>(a, tokens, num_tokens, k, n0, n1);
+  run<i8_tile<1>, i8_tile<2>, i8_tile<3>, i8_tile<4>>(a, tokens, num_tokens, k, n0, n1);
 }
 
-void rsmm_i8_4x64__neondot(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
+void rsmm_i8_16x4__neondot(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
                            int64_t n1) {
-  run_tiles<dot_tile<1>, dot_tile<2>, dot_tile<3>, dot_tile<4>>(a, tokens, num_tokens, k, n0, n1);
+  run<dot_tile<1>, dot_tile<2>, dot_tile<3>, dot_tile<4>>(a, tokens, num_tokens, k, n0, n1);
 }
 
 }  // namespace mobiq

@@ -1,238 +1,227 @@
-// AVX-512 kernels: tiles of NR rows x NT tokens (NR*NT independent accumulator
-// chains, so dot-product latency is hidden even for one token), 64 columns per step.
-// More than 4 tokens (prefill): each row's Q(k) bytes are decoded once into scratch
-// and every token tile reads them back.
+// AVX-512 VNNI kernels on layout v2 (format.h): the 16 rows of a row tile sit in
+// the 16 lanes of a register, tokens in tiles of up to 4, so group scales apply to
+// whole registers and no horizontal sum is ever needed. Every product is an
+// integer vpdpbusd of code bytes with signed activation bytes.
 //
-// rsmm_i8_4x64__avx512vnni: int8 mode. Per 64-column block, the 16 packed bytes
-//   of each slice are broadcast to the four 128-bit lanes; lane i rotates its
-//   dwords so that bit pair i of every byte lands at bit pair (k - e) — rotation
-//   keeps bytes in place modulo 32 bits — and a mask keeps it. OR-ing the k
-//   slices (one vpternlogd each) gives Q(k) as 64 unsigned bytes (k <= 4), in
-//   block-permuted order; one vpdpbusd against the permuted int8 activations
-//   per token. Per group: float accumulate s_k * xq_scale * dot.
-// rsmm_f32_4x64__avx512: exact float mode. Same Q(k) bytes, widened to float
-//   16 at a time and multiplied with block-permuted float activations.
-// Both: group_size % 64 == 0, k <= 4, bytes of slices k+1..S never read.
+// Code bytes (Quads<KS>): per 16 x 16 weight tile, one 64-byte load per active
+// slice; a few 16-bit shifts and bitwise selects (vpternlogd) give, for each
+// column quad i (columns 4i .. 4i+3), a register of 16 rows x 4 bytes holding
+// Q(k) times a power of two fixed per quad ("class" shift, undone exactly on the
+// int32 sums by an arithmetic shift):
+//   k = 1, 2: nibbles — quads 0, 1 at x1, quads 2, 3 at x16 (1 shift + 4 ands
+//             per tile for k = 1; 2 shifts, 2 selects, 4 ands for k = 2);
+//   k = 3, 4: bytes 16 Q12 + Q34 of the slice pairs (1,2) and (3,4) — k = 3 with
+//             q4 = 0, i.e. 4 Q(3); 8 shifts and 8 selects for k = 4.
+// rsmm_i8_16x4__avx512vnni: int8 mode, one vpdpbusd per (quad, token).
+// rsmm_f32_16x4__avx512vnni: exact mode. Activations as 23-bit block floating point
+//   (per token and group: x = scale (d2 2^16 + d1 2^8 + d0), signed digits, |x| error
+//   <= 2^-23 max|x_group|, below float32 rounding of the sums), three vpdpbusd per
+//   (quad, token), exact int32 sums combined in float per group.
+// Per group g and token: y += s1 * (s_k/s1 * (dot + xsum/2)) - (s1 z1) * xsum, with
+// s1 and s1 z1 from the tile parameters. One token keeps 4 independent accumulator
+// chains, two tokens 2 each, so vpdpbusd latency is hidden.
+// Both: group_size % 16 == 0, k <= 4, bytes of slices k+1..S never read.
 #include <immintrin.h>
 
-#include <vector>
+#include <cstring>
 
 #include "../tiles.h"
 #include "mobiq/format.h"
 #include "mobiq/kernels.h"
 
-#define MOBIQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 #define MOBIQ_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
 namespace mobiq {
 namespace {
 
-template <int KS>
-struct Unpack {
-  __m512i rot[KS];
-  __m512i mask[KS];
+constexpr int kSelect = 0xE4;  // vpternlogd: c ? a : b, bit by bit
 
-  MOBIQ_AVX512 Unpack() {
-    for (int e = 0; e < KS; ++e) {
-      const int target = 2 * (KS - 1 - e);
-      alignas(64) int32_t r[16];
-      for (int d = 0; d < 16; ++d) r[d] = (target - 2 * (d / 4)) & 31;
-      rot[e] = _mm512_load_si512(r);
-      mask[e] = _mm512_set1_epi8(static_cast<char>(3 << target));
-    }
-  }
+MOBIQ_AVX512VNNI inline __m512i bytes(int v) { return _mm512_set1_epi8(static_cast<char>(v)); }
+MOBIQ_AVX512VNNI inline __m512i select(__m512i a, __m512i b, int mask) {
+  return _mm512_ternarylogic_epi32(a, b, bytes(mask), kSelect);
+}
 
-  // Q(KS) of the 64-column block whose slice-1 bytes start at p: 64 bytes, block-permuted.
-  MOBIQ_AVX512 __m512i codes(const uint8_t* p, size_t plane) const {
-    __m512i q = _mm512_and_si512(
-        _mm512_rolv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), rot[0]),
-        mask[0]);
-    for (int e = 1; e < KS; ++e) {
-      const __m512i r = _mm512_rolv_epi32(
-          _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + e * plane))), rot[e]);
-      q = _mm512_ternarylogic_epi32(q, r, mask[e], 0xF8);  // q | (r & mask)
+// Two slices as nibbles: .lo has quads 0 (low nibble) and 2 (high), .hi quads 1 and 3, each nibble
+// 4 qa + qb. Without b (k = 1 or 3) the b codes are 0.
+struct Nibbles {
+  __m512i lo, hi;
+};
+MOBIQ_AVX512VNNI inline Nibbles nibbles(__m512i a, const __m512i* b) {
+  if (b) return {select(_mm512_slli_epi16(a, 2), *b, 0xCC), select(a, _mm512_srli_epi16(*b, 2), 0xCC)};
+  return {_mm512_and_si512(_mm512_slli_epi16(a, 2), bytes(0xCC)), _mm512_and_si512(a, bytes(0xCC))};
+}
+
+// Code bytes q[i] of quad i for KS slices, q[i] = Q(KS) << shift(i) (see the header). Wide: for
+// k = 1, four classes from masks alone (no shift; vector shifts are slow), for callers with
+// accumulators to spare.
+template <int KS, bool Wide>
+struct Quads {
+  static constexpr bool kMasksOnly = KS == 1 && Wide;
+  static constexpr int kClasses = kMasksOnly ? 4 : KS <= 2 ? 2 : 1;
+  static constexpr int shift(int i) { return kMasksOnly ? 2 * i : KS <= 2 ? (i >= 2 ? 4 : 0) : KS == 3 ? 2 : 0; }
+
+  MOBIQ_AVX512VNNI static inline void build(const __m512i* v, __m512i q[4]) {
+    if constexpr (kMasksOnly) {
+      for (int i = 0; i < 4; ++i) q[i] = _mm512_and_si512(v[0], bytes(3 << (2 * i)));
+    } else if constexpr (KS == 1) {
+      const __m512i odd = _mm512_srli_epi16(v[0], 2);
+      q[0] = _mm512_and_si512(v[0], bytes(0x03));
+      q[1] = _mm512_and_si512(odd, bytes(0x03));
+      q[2] = _mm512_and_si512(v[0], bytes(0x30));
+      q[3] = _mm512_and_si512(odd, bytes(0x30));
+    } else if constexpr (KS == 2) {
+      const Nibbles n = nibbles(v[0], &v[1]);
+      q[0] = _mm512_and_si512(n.lo, bytes(0x0F));
+      q[1] = _mm512_and_si512(n.hi, bytes(0x0F));
+      q[2] = _mm512_and_si512(n.lo, bytes(0xF0));
+      q[3] = _mm512_and_si512(n.hi, bytes(0xF0));
+    } else {
+      const Nibbles top = nibbles(v[0], &v[1]);
+      const Nibbles low = nibbles(v[2], KS == 4 ? &v[3] : nullptr);
+      q[0] = select(_mm512_slli_epi16(top.lo, 4), low.lo, 0xF0);
+      q[1] = select(_mm512_slli_epi16(top.hi, 4), low.hi, 0xF0);
+      q[2] = select(top.lo, _mm512_srli_epi16(low.lo, 4), 0xF0);
+      q[3] = select(top.hi, _mm512_srli_epi16(low.hi, 4), 0xF0);
     }
-    return q;
   }
 };
 
-// Lane-wise partial sums of the zero-point term sum_g s1_g (ratio/2 - z1_g) xsum_g of one row
-// (masked loads: one step for up to 16 groups), to be reduced together with the dot products.
-MOBIQ_AVX512 inline __m512 zero_point_lanes(const float* s1, const float* z1, const float* xsum, int64_t groups,
-                                            float ratio) {
-  const __m512 half = _mm512_set1_ps(0.5f * ratio);
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; g += 16) {
-    const int64_t left = groups - g;
-    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-    const __m512 c = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, s1 + g), _mm512_sub_ps(half, _mm512_maskz_loadu_ps(m, z1 + g)));
-    acc = _mm512_fmadd_ps(c, _mm512_maskz_loadu_ps(m, xsum + g), acc);
+inline int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Accumulator slots: A per (row tile, token, plane), A >= the quads' classes, quad i -> slot
+// i * A / 4, so every slot holds one class and one token has enough independent vpdpbusd chains.
+template <class Q, int NT>
+constexpr int slots() {
+  const int chains = NT == 1 ? 4 : NT == 2 ? 2 : 1;
+  return chains > Q::kClasses ? chains : Q::kClasses;
+}
+
+// Exact int32 sum of the slots of one token, class shifts undone.
+template <class Q, int A>
+MOBIQ_AVX512VNNI inline __m512i slot_sum(const __m512i* slot) {
+  __m512i s = _mm512_srai_epi32(slot[0], Q::shift(0));
+  for (int h = 1; h < A; ++h) s = _mm512_add_epi32(s, _mm512_srai_epi32(slot[h], Q::shift(h * 4 / A)));
+  return s;
+}
+
+// Adds one group's dot products (per token, rows in lanes) to the running outputs.
+MOBIQ_AVX512VNNI inline void group_epilogue(const RsmmArgs& a, const int32_t* tok, int nt, int64_t tile, int64_t g,
+                                            float ratio, const __m512* dot, __m512* out) {
+  const int64_t groups = a.K / a.group_size;
+  const __m512 s1 = _mm512_loadu_ps(a.tile_scales + (tile * groups + g) * kTileRows);
+  const __m512 o1 = _mm512_loadu_ps(a.tile_offsets + (tile * groups + g) * kTileRows);
+  for (int j = 0; j < nt; ++j) {
+    const float xsum = a.x_group_sums[tok[j] * groups + g];
+    const float xscale = a.xq_scale[tok[j] * groups + g];
+    const __m512 t = _mm512_fmadd_ps(dot[j], _mm512_set1_ps(ratio * xscale), _mm512_set1_ps(0.5f * ratio * xsum));
+    out[j] = _mm512_fnmadd_ps(o1, _mm512_set1_ps(xsum), _mm512_fmadd_ps(s1, t, out[j]));
   }
-  return acc;
 }
 
-MOBIQ_AVX512 void store_rows(const RsmmArgs& a, const int32_t* tok, int nt, int64_t n, int nr, const __m512* facc,
-                             float ratio) {
-  const int64_t groups = a.K / a.group_size;
-  for (int r = 0; r < nr; ++r)
-    for (int j = 0; j < nt; ++j) {
-      const int64_t row = n + r;
-      const __m512 zp = zero_point_lanes(a.scales + row * groups, a.zero_points + row * groups,
-                                         a.x_group_sums + tok[j] * groups, groups, ratio);
-      a.y[tok[j] * a.N + row] = (a.bias ? a.bias[row] : 0.0f) + _mm512_reduce_add_ps(_mm512_add_ps(facc[r * nt + j], zp));
-    }
+// Stores rows n .. min(n + 16, n1) - 1 of the tokens' outputs, bias added.
+MOBIQ_AVX512VNNI inline void store_tile(const RsmmArgs& a, const int32_t* tok, int nt, int64_t n, int64_t n1,
+                                        const __m512* out) {
+  const int64_t rows = n1 - n < kTileRows ? n1 - n : kTileRows;
+  const __mmask16 m = static_cast<__mmask16>((1u << rows) - 1);
+  const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(m, a.bias + n) : _mm512_setzero_ps();
+  for (int j = 0; j < nt; ++j) _mm512_mask_storeu_ps(a.y + tok[j] * a.N + n, m, _mm512_add_ps(out[j], bias));
 }
 
-// Q(k) of row n + r, columns c..c+63: decoded from the slices, or (Scratch) read back from the
-// rows decoded once for a whole prefill (scratch holds row r at r * K).
-template <int KS, bool Scratch>
-MOBIQ_AVX512 inline __m512i row_codes(const RsmmArgs& a, const Unpack<KS>& u, const uint8_t* scratch, int64_t n, int r,
-                                      int64_t c) {
-  if constexpr (Scratch) return _mm512_loadu_si512(scratch + r * a.K + c);
-  return u.codes(a.slices + (n + r) * (a.K / 4) + c / 4, slice_bytes(a.N, a.K));
-}
-
-template <int KS, int NR, int NT, bool Scratch>
-MOBIQ_AVX512VNNI void i8_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, const Unpack<KS>& u,
-                              const uint8_t* scratch) {
-  const int64_t groups = a.K / a.group_size;
-  const float ratio = step_ratio(KS);
-  __m512 facc[NR * NT];
-  for (auto& f : facc) f = _mm512_setzero_ps();
+// R row tiles (rows n .. n + 16 R - 1, outputs stored below n1) for NT tokens reading KS slices;
+// P activation planes (1: int8; 3: the exact mode's signed digits, plane p weighted 2^(8p)).
+template <int KS, int NT, int P, int R>
+MOBIQ_AVX512VNNI void row_tiles(const RsmmArgs& a, const int32_t* tok, int64_t n, int64_t n1) {
+  using Q = Quads<KS, P == 1 && NT <= 2>;
+  constexpr int A = slots<Q, NT>();
+  const int64_t groups = a.K / a.group_size, tile = n / kTileRows;
+  const size_t plane = slice_bytes(a.N, a.K);
+  const int64_t row_stride = (a.K / kTileCols) * kTileBytes;
+  const uint8_t* tiles = tile_at(a.slices, a.K, n, 0);
+  const int8_t* x[NT];
+  for (int j = 0; j < NT; ++j) x[j] = a.xq + tok[j] * P * a.K;
+  __m512 out[R][NT];
+  for (auto& per_row : out)
+    for (auto& o : per_row) o = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i acc[NR * NT];
-    for (auto& v : acc) v = _mm512_setzero_si512();
-    for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += 64) {
-      for (int r = 0; r < NR; ++r) {
-        const __m512i q = row_codes<KS, Scratch>(a, u, scratch, n, r, c);
+    __m512i acc[R][P][NT][A];
+    for (auto& per_row : acc)
+      for (auto& per_plane : per_row)
+        for (auto& per_token : per_plane)
+          for (auto& s : per_token) s = _mm512_setzero_si512();
+    const uint8_t* p = tiles + g * (a.group_size / kTileCols) * kTileBytes;
+    for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += kTileCols, p += kTileBytes) {
+      __m512i q[R][4];
+      for (int r = 0; r < R; ++r) {
+        __m512i v[KS];
+        for (int e = 0; e < KS; ++e) v[e] = _mm512_loadu_si512(p + r * row_stride + e * plane);
+        Q::build(v, q[r]);
+      }
+      for (int i = 0; i < 4; ++i)
         for (int j = 0; j < NT; ++j)
-          acc[r * NT + j] = _mm512_dpbusd_epi32(acc[r * NT + j], q, _mm512_loadu_si512(a.xq + tok[j] * a.K + c));
-      }
+          for (int d = 0; d < P; ++d) {
+            const __m512i xs = _mm512_set1_epi32(load4(x[j] + d * a.K + c + 4 * i));
+            for (int r = 0; r < R; ++r) {
+              __m512i& s = acc[r][d][j][i * A / 4];
+              s = _mm512_dpbusd_epi32(s, q[r][i], xs);
+            }
+          }
     }
-    for (int r = 0; r < NR; ++r) {
-      const float sk = a.scales[(n + r) * groups + g] * ratio;
-      for (int j = 0; j < NT; ++j)
-        facc[r * NT + j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r * NT + j]),
-                                           _mm512_set1_ps(sk * a.xq_scale[tok[j] * groups + g]), facc[r * NT + j]);
+    for (int r = 0; r < R; ++r) {
+      __m512 dot[NT];
+      for (int j = 0; j < NT; ++j) {
+        dot[j] = _mm512_cvtepi32_ps(slot_sum<Q, A>(acc[r][P - 1][j]));
+        for (int d = P - 2; d >= 0; --d)
+          dot[j] = _mm512_fmadd_ps(dot[j], _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(slot_sum<Q, A>(acc[r][d][j])));
+      }
+      group_epilogue(a, tok, NT, tile + r, g, step_ratio(KS), dot, out[r]);
     }
   }
-  store_rows(a, tok, NT, n, NR, facc, ratio);
+  for (int r = 0; r < R; ++r) store_tile(a, tok, NT, n + r * kTileRows, n1, out[r]);
 }
 
-template <int KS, int NR, int NT, bool Scratch>
-MOBIQ_AVX512 void f32_rows(const RsmmArgs& a, const int32_t* tok, int64_t n, const Unpack<KS>& u,
-                           const uint8_t* scratch) {
-  const int64_t groups = a.K / a.group_size;
-  const float ratio = step_ratio(KS);
-  __m512 facc[NR * NT];
-  for (auto& f : facc) f = _mm512_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512 gacc[NR * NT];
-    for (auto& v : gacc) v = _mm512_setzero_ps();
-    for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += 64) {
-      for (int r = 0; r < NR; ++r) {
-        const __m512i q = row_codes<KS, Scratch>(a, u, scratch, n, r, c);
-        const __m512 w[4] = {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 0))),
-                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 1))),
-                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 2))),
-                             _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, 3)))};
-        for (int j = 0; j < NT; ++j) {
-          const float* x = a.x + tok[j] * a.K + c;
-          __m512 s = _mm512_mul_ps(w[0], _mm512_loadu_ps(x));
-          s = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x + 16), s);
-          const __m512 t = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(x + 48), _mm512_mul_ps(w[2], _mm512_loadu_ps(x + 32)));
-          gacc[r * NT + j] = _mm512_add_ps(gacc[r * NT + j], _mm512_add_ps(s, t));
-        }
-      }
-    }
-    for (int r = 0; r < NR; ++r) {
-      const __m512 sk = _mm512_set1_ps(a.scales[(n + r) * groups + g] * ratio);
-      for (int j = 0; j < NT; ++j) facc[r * NT + j] = _mm512_fmadd_ps(gacc[r * NT + j], sk, facc[r * NT + j]);
-    }
-  }
-  store_rows(a, tok, NT, n, NR, facc, ratio);
-}
-
-template <int KS, int NR, int NT, bool Int8, bool Scratch>
-MOBIQ_AVX512 inline void rows_at(const RsmmArgs& a, const int32_t* tok, int64_t n, const Unpack<KS>& u,
-                                 const uint8_t* scratch) {
-  if constexpr (Int8)
-    i8_rows<KS, NR, NT, Scratch>(a, tok, n, u, scratch);
-  else
-    f32_rows<KS, NR, NT, Scratch>(a, tok, n, u, scratch);
-}
-
-// Decode: rows in tiles of NR (then single rows) for one token tile of NT, codes decoded in registers.
-template <int KS, int NT, bool Int8>
-MOBIQ_AVX512 void rows(const RsmmArgs& a, const int32_t* tok, int64_t n0, int64_t n1) {
-  constexpr int NR = NT == 1 ? 4 : 2;
-  const Unpack<KS> u;
+// Rows [n0, n1) for one token tile; a single int8 token reading up to 3 slices goes two row
+// tiles at a time (8 independent chains; with 4 slices the registers run out).
+template <int KS, int NT, int P>
+void rows(const RsmmArgs& a, const int32_t* tok, int64_t n0, int64_t n1) {
+  constexpr int64_t step = NT == 1 && P == 1 && KS <= 3 ? 2 * kTileRows : kTileRows;
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) rows_at<KS, NR, NT, Int8, false>(a, tok, n, u, nullptr);
-  for (; n < n1; ++n) rows_at<KS, 1, NT, Int8, false>(a, tok, n, u, nullptr);
+  for (; n + step <= n1 || (step == kTileRows && n < n1); n += step) row_tiles<KS, NT, P, step / kTileRows>(a, tok, n, n1);
+  for (; n < n1; n += kTileRows) row_tiles<KS, NT, P, 1>(a, tok, n, n1);
 }
 
-template <int NT, bool Int8>
+template <int NT, int P>
 void tile(const RsmmArgs& a, const int32_t* tok, int k, int64_t n0, int64_t n1) {
   switch (k) {
-    case 1: rows<1, NT, Int8>(a, tok, n0, n1); break;
-    case 2: rows<2, NT, Int8>(a, tok, n0, n1); break;
-    case 3: rows<3, NT, Int8>(a, tok, n0, n1); break;
-    default: rows<4, NT, Int8>(a, tok, n0, n1); break;
+    case 1: rows<1, NT, P>(a, tok, n0, n1); break;
+    case 2: rows<2, NT, P>(a, tok, n0, n1); break;
+    case 3: rows<3, NT, P>(a, tok, n0, n1); break;
+    default: rows<4, NT, P>(a, tok, n0, n1); break;
   }
 }
 
-// Prefill (more tokens than one tile): each pair of rows is decoded once into scratch, then every
-// token tile reads the codes back instead of decoding them again.
-template <int KS, int NR, bool Int8>
-MOBIQ_AVX512 void prefill_rows(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int64_t n,
-                               const Unpack<KS>& u, uint8_t* scratch) {
-  for (int r = 0; r < NR; ++r)
-    for (int64_t c = 0; c < a.K; c += 64)
-      _mm512_storeu_si512(scratch + r * a.K + c, row_codes<KS, false>(a, u, nullptr, n, r, c));
-  int64_t i = 0;
-  for (; i + 4 <= num_tokens; i += 4) rows_at<KS, NR, 4, Int8, true>(a, tokens + i, n, u, scratch);
-  switch (num_tokens - i) {
-    case 3: rows_at<KS, NR, 3, Int8, true>(a, tokens + i, n, u, scratch); break;
-    case 2: rows_at<KS, NR, 2, Int8, true>(a, tokens + i, n, u, scratch); break;
-    case 1: rows_at<KS, NR, 1, Int8, true>(a, tokens + i, n, u, scratch); break;
-    default: break;
-  }
-}
-
-template <int KS, bool Int8>
-MOBIQ_AVX512 void prefill(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int64_t n0, int64_t n1) {
-  const Unpack<KS> u;
-  std::vector<uint8_t> scratch(static_cast<size_t>(2 * a.K));
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) prefill_rows<KS, 2, Int8>(a, tokens, num_tokens, n, u, scratch.data());
-  for (; n < n1; ++n) prefill_rows<KS, 1, Int8>(a, tokens, num_tokens, n, u, scratch.data());
-}
-
-template <bool Int8>
+// Decode (up to 4 tokens): one pass over the rows. Prefill: row tiles outermost, so each row
+// tile's slice bytes are read from cache for every token tile.
+template <int P>
 void run(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0, int64_t n1) {
-  if (num_tokens <= 4) {
-    run_tiles<tile<1, Int8>, tile<2, Int8>, tile<3, Int8>, tile<4, Int8>>(a, tokens, num_tokens, k, n0, n1);
-    return;
-  }
-  switch (k) {
-    case 1: prefill<1, Int8>(a, tokens, num_tokens, n0, n1); break;
-    case 2: prefill<2, Int8>(a, tokens, num_tokens, n0, n1); break;
-    case 3: prefill<3, Int8>(a, tokens, num_tokens, n0, n1); break;
-    default: prefill<4, Int8>(a, tokens, num_tokens, n0, n1); break;
-  }
+  constexpr auto tiles = run_tiles<tile<1, P>, tile<2, P>, tile<3, P>, tile<4, P>>;
+  if (num_tokens <= 4) return tiles(a, tokens, num_tokens, k, n0, n1);
+  for (int64_t n = n0; n < n1; n += kTileRows) tiles(a, tokens, num_tokens, k, n, n + kTileRows < n1 ? n + kTileRows : n1);
 }
 
 }  // namespace
 
-void rsmm_i8_4x64__avx512vnni(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
+void rsmm_i8_16x4__avx512vnni(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
                               int64_t n1) {
-  run<true>(a, tokens, num_tokens, k, n0, n1);
+  run<1>(a, tokens, num_tokens, k, n0, n1);
 }
 
-void rsmm_f32_4x64__avx512(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
-                           int64_t n1) {
-  run<false>(a, tokens, num_tokens, k, n0, n1);
+void rsmm_f32_16x4__avx512vnni(const RsmmArgs& a, const int32_t* tokens, int64_t num_tokens, int k, int64_t n0,
+                               int64_t n1) {
+  run<3>(a, tokens, num_tokens, k, n0, n1);
 }
 
 }  // namespace mobiq
