@@ -14,7 +14,8 @@
 // integer dots), and relative Frobenius <= 2e-2 against the reference when the
 // output has at least 16 values (over fewer, that norm measures luck: one y
 // near 0 by cancellation makes the int8 rounding error look large).
-// Prints one line per failure, one per kernel, the automatic choices, and last
+// Extremes: all codes 3 (or 2) with activations at +-max, where integer partial
+// sums peak. Prints one line per failure, one per kernel, the automatic choices, and last
 // "N passed, M failed"; exits 1 on any failure.
 #include <algorithm>
 #include <cmath>
@@ -184,6 +185,35 @@ void test_kernels_on_grid() {
   }
 }
 
+// Largest integer partial sums: every code 3 (Q(k) = 4^k - 1) or 2, activations at +-max (int8
+// +-127), one sign or alternating — where a 16-bit intermediate sum would saturate.
+void test_kernels_at_extremes() {
+  const KernelInfo& reference = kernel_named("rsmm_f32_reference");
+  const KernelInfo& portable_i8 = kernel_named("rsmm_i8_1x1__scalar");
+  int cases = 0;
+  uint32_t index = 1000;
+  for (int64_t g : {16, 128})
+    for (uint8_t code_byte : {uint8_t{0xFF}, uint8_t{0xAA}})
+      for (int sign : {1, -1, 0})  // 0: alternating
+        for (int k = 1; k <= kS; ++k) {
+          Problem p = make_problem(3, 2 * g, 17, g, "all-4", false, false, ++index);
+          std::fill(p.slices.begin(), p.slices.end(), code_byte);
+          for (size_t c = 0; c < p.x.size(); ++c) p.x[c] = sign ? static_cast<float>(sign) : (c % 2 ? -1.0f : 1.0f);
+          std::fill(p.slice_count.begin(), p.slice_count.end(), k);
+          const std::vector<float> ref = run(reference, p), ref_i8 = run(portable_i8, p);
+          for (const KernelInfo& kernel : mobiq::all_kernels()) {
+            if (&kernel == &reference || !kernel.supported() || kS > kernel.max_slices) continue;
+            ++cases;
+            const bool i8 = kernel.mode == Mode::kInt8;
+            const std::string why = compare(run(kernel, p), i8 ? ref_i8 : ref, p.N, false);
+            check(why.empty(), std::string(kernel.name) + " extremes k=" + std::to_string(k) + " code byte " +
+                                   std::to_string(code_byte) + " sign " + std::to_string(sign) + " " + p.describe() +
+                                   ": " + why);
+          }
+        }
+  std::printf("extremes: %d cases\n", cases);
+}
+
 // ---- select_kernel --------------------------------------------------------------
 
 std::string select_name(Mode mode, int64_t num_slices = kS) {
@@ -223,6 +253,7 @@ void test_select_kernel() {
 
 int main() {
   test_kernels_on_grid();
+  test_kernels_at_extremes();
   test_select_kernel();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;

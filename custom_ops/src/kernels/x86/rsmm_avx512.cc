@@ -193,8 +193,14 @@ void rows(const RsmmArgs& a, const int32_t* tok, int64_t n0, int64_t n1) {
   for (; n < n1; n += kTileRows) row_tiles<KS, NT, P, 1>(a, tok, n, n1);
 }
 
+// Exact mode (3 planes) takes at most 2 tokens at a time: 3 or 4 would not fit the registers.
 template <int NT, int P>
 void tile(const RsmmArgs& a, const int32_t* tok, int k, int64_t n0, int64_t n1) {
+  if constexpr (P == 3 && NT > 2) {
+    tile<2, P>(a, tok, k, n0, n1);
+    tile<NT - 2, P>(a, tok + 2, k, n0, n1);
+    return;
+  }
   switch (k) {
     case 1: rows<1, NT, P>(a, tok, n0, n1); break;
     case 2: rows<2, NT, P>(a, tok, n0, n1); break;
