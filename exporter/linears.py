@@ -52,19 +52,14 @@ class MoBiQuantLinear(LinearKind):
     def _router(self, g: GraphBuilder, x: str, group: str) -> str:
         """Per-token slice counts int32 [B, S] = #(score > tau'_j), tau' = [-inf, tau_1 .. tau_{S-1}](target_bits)."""
         r = self.q.routers[group]
-        hidden = g.op("Relu", [g.op("Add", [g.op("MatMul", [x, g.const(r.fc1.weight.detach().numpy().T.copy(),
-                                                                       f"{group}.router.w1")]),
-                                              g.const(r.fc1.bias.detach().numpy(), f"{group}.router.b1")])])
-        score = g.op("Add", [g.op("MatMul", [hidden, g.const(r.fc2.weight.detach().numpy().T.copy(),
-                                                            f"{group}.router.w2")]),
-                             g.const(r.fc2.bias.detach().numpy(), f"{group}.router.b2")], f"{group}.score")
-        table = r.thresholds.numpy()
-        always = np.full((table.shape[0], 1), -np.inf, np.float32)  # slice 1: every token
-        tau = g.op("Gather", [g.const(np.concatenate([always, table], 1), f"{group}.router.thresholds"),
-                              self._threshold_row(g)])
-        above = g.op("Cast", [g.op("Greater", [score, tau])], to=TensorProto.INT32)
-        return g.op("ReduceSum", [above, g.const(np.array([-1], np.int64), "last_axis")], f"{group}.counts",
-                    keepdims=0)
+        table = r.thresholds.numpy().astype(np.float32)
+        return g.op(ops.ROUTER_OP_TYPE, [
+            x, g.const(r.fc1.weight.detach().numpy().T.copy(), f"{group}.router.w1"),
+            g.const(r.fc1.bias.detach().numpy(), f"{group}.router.b1"),
+            g.const(r.fc2.weight.detach().numpy().reshape(-1).copy(), f"{group}.router.w2"),
+            g.const(r.fc2.bias.detach().numpy().reshape(-1).copy(), f"{group}.router.b2"),
+            g.const(table, f"{group}.router.thresholds"), self._threshold_row(g)], f"{group}.counts",
+            domain=ops.DOMAIN)
 
     def _threshold_row(self, g: GraphBuilder) -> str:
         """Row of the threshold tables for target_bits: nearest grid point, clipped (as qmodel.grid_index)."""

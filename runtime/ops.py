@@ -15,6 +15,7 @@ from pathlib import Path
 
 DOMAIN = "ai.mobiquant"
 OP_TYPE = "ResidualSliceMatMul"
+ROUTER_OP_TYPE = "SliceRouter"
 OP_VERSION = 1
 LIBRARY_NAME = "libmobiq_ops.so"
 LIBRARY_ENV = "MOBIQ_OPS_LIBRARY"
@@ -66,7 +67,7 @@ _schema_registered = False
 
 
 def register_schema() -> None:
-    """Register the op's ONNX schema (idempotent) so ``onnx.checker``/shape inference accept it."""
+    """Register the ops' ONNX schemas (idempotent) so ``onnx.checker``/shape inference accept them."""
     global _schema_registered
     if _schema_registered:
         return
@@ -75,6 +76,7 @@ def register_schema() -> None:
     if defs.has(OP_TYPE, DOMAIN):
         _schema_registered = True
         return
+    _register_router_schema()
     P, A = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
     optional = defs.OpSchema.FormalParameterOption.Optional
     ints = defs.OpSchema.AttrType.INT
@@ -107,6 +109,44 @@ def register_schema() -> None:
     schema.set_type_and_shape_inference_function(_infer_output)
     defs.register_schema(schema)
     _schema_registered = True
+
+
+def _register_router_schema() -> None:
+    from onnx import defs
+
+    P = defs.OpSchema.FormalParameter
+    schema = defs.OpSchema(
+        ROUTER_OP_TYPE,
+        DOMAIN,
+        OP_VERSION,
+        "counts[t] = 1 + #(relu(X[t] W1 + B1) . W2 + B2 > thresholds[row, j]): slices per token (MoBiQuant router).",
+        inputs=[
+            P("X", "T", "float32 [..., K] activations"),
+            P("W1", "T", "[K, H]"),
+            P("B1", "T", "[H]"),
+            P("W2", "T", "[H]"),
+            P("B2", "T", "[] or [1]"),
+            P("thresholds", "T", "[G, S-1]: one row of score thresholds per budget grid point"),
+            P("row", "tensor(int64)", "[]: the row of the current budget"),
+        ],
+        outputs=[P("counts", "tensor(int32)", "[...]: slices to read, in [1, S]")],
+        type_constraints=[("T", ["tensor(float)"], "float32 only")],
+    )
+    schema.set_type_and_shape_inference_function(_infer_counts)
+    defs.register_schema(schema)
+
+
+def _infer_counts(ctx) -> None:
+    """counts: int32 with X's leading dims."""
+    from onnx import TensorProto, TypeProto
+
+    x_type = ctx.get_input_type(0)
+    out = TypeProto()
+    out.tensor_type.elem_type = TensorProto.INT32
+    if x_type.tensor_type.HasField("shape"):
+        for d in list(x_type.tensor_type.shape.dim)[:-1]:
+            out.tensor_type.shape.dim.add().CopyFrom(d)
+    ctx.set_output_type(0, out)
 
 
 def _infer_output(ctx) -> None:

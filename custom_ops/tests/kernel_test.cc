@@ -29,6 +29,7 @@
 
 #include "mobiq/format.h"
 #include "mobiq/kernels.h"
+#include "mobiq/router.h"
 
 namespace {
 
@@ -214,6 +215,56 @@ void test_kernels_at_extremes() {
   std::printf("extremes: %d cases\n", cases);
 }
 
+// ---- the router ------------------------------------------------------------------
+
+// Both router variants against float64 on random problems (H = 16, 64, 24: the AVX-512 path and
+// the portable fallback), thresholds at score quantiles; ties within 1e-4 may round either way.
+void test_router() {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  int cases = 0;
+  for (int64_t H : {16, 64, 24})
+    for (int64_t K : {64, 576, 97})
+      for (int64_t M : {1, 3, 9}) {
+        std::vector<float> x(static_cast<size_t>(M * K)), w1(static_cast<size_t>(K * H)), b1(H), w2(H);
+        for (auto& v : x) v = normal(rng);
+        for (auto& v : w1) v = normal(rng) / 8;
+        for (auto& v : b1) v = normal(rng) / 4;
+        for (auto& v : w2) v = normal(rng);
+        std::vector<double> score(static_cast<size_t>(M));
+        for (int64_t t = 0; t < M; ++t) {
+          double s = 0.1;
+          for (int64_t j = 0; j < H; ++j) {
+            double h = b1[j];
+            for (int64_t k = 0; k < K; ++k) h += static_cast<double>(x[t * K + k]) * w1[k * H + j];
+            s += std::fmax(h, 0.0) * w2[j];
+          }
+          score[t] = s;
+        }
+        std::vector<double> sorted = score;
+        std::sort(sorted.begin(), sorted.end());
+        const std::vector<float> tau = {static_cast<float>(sorted[0] - 1), static_cast<float>(sorted[M / 2]) + 1e-3f,
+                                        static_cast<float>(sorted[M - 1]) + 1.0f};
+        for (auto fn : {mobiq::route_tokens, mobiq::route_tokens_portable}) {
+          std::vector<int32_t> counts(static_cast<size_t>(M), -1);
+          const mobiq::RouterArgs args{x.data(), w1.data(), b1.data(), w2.data(), 0.1f, tau.data(), 3, K, H,
+                                       counts.data()};
+          fn(args, 0, M);
+          for (int64_t t = 0; t < M; ++t) {
+            int32_t want = 1;
+            bool tie = false;
+            for (float v : tau) want += score[t] > v, tie |= std::fabs(score[t] - v) < 1e-4;
+            ++cases;
+            check(tie || counts[t] == want, std::string(fn == mobiq::route_tokens ? "route_tokens" : "route_tokens_portable") +
+                                                " H=" + std::to_string(H) + " K=" + std::to_string(K) + " t=" +
+                                                std::to_string(t) + ": expected " + std::to_string(want) + "; got " +
+                                                std::to_string(counts[t]));
+          }
+        }
+      }
+  std::printf("router: %d cases\n", cases);
+}
+
 // ---- select_kernel --------------------------------------------------------------
 
 std::string select_name(Mode mode, int64_t num_slices = kS) {
@@ -254,6 +305,7 @@ void test_select_kernel() {
 int main() {
   test_kernels_on_grid();
   test_kernels_at_extremes();
+  test_router();
   test_select_kernel();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;

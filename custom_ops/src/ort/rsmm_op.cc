@@ -11,25 +11,7 @@
 namespace mobiq {
 namespace {
 
-// A user-facing error: becomes ORT_INVALID_ARGUMENT with the message as is.
-struct OpError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
-  s << (shape.size() == 1 ? ",)" : ")");
-  return s.str();
-}
-
-[[noreturn]] void fail(const std::string& what) { throw OpError("[" + std::string(kOpName) + "] " + what); }
-
-OrtStatusPtr to_status(const std::exception& e) {
-  const bool user = dynamic_cast<const OpError*>(&e) || dynamic_cast<const std::invalid_argument*>(&e);
-  return Ort::GetApi().CreateStatus(user ? ORT_INVALID_ARGUMENT : ORT_FAIL, e.what());
-}
+[[noreturn]] void fail(const std::string& what) { fail_op(kOpName, what); }
 
 int64_t int_attribute(const OrtKernelInfo* info, const char* name, const int64_t* fallback) {
   int64_t value = 0;
@@ -40,47 +22,17 @@ int64_t int_attribute(const OrtKernelInfo* info, const char* name, const int64_t
   fail(std::string("attribute '") + name + "' expected an int; got none");
 }
 
-const char* type_name(ONNXTensorElementDataType t) {
-  switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
-    default: return "another type";
-  }
-}
-
 constexpr const char* kInputNames[] = {"X", "slices", "scales", "zero_points", "slice_counts", "bias"};
 constexpr ONNXTensorElementDataType kInputTypes[] = {
     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
 
-struct Input {
-  Ort::ConstValue value{nullptr};
-  std::vector<int64_t> shape;
-  size_t count = 0;
-};
-
-// Input `index`, type-checked; value is null when an optional input is absent.
 Input get_input(Ort::KernelContext& ctx, size_t index) {
-  Input in;
-  if (index >= ctx.GetInputCount()) return in;
-  in.value = ctx.GetInput(index);
-  if (!in.value) return in;
-  auto info = in.value.GetTensorTypeAndShapeInfo();
-  if (info.GetElementType() != kInputTypes[index])
-    fail(std::string("input ") + kInputNames[index] + " expected " + type_name(kInputTypes[index]) + "; got " +
-         type_name(info.GetElementType()));
-  in.shape = info.GetShape();
-  in.count = info.GetElementCount();
-  return in;
+  return get_typed_input(ctx, index, kOpName, kInputNames[index], kInputTypes[index]);
 }
 
 void expect_shape(const Input& in, const char* name, const std::vector<int64_t>& want, const std::string& why) {
-  if (in.shape != want)
-    fail(std::string(name) + " shape expected " + shape_str(want) + " (" + why + "); got " + shape_str(in.shape));
+  mobiq::expect_shape(in, kOpName, name, want, why);
 }
 
 struct ParallelTask {

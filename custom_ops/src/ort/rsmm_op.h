@@ -4,9 +4,7 @@
 // layer: CreateKernelV2 and ComputeV2 convert them to OrtStatus.
 #pragma once
 
-#define ORT_API_MANUAL_INIT
-#include <onnxruntime_cxx_api.h>
-#undef ORT_API_MANUAL_INIT
+#include "op_common.h"
 
 #include "mobiq/kernels.h"
 

@@ -1,0 +1,23 @@
+// The fused token router (no ONNX Runtime in here): per token, the number of slices to read.
+#pragma once
+
+#include <cstdint>
+
+namespace mobiq {
+
+struct RouterArgs {
+  const float* x;    // [M, K] activations
+  const float* w1;   // [K, H]
+  const float* b1;   // [H]
+  const float* w2;   // [H]
+  float b2;
+  const float* tau;  // [num_tau] thresholds of the current budget, for slices 2 .. num_tau + 1
+  int64_t num_tau, K, H;
+  int32_t* counts;   // [M] out: 1 + #(score > tau_j)
+};
+
+// Tokens [t0, t1): the fastest variant for this CPU, or the portable one (any CPU; tests).
+void route_tokens(const RouterArgs& a, int64_t t0, int64_t t1);
+void route_tokens_portable(const RouterArgs& a, int64_t t0, int64_t t1);
+
+}  // namespace mobiq

@@ -1,0 +1,77 @@
+// Shared ONNX Runtime glue of the library's ops: user-facing errors (ORT_INVALID_ARGUMENT, text
+// naming the op, what was expected and what came), type-checked inputs, shape checks.
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace mobiq {
+
+// A user-facing error: becomes ORT_INVALID_ARGUMENT with the message as is.
+struct OpError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+[[noreturn]] inline void fail_op(const char* op, const std::string& what) {
+  throw OpError("[" + std::string(op) + "] " + what);
+}
+
+inline OrtStatusPtr to_status(const std::exception& e) {
+  const bool user = dynamic_cast<const OpError*>(&e) || dynamic_cast<const std::invalid_argument*>(&e);
+  return Ort::GetApi().CreateStatus(user ? ORT_INVALID_ARGUMENT : ORT_FAIL, e.what());
+}
+
+inline std::string shape_str(const std::vector<int64_t>& shape) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << (shape.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+inline const char* type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    default: return "another type";
+  }
+}
+
+struct Input {
+  Ort::ConstValue value{nullptr};
+  std::vector<int64_t> shape;
+  size_t count = 0;
+};
+
+// Input `index` of `op`, type-checked; value is null when an optional input is absent.
+inline Input get_typed_input(Ort::KernelContext& ctx, size_t index, const char* op, const char* name,
+                             ONNXTensorElementDataType type) {
+  Input in;
+  if (index >= ctx.GetInputCount()) return in;
+  in.value = ctx.GetInput(index);
+  if (!in.value) return in;
+  auto info = in.value.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != type)
+    fail_op(op, std::string("input ") + name + " expected " + type_name(type) + "; got " + type_name(info.GetElementType()));
+  in.shape = info.GetShape();
+  in.count = info.GetElementCount();
+  return in;
+}
+
+inline void expect_shape(const Input& in, const char* op, const char* name, const std::vector<int64_t>& want,
+                         const std::string& why) {
+  if (in.shape != want)
+    fail_op(op, std::string(name) + " shape expected " + shape_str(want) + " (" + why + "); got " + shape_str(in.shape));
+}
+
+}  // namespace mobiq
