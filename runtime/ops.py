@@ -119,10 +119,12 @@ def _register_router_schema() -> None:
         ROUTER_OP_TYPE,
         DOMAIN,
         OP_VERSION,
-        "counts[t] = 1 + #(relu(X[t] W1 + B1) . W2 + B2 > thresholds[row, j]): slices per token (MoBiQuant router).",
+        "counts[t] = 1 + #(relu(X[t] (W1 * W1_scale) + B1) . W2 + B2 > thresholds[row, j]): slices per token "
+        "(MoBiQuant router).",
         inputs=[
             P("X", "T", "float32 [..., K] activations"),
-            P("W1", "T", "[K, H]"),
+            P("W1", "tensor(int8)", "[K, H] hidden weights, int8 per hidden unit"),
+            P("W1_scale", "T", "[H]"),
             P("B1", "T", "[H]"),
             P("W2", "T", "[H]"),
             P("B2", "T", "[] or [1]"),

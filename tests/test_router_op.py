@@ -10,15 +10,15 @@ from onnx import TensorProto, helper
 
 from mobiquant.runtime import ops
 
-NAMES = ("X", "W1", "B1", "W2", "B2", "thresholds", "row")
+NAMES = ("X", "W1", "W1_scale", "B1", "W2", "B2", "thresholds", "row")
+TYPES = {"W1": TensorProto.INT8, "row": TensorProto.INT64}
 K, H, G, S = 64, 16, 5, 4
 
 
 def router_model(shapes: dict[str, list] | None = None) -> onnx.ModelProto:
     shapes = shapes or {}
     node = helper.make_node(ops.ROUTER_OP_TYPE, list(NAMES), ["counts"], domain=ops.DOMAIN)
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64 if n == "row" else TensorProto.FLOAT, shapes.get(n))
-              for n in NAMES]
+    inputs = [helper.make_tensor_value_info(n, TYPES.get(n, TensorProto.FLOAT), shapes.get(n)) for n in NAMES]
     output = helper.make_tensor_value_info("counts", TensorProto.INT32, shapes.get("counts"))
     graph = helper.make_graph([node], "router", inputs, [output])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ops.DOMAIN, 1)])
@@ -31,7 +31,8 @@ def run(feeds: dict[str, np.ndarray], threads: int = 1) -> np.ndarray:
 
 def make_feeds(rng: np.random.Generator, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
     feeds = {"X": rng.standard_normal((*lead, K)).astype(np.float32),
-             "W1": (rng.standard_normal((K, H)) / 8).astype(np.float32),
+             "W1": rng.integers(-127, 128, (K, H)).astype(np.int8),
+             "W1_scale": rng.uniform(1e-3, 3e-3, H).astype(np.float32),
              "B1": rng.standard_normal(H).astype(np.float32) / 4,
              "W2": rng.standard_normal(H).astype(np.float32),
              "B2": np.array([0.1], np.float32),
@@ -45,7 +46,7 @@ def make_feeds(rng: np.random.Generator, lead: tuple[int, ...]) -> dict[str, np.
 
 def reference_scores(feeds: dict[str, np.ndarray]) -> np.ndarray:
     f = {k: v.astype(np.float64) for k, v in feeds.items()}
-    return np.maximum(f["X"] @ f["W1"] + f["B1"], 0) @ f["W2"] + f["B2"][0]
+    return np.maximum(f["X"] @ (f["W1"] * f["W1_scale"]) + f["B1"], 0) @ f["W2"] + f["B2"][0]
 
 
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (2, 7), (1, 37), (3, 50)])
@@ -66,7 +67,7 @@ def test_counts_match_the_definition(lead, threads):
 
 def test_schema_accepts_the_node():
     ops.register_schema()
-    model = router_model({"X": [1, "T", K], "W1": [K, H], "B1": [H], "W2": [H], "B2": [1], "thresholds": [G, S - 1],
+    model = router_model({"X": [1, "T", K], "W1": [K, H], "W1_scale": [H], "B1": [H], "W2": [H], "B2": [1], "thresholds": [G, S - 1],
                           "row": [], "counts": [1, "T"]})
     onnx.checker.check_model(model, full_check=True)
     out = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.output[0].type.tensor_type
@@ -74,9 +75,17 @@ def test_schema_accepts_the_node():
     assert [d.dim_value or d.dim_param for d in out.shape.dim] == [1, "T"]
 
 
+def test_wrong_weight_type_is_refused():
+    feeds = make_feeds(np.random.default_rng(0), (1, 3))
+    feeds["W1"] = feeds["W1"].astype(np.float32)
+    with pytest.raises(Exception, match=r"expected: \(tensor\(int8\)\)"):
+        run(feeds)
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda f: f.update(X=f["X"][..., :-1].copy()), "X expected shape [..., K=64]"),
     (lambda f: f.update(W1=f["W1"][0]), "W1 expected shape [K, H]"),
+    (lambda f: f.update(W1_scale=f["W1_scale"][:-1].copy()), "W1_scale shape expected (16,)"),
     (lambda f: f.update(B1=f["B1"][:-1].copy()), "B1 shape expected (16,)"),
     (lambda f: f.update(W2=np.ones((H, 1), np.float32)), "W2 shape expected (16,)"),
     (lambda f: f.update(B2=np.zeros(2, np.float32)), "B2 expected one value"),

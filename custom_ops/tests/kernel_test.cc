@@ -226,18 +226,21 @@ void test_router() {
   for (int64_t H : {16, 64, 24})
     for (int64_t K : {64, 576, 97})
       for (int64_t M : {1, 3, 9}) {
-        std::vector<float> x(static_cast<size_t>(M * K)), w1(static_cast<size_t>(K * H)), b1(H), w2(H);
+        std::vector<float> x(static_cast<size_t>(M * K)), w1_scale(H), b1(H), w2(H);
+        std::vector<int8_t> w1(static_cast<size_t>(K * H));
+        std::uniform_int_distribution<int> int8(-127, 127);
         for (auto& v : x) v = normal(rng);
-        for (auto& v : w1) v = normal(rng) / 8;
+        for (auto& v : w1) v = static_cast<int8_t>(int8(rng));
+        for (auto& v : w1_scale) v = 0.001f + std::fabs(normal(rng)) / 500;
         for (auto& v : b1) v = normal(rng) / 4;
         for (auto& v : w2) v = normal(rng);
         std::vector<double> score(static_cast<size_t>(M));
         for (int64_t t = 0; t < M; ++t) {
           double s = 0.1;
           for (int64_t j = 0; j < H; ++j) {
-            double h = b1[j];
+            double h = 0.0;
             for (int64_t k = 0; k < K; ++k) h += static_cast<double>(x[t * K + k]) * w1[k * H + j];
-            s += std::fmax(h, 0.0) * w2[j];
+            s += std::fmax(h * w1_scale[j] + b1[j], 0.0) * w2[j];
           }
           score[t] = s;
         }
@@ -247,8 +250,8 @@ void test_router() {
                                         static_cast<float>(sorted[M - 1]) + 1.0f};
         for (auto fn : {mobiq::route_tokens, mobiq::route_tokens_portable}) {
           std::vector<int32_t> counts(static_cast<size_t>(M), -1);
-          const mobiq::RouterArgs args{x.data(), w1.data(), b1.data(), w2.data(), 0.1f, tau.data(), 3, K, H,
-                                       counts.data()};
+          const mobiq::RouterArgs args{x.data(), w1.data(), w1_scale.data(), b1.data(), w2.data(), 0.1f,
+                                       tau.data(), 3, K, H, counts.data()};
           fn(args, 0, M);
           for (int64_t t = 0; t < M; ++t) {
             int32_t want = 1;

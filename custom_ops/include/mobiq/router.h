@@ -6,14 +6,15 @@
 namespace mobiq {
 
 struct RouterArgs {
-  const float* x;    // [M, K] activations
-  const float* w1;   // [K, H]
-  const float* b1;   // [H]
-  const float* w2;   // [H]
+  const float* x;         // [M, K] activations
+  const int8_t* w1;       // [K, H] hidden weights, int8 per hidden unit: W1[k, j] = w1[k, j] * w1_scale[j]
+  const float* w1_scale;  // [H]
+  const float* b1;        // [H]
+  const float* w2;        // [H]
   float b2;
-  const float* tau;  // [num_tau] thresholds of the current budget, for slices 2 .. num_tau + 1
+  const float* tau;       // [num_tau] thresholds of the current budget, for slices 2 .. num_tau + 1
   int64_t num_tau, K, H;
-  int32_t* counts;   // [M] out: 1 + #(score > tau_j)
+  int32_t* counts;        // [M] out: 1 + #(score > tau_j)
 };
 
 // Tokens [t0, t1): the fastest variant for this CPU, or the portable one (any CPU; tests).

@@ -12,10 +12,13 @@ namespace {
 
 [[noreturn]] void fail(const std::string& what) { fail_op(kRouterOpName, what); }
 
-constexpr const char* kInputNames[] = {"X", "W1", "B1", "W2", "B2", "thresholds", "row"};
+constexpr size_t kInputs = 8;
+constexpr const char* kInputNames[kInputs] = {"X", "W1", "W1_scale", "B1", "W2", "B2", "thresholds", "row"};
 
 ONNXTensorElementDataType input_type(size_t index) {
-  return index == 6 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8
+         : index == 7 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                      : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
 constexpr int64_t kTokensPerTask = 16;
@@ -43,17 +46,19 @@ OrtStatusPtr RouterOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void*
 OrtStatusPtr RouterKernel::ComputeV2(OrtKernelContext* context) {
   try {
     Ort::KernelContext ctx(context);
-    Input in[7];
-    for (size_t i = 0; i < 7; ++i) {
+    Input in[kInputs];
+    for (size_t i = 0; i < kInputs; ++i) {
       in[i] = get_typed_input(ctx, i, kRouterOpName, kInputNames[i], input_type(i));
       if (!in[i].value) fail(std::string("input ") + kInputNames[i] + " expected; got none");
     }
-    const Input &x = in[0], &w1 = in[1], &b1 = in[2], &w2 = in[3], &b2 = in[4], &table = in[5], &row = in[6];
+    const Input &x = in[0], &w1 = in[1], &w1_scale = in[2], &b1 = in[3], &w2 = in[4], &b2 = in[5], &table = in[6],
+                &row = in[7];
     if (w1.shape.size() != 2) fail("W1 expected shape [K, H]; got " + shape_str(w1.shape));
     const int64_t K = w1.shape[0], H = w1.shape[1];
     const std::string kh = "K=" + std::to_string(K) + ", H=" + std::to_string(H) + " from W1";
     if (x.shape.empty() || x.shape.back() != K)
       fail("X expected shape [..., K=" + std::to_string(K) + "] (" + kh + "); got " + shape_str(x.shape));
+    expect_shape(w1_scale, kRouterOpName, "W1_scale", {H}, kh);
     expect_shape(b1, kRouterOpName, "B1", {H}, kh);
     expect_shape(w2, kRouterOpName, "W2", {H}, kh);
     if (b2.count != 1) fail("B2 expected one value; got shape " + shape_str(b2.shape));
@@ -69,7 +74,8 @@ OrtStatusPtr RouterKernel::ComputeV2(OrtKernelContext* context) {
     const int64_t M = K ? static_cast<int64_t>(x.count) / K : 0;
     if (M == 0) return nullptr;
     const int64_t num_tau = table.shape[1];
-    RouterArgs args{x.value.GetTensorData<float>(), w1.value.GetTensorData<float>(), b1.value.GetTensorData<float>(),
+    RouterArgs args{x.value.GetTensorData<float>(), w1.value.GetTensorData<int8_t>(),
+                    w1_scale.value.GetTensorData<float>(), b1.value.GetTensorData<float>(),
                     w2.value.GetTensorData<float>(), *b2.value.GetTensorData<float>(),
                     table.value.GetTensorData<float>() + r * num_tau, num_tau, K, H,
                     counts.GetTensorMutableData<int32_t>()};
