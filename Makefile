@@ -42,10 +42,11 @@ CHECKPOINT := $(MODEL_DIR)/checkpoint
 DEMO_PROMPT ?= Write three short sentences about the sea.
 
 # Calibrate once (fast recipe, minutes on 2 cores), export once; both cached in $(MODEL_DIR) (git-ignored).
+# The export is redone when the code that writes the file changes (a minute or two).
 $(CHECKPOINT)/mobiq-checkpoint.json: | assets
 	$(BIN)/mobiq-export quantize $(MODEL) -o $(CHECKPOINT)
 
-$(MODEL_DIR)/model.onnx: $(CHECKPOINT)/mobiq-checkpoint.json
+$(MODEL_DIR)/model.onnx: $(CHECKPOINT)/mobiq-checkpoint.json $(wildcard exporter/*.py) runtime/format.py runtime/modelfile.py
 	$(BIN)/mobiq-export onnx $(CHECKPOINT) -o $(MODEL_DIR)
 
 model: setup $(MODEL_DIR)/model.onnx

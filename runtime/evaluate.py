@@ -99,10 +99,15 @@ def _measure_in_subprocess(model_dir: Path, bits: float | None, args) -> dict:
 
 
 def baseline_dir(info, kind: str) -> Path:
-    """The fp32 / MatMulNBits-int4 export of the model's source, built once beside it."""
+    """The fp32 / MatMulNBits-int4 export of the model's source, built once beside it (again when
+    the cached one is of another format version)."""
     out = info.directory / "baselines" / kind
     if (out / "model.onnx").is_file():
-        return out
+        try:
+            locate(out)
+            return out
+        except ModelFileError:
+            pass
     print(f"[mobiq-eval] building the {kind} baseline of {info.meta['source_model']} (once)", file=sys.stderr)
     cmd = [sys.executable, "-m", "mobiquant.exporter.cli", "baseline", info.meta["source_model"], kind, "-o", str(out),
            "--context", str(info.context)]

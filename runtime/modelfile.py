@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT_NAME = "mobiquant-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: slices in layout 2, routers as SliceRouter nodes
 MODEL_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "mobiq.json"
 NAMED_BUDGETS = {"low": 3.0, "mid": 4.0, "high": 6.0, "max": 8.0}
 

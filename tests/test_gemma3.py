@@ -24,6 +24,7 @@ from mobiquant.exporter.qmodel import build_quantized, slice_model
 from mobiquant.exporter.source import load_float_model, resolve
 from mobiquant.exporter.thresholds import fit_thresholds
 from mobiquant.runtime import ops
+from mobiquant.runtime.modelfile import FORMAT_NAME, FORMAT_VERSION
 from mobiquant.runtime.session import ModelSession
 from tiny_gemma3 import WINDOW, write_tiny_gemma3
 
@@ -83,7 +84,7 @@ def test_the_window_is_what_makes_the_match(tiny, tmp_path):
     spec = DecoderSpec.from_hf_config(model.config, 128)
     floats = {k: v.numpy() for k, v in model.state_dict().items()}
     graph = build_decoder(dataclasses.replace(spec, windows=(0,) * spec.num_layers), floats, Fp32Linear())
-    write_model_dir(graph, {"format": "mobiquant-onnx", "format_version": 1, "kind": "fp32", "context": 128},
+    write_model_dir(graph, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "fp32", "context": 128},
                     source.folder, tmp_path)
     s = ModelSession(tmp_path, threads=1)
     ids = _prompt()
