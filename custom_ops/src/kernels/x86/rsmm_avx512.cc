@@ -8,6 +8,8 @@
 // column quad i (columns 4i .. 4i+3), a register of 16 rows x 4 bytes holding
 // Q(k) times a power of two fixed per quad ("class" shift, undone exactly on the
 // int32 sums by an arithmetic shift):
+//   k = 1, int8, 1-2 tokens: quad i at x4^i, masks only (4 ands per tile: vector
+//             shifts cost as much as a vpdpbusd on this class of core);
 //   k = 1, 2: nibbles — quads 0, 1 at x1, quads 2, 3 at x16 (1 shift + 4 ands
 //             per tile for k = 1; 2 shifts, 2 selects, 4 ands for k = 2);
 //   k = 3, 4: bytes 16 Q12 + Q34 of the slice pairs (1,2) and (3,4) — k = 3 with
@@ -19,7 +21,8 @@
 //   (quad, token), exact int32 sums combined in float per group.
 // Per group g and token: y += s1 * (s_k/s1 * (dot + xsum/2)) - (s1 z1) * xsum, with
 // s1 and s1 z1 from the tile parameters. One token keeps 4 independent accumulator
-// chains, two tokens 2 each, so vpdpbusd latency is hidden.
+// chains per row tile and takes two row tiles at a time (k <= 3), two tokens 2 chains
+// each, so vpdpbusd latency is hidden. Exact mode takes tokens two at a time.
 // Both: group_size % 16 == 0, k <= 4, bytes of slices k+1..S never read.
 #include <immintrin.h>
 
