@@ -45,10 +45,12 @@ class Model:
     def set_budget(self, budget: str | float, signals: SignalSource | None = None,
                    policy: PolicyConfig | None = None, signals_root: str | Path | None = None,
                    on_budget_change: Callable[[Decision | None, Decision], None] | None = None) -> None:
-        """low|mid|high|max, bits in [2, 8], or "auto" (device-driven)."""
+        """low|mid|high|max, bits in [2, 8], or "auto" (device-driven; the policy's levels map to this
+        model's named budgets unless ``policy`` says otherwise)."""
         value = parse_budget(str(budget), self.info.named_budgets) if isinstance(budget, str) else float(budget)
         if value == "auto":
-            auto = AutoBudget(signals or SysfsSource(Path(signals_root or "/")), policy)
+            auto = AutoBudget(signals or SysfsSource(Path(signals_root or "/")),
+                              policy or PolicyConfig(named=self.info.named_budgets))
             if on_budget_change:
                 auto.listeners.append(on_budget_change)
             self._control = BudgetControl(None, auto)

@@ -139,8 +139,9 @@ def _check_named(named: object) -> dict[str, float]:
     return bits
 
 
-def load_config(path: str | Path) -> PolicyConfig:
-    """A :class:`PolicyConfig` from the TOML file documented above."""
+def load_config(path: str | Path, named: Mapping[str, float] | None = None) -> PolicyConfig:
+    """A :class:`PolicyConfig` from the TOML file documented above; ``named`` (the model's named
+    budgets) applies when the file has no ``[named]`` table."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -149,6 +150,8 @@ def load_config(path: str | Path) -> PolicyConfig:
     version = data.pop("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise BudgetError(f"[load_config] expected version = {CONFIG_VERSION} in {path}; got {version!r}")
+    if named is not None:
+        data.setdefault("named", dict(named))
     known = [f.name for f in fields(PolicyConfig)]
     unknown = sorted(set(data) - set(known))
     if unknown:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .budget import DEFAULT_REEVALUATE_EVERY, AutoBudget, BudgetError, PolicyConfig, describe, load_config, parse_budget
 from .generate import BudgetControl, ContextError, GenerationStats, fit_context, generate
-from .modelfile import ModelFileError
+from .modelfile import ModelFileError, locate
 from .ops import OpLibraryError
 from .sampling import Sampler, SamplingConfig, SamplingError
 from .signals import SysfsSource, read_snapshot
@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _policy(args) -> PolicyConfig:
-    config = load_config(args.policy) if args.policy else PolicyConfig()
+def _policy(args, named) -> PolicyConfig:
+    """The auto policy: levels map to the model's named budgets unless the --policy file names its own."""
+    config = load_config(args.policy, named) if args.policy else PolicyConfig(named=named)
     changes = {}
     if args.max_bits is not None:
         changes["ceiling_bits"] = args.max_bits
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--reevaluate-every expected >= 1; got {args.reevaluate_every}")
     try:
         if args.signals:
-            policy = _policy(args)
+            policy = _policy(args, locate(args.model).named_budgets)
             auto = AutoBudget(SysfsSource(args.signals_root), policy)
             decision = auto.update()
             print(describe(auto.snapshot, decision))
@@ -118,7 +119,8 @@ def _run(args, parser) -> int:
     model = Model.load(args.model, args.threads)
     budget = parse_budget(args.budget, model.info.named_budgets)
     if budget == "auto":
-        control = BudgetControl(None, AutoBudget(SysfsSource(args.signals_root), _policy(args)), args.reevaluate_every)
+        control = BudgetControl(None, AutoBudget(SysfsSource(args.signals_root), _policy(args, model.info.named_budgets)),
+                                args.reevaluate_every)
         if args.verbose or args.stats:
             first = control.auto.update()
             print(f"[budget] auto: {first.target_bits:g} bits ({first.reason})", file=sys.stderr)

@@ -196,15 +196,26 @@ def test_heat_up_mid_generation_lowers_bits_of_later_tokens(tiny_model_dir):
 
 
 def test_signals_command_on_a_fake_pi_tree(tmp_path):
+    """--signals reads the fake tree and maps the policy's level to the model's own named budget."""
+    import json
+
+    from mobiquant.runtime.modelfile import FORMAT_NAME, FORMAT_VERSION
+
     zone = tmp_path / "sys/class/thermal/thermal_zone0"
     zone.mkdir(parents=True)
     (zone / "type").write_text("cpu-thermal\n")
     (zone / "temp").write_text("79500\n")
-    r = subprocess.run([sys.executable, "-m", "mobiquant.runtime.cli", "unused", "--signals", "--signals-root",
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"")  # --signals reads only mobiq.json
+    (model / "mobiq.json").write_text(json.dumps({
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "mobiquant", "context": 64,
+        "named_budgets": {"low": 4.5, "mid": 5.0, "high": 6.0, "max": 8.0}}))
+    r = subprocess.run([sys.executable, "-m", "mobiquant.runtime.cli", str(model), "--signals", "--signals-root",
                         str(tmp_path)], capture_output=True, timeout=60)
     out = r.stdout.decode()
     assert r.returncode == 0, r.stderr.decode()
-    assert "79.5" in out and "low" in out, out
+    assert "79.5" in out and "low = 4.5 bits" in out, out
 
 
 def test_mobiq_eval_json_schema_and_agreement_with_pytorch(tiny, tmp_path):
