@@ -21,8 +21,8 @@
 //   (quad, token), exact int32 sums combined in float per group.
 // Per group g and token: y += s1 * (s_k/s1 * (dot + xsum/2)) - (s1 z1) * xsum, with
 // s1 and s1 z1 from the tile parameters. One token keeps 4 independent accumulator
-// chains per row tile and takes two row tiles at a time (k <= 3), two tokens 2 chains
-// each, so vpdpbusd latency is hidden. Exact mode takes tokens two at a time.
+// chains per column tile and takes two column tiles at a time (k <= 3), two tokens 2
+// chains each, so vpdpbusd latency is hidden. Exact mode takes tokens two at a time.
 // Both: group_size % 16 == 0, k <= 4, bytes of slices k+1..S never read.
 #include <immintrin.h>
 
@@ -33,6 +33,7 @@
 #include "mobiq/kernels.h"
 
 #define MOBIQ_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
+
 
 namespace mobiq {
 namespace {
@@ -134,66 +135,68 @@ MOBIQ_AVX512VNNI inline void store_tile(const RsmmArgs& a, const int32_t* tok, i
   for (int j = 0; j < nt; ++j) _mm512_mask_storeu_ps(a.y + tok[j] * a.N + n, m, _mm512_add_ps(out[j], bias));
 }
 
-// R row tiles (rows n .. n + 16 R - 1, outputs stored below n1) for NT tokens reading KS slices;
-// P activation planes (1: int8; 3: the exact mode's signed digits, plane p weighted 2^(8p)).
-template <int KS, int NT, int P, int R>
-MOBIQ_AVX512VNNI void row_tiles(const RsmmArgs& a, const int32_t* tok, int64_t n, int64_t n1) {
+// One row tile (rows n .. n+15, outputs stored below n1) for NT tokens reading KS slices; P
+// activation planes (1: int8; 3: the exact mode's signed digits, plane p weighted 2^(8p)). U
+// consecutive column tiles per step, each with its own accumulators: U = 2 gives a single token 8
+// independent chains while the slice bytes are still read as one sequential stream per slice
+// (two row tiles at a time would give the chains too, but interleaved streams halve the DRAM
+// bandwidth of a model's decode).
+template <int KS, int NT, int P, int U>
+MOBIQ_AVX512VNNI void row_tile(const RsmmArgs& a, const int32_t* tok, int64_t n, int64_t n1) {
   using Q = Quads<KS, P == 1 && NT <= 2>;
   constexpr int A = slots<Q, NT>();
   const int64_t groups = a.K / a.group_size, tile = n / kTileRows;
   const size_t plane = slice_bytes(a.N, a.K);
-  const int64_t row_stride = (a.K / kTileCols) * kTileBytes;
   const uint8_t* tiles = tile_at(a.slices, a.K, n, 0);
   const int8_t* x[NT];
   for (int j = 0; j < NT; ++j) x[j] = a.xq + tok[j] * P * a.K;
-  __m512 out[R][NT];
-  for (auto& per_row : out)
-    for (auto& o : per_row) o = _mm512_setzero_ps();
+  __m512 out[NT];
+  for (auto& o : out) o = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i acc[R][P][NT][A];
-    for (auto& per_row : acc)
-      for (auto& per_plane : per_row)
+    __m512i acc[U][P][NT][A];
+    for (auto& per_step : acc)
+      for (auto& per_plane : per_step)
         for (auto& per_token : per_plane)
           for (auto& s : per_token) s = _mm512_setzero_si512();
     const uint8_t* p = tiles + g * (a.group_size / kTileCols) * kTileBytes;
-    for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += kTileCols, p += kTileBytes) {
-      __m512i q[R][4];
-      for (int r = 0; r < R; ++r) {
+    for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; c += U * kTileCols, p += U * kTileBytes) {
+      __m512i q[U][4];
+      for (int u = 0; u < U; ++u) {
         __m512i v[KS];
-        for (int e = 0; e < KS; ++e) v[e] = _mm512_loadu_si512(p + r * row_stride + e * plane);
-        Q::build(v, q[r]);
+        for (int e = 0; e < KS; ++e) v[e] = _mm512_loadu_si512(p + u * kTileBytes + e * plane);
+        Q::build(v, q[u]);
       }
-      for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < NT; ++j)
-          for (int d = 0; d < P; ++d) {
-            const __m512i xs = _mm512_set1_epi32(load4(x[j] + d * a.K + c + 4 * i));
-            for (int r = 0; r < R; ++r) {
-              __m512i& s = acc[r][d][j][i * A / 4];
-              s = _mm512_dpbusd_epi32(s, q[r][i], xs);
+      for (int u = 0; u < U; ++u)
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < NT; ++j)
+            for (int d = 0; d < P; ++d) {
+              __m512i& s = acc[u][d][j][i * A / 4];
+              s = _mm512_dpbusd_epi32(s, q[u][i], _mm512_set1_epi32(load4(x[j] + d * a.K + c + u * kTileCols + 4 * i)));
             }
-          }
     }
-    for (int r = 0; r < R; ++r) {
-      __m512 dot[NT];
-      for (int j = 0; j < NT; ++j) {
-        dot[j] = _mm512_cvtepi32_ps(slot_sum<Q, A>(acc[r][P - 1][j]));
-        for (int d = P - 2; d >= 0; --d)
-          dot[j] = _mm512_fmadd_ps(dot[j], _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(slot_sum<Q, A>(acc[r][d][j])));
+    __m512 dot[NT];
+    for (int j = 0; j < NT; ++j) {
+      __m512i sums[P];
+      for (int d = 0; d < P; ++d) {
+        sums[d] = slot_sum<Q, A>(acc[0][d][j]);
+        for (int u = 1; u < U; ++u) sums[d] = _mm512_add_epi32(sums[d], slot_sum<Q, A>(acc[u][d][j]));
       }
-      group_epilogue(a, tok, NT, tile + r, g, step_ratio(KS), dot, out[r]);
+      dot[j] = _mm512_cvtepi32_ps(sums[P - 1]);
+      for (int d = P - 2; d >= 0; --d)
+        dot[j] = _mm512_fmadd_ps(dot[j], _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(sums[d]));
     }
+    group_epilogue(a, tok, NT, tile, g, step_ratio(KS), dot, out);
   }
-  for (int r = 0; r < R; ++r) store_tile(a, tok, NT, n + r * kTileRows, n1, out[r]);
+  store_tile(a, tok, NT, n, n1, out);
 }
 
-// Rows [n0, n1) for one token tile; a single int8 token reading up to 3 slices goes two row
-// tiles at a time (8 independent chains; with 4 slices the registers run out).
+// Rows [n0, n1) for one token tile; a single int8 token reading up to 3 slices takes two column
+// tiles per step when the group size allows (with 4 slices the registers run out).
 template <int KS, int NT, int P>
 void rows(const RsmmArgs& a, const int32_t* tok, int64_t n0, int64_t n1) {
-  constexpr int64_t step = NT == 1 && P == 1 && KS <= 3 ? 2 * kTileRows : kTileRows;
-  int64_t n = n0;
-  for (; n + step <= n1 || (step == kTileRows && n < n1); n += step) row_tiles<KS, NT, P, step / kTileRows>(a, tok, n, n1);
-  for (; n < n1; n += kTileRows) row_tiles<KS, NT, P, 1>(a, tok, n, n1);
+  const bool pairs = NT == 1 && P == 1 && KS <= 3 && a.group_size % (2 * kTileCols) == 0;
+  for (int64_t n = n0; n < n1; n += kTileRows)
+    pairs ? row_tile<KS, NT, P, 2>(a, tok, n, n1) : row_tile<KS, NT, P, 1>(a, tok, n, n1);
 }
 
 // Exact mode (3 planes) takes at most 2 tokens at a time: 3 or 4 would not fit the registers.
