@@ -73,10 +73,11 @@ def register_schema() -> None:
         return
     from onnx import defs, helper
 
+    if not defs.has(ROUTER_OP_TYPE, DOMAIN):
+        _register_router_schema()
     if defs.has(OP_TYPE, DOMAIN):
         _schema_registered = True
         return
-    _register_router_schema()
     P, A = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
     optional = defs.OpSchema.FormalParameterOption.Optional
     ints = defs.OpSchema.AttrType.INT
@@ -138,33 +139,34 @@ def _register_router_schema() -> None:
     defs.register_schema(schema)
 
 
-def _infer_counts(ctx) -> None:
-    """counts: int32 with X's leading dims."""
-    from onnx import TensorProto, TypeProto
+def _leading_dims_output(ctx, elem_type: int, last: int | None = None) -> None:
+    """Output 0: ``elem_type`` with X's leading dims, then ``last`` when given."""
+    from onnx import TypeProto
 
     x_type = ctx.get_input_type(0)
     out = TypeProto()
-    out.tensor_type.elem_type = TensorProto.INT32
+    out.tensor_type.elem_type = elem_type
     if x_type.tensor_type.HasField("shape"):
         for d in list(x_type.tensor_type.shape.dim)[:-1]:
             out.tensor_type.shape.dim.add().CopyFrom(d)
+        if last is not None:
+            out.tensor_type.shape.dim.add().dim_value = last
     ctx.set_output_type(0, out)
+
+
+def _infer_counts(ctx) -> None:
+    """counts: int32 with X's leading dims."""
+    from onnx import TensorProto
+
+    _leading_dims_output(ctx, TensorProto.INT32)
 
 
 def _infer_output(ctx) -> None:
-    """Y: float32 with X's leading dims and N as the last one."""
-    from onnx import TypeProto, helper
+    """Y: X's type with X's leading dims and N as the last one."""
+    from onnx import helper
 
-    x_type = ctx.get_input_type(0)
-    n = helper.get_attribute_value(ctx.get_attribute("N"))
-    out = TypeProto()
-    out.tensor_type.elem_type = x_type.tensor_type.elem_type
-    if x_type.tensor_type.HasField("shape"):
-        dims = list(x_type.tensor_type.shape.dim)[:-1]
-        for d in dims:
-            out.tensor_type.shape.dim.add().CopyFrom(d)
-        out.tensor_type.shape.dim.add().dim_value = n
-    ctx.set_output_type(0, out)
+    _leading_dims_output(ctx, ctx.get_input_type(0).tensor_type.elem_type,
+                         helper.get_attribute_value(ctx.get_attribute("N")))
 
 
 # Kernel variants by numeric mode, fastest first (names as in custom_ops/include/mobiq/kernels.h).

@@ -77,8 +77,10 @@ __attribute__((target("avx512f"))) void route_avx512(const RouterArgs& a, int64_
 
 using RouteFn = void (*)(const RouterArgs&, int64_t, int64_t);
 
+// Chosen per call (H is the router's), the CPU check once per process.
 RouteFn avx512_variant(int64_t H) {
-  if (!__builtin_cpu_supports("avx512f") || H % 16 != 0) return nullptr;
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  if (!avx512 || H % 16 != 0) return nullptr;
   switch (H / 16) {
     case 1: return route_avx512<1>;
     case 2: return route_avx512<2>;
