@@ -9,6 +9,8 @@ number of extra slices is sum_j p_j = E.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -59,7 +61,8 @@ def fit_thresholds(qmodel, token_batches: list[torch.Tensor], record_bits: float
 
 
 @torch.no_grad()
-def fit_thresholds_online(qmodel, tokens: torch.Tensor, anchors: tuple[float, ...]) -> dict[float, float]:
+def fit_thresholds_online(qmodel, tokens: torch.Tensor, anchors: tuple[float, ...],
+                          allocation: Callable[[float], dict[str, float]] | None = None) -> dict[float, float]:
     """Fit every router's table with the routers upstream already running at the target.
 
     Scores recorded at 8 bits (:func:`fit_thresholds`) drift at low budgets: the input
@@ -69,15 +72,18 @@ def fit_thresholds_online(qmodel, tokens: torch.Tensor, anchors: tuple[float, ..
     water-filling quantiles of its current scores before it is applied, and records
     those scores. Each grid row is then fitted from the scores of the nearest anchor
     in the same interval between even widths (2-4, 4-6, 6-8; rows at even widths
-    need no scores). Returns {anchor: average bits measured in its pass}.
+    need no scores). ``allocation(b)`` gives each router its own average bits for a budget b
+    (:mod:`.allocation`); without it every router reads b. Returns {anchor: average bits
+    measured in its pass}.
     """
     from .qmodel import BITS_MAX, THRESHOLD_GRID, grid_index
 
     routers = qmodel.routers
+    allocation = allocation or (lambda b: {name: b for name in routers})
     recorded: dict[float, dict[str, np.ndarray]] = {}
     measured: dict[float, float] = {}
     for bits in anchors:
-        row = grid_index(bits)
+        row, own = grid_index(bits), allocation(bits)
         scores: dict[str, np.ndarray] = {}
         handles = []
         for name, router in routers.items():
@@ -87,7 +93,7 @@ def fit_thresholds_online(qmodel, tokens: torch.Tensor, anchors: tuple[float, ..
                 s = module.score(args[0]).reshape(-1).numpy()
                 scores[name] = s
                 module.thresholds[row] = torch.from_numpy(
-                    threshold_rows(s, module.num_slices, THRESHOLD_GRID[row: row + 1])[0]).float()
+                    threshold_rows(s, module.num_slices, np.array([own[name]]))[0]).float()
             handles.append(router.register_forward_pre_hook(hook))
         qmodel.set_target_bits(bits)
         qmodel.start_bits_log()
@@ -100,12 +106,13 @@ def fit_thresholds_online(qmodel, tokens: torch.Tensor, anchors: tuple[float, ..
         recorded[bits] = scores
     for lin in qmodel.linears.values():
         lin.bits_log = None
+    tables = {name: np.empty((len(THRESHOLD_GRID), router.num_slices - 1)) for name, router in routers.items()}
+    for row, bits in enumerate(THRESHOLD_GRID):
+        same = [a for a in anchors if np.floor(a / 2) == np.floor(bits / 2)] or list(anchors)
+        src, own = recorded[min(same, key=lambda a: abs(a - bits))], allocation(float(bits))
+        for name, router in routers.items():
+            tables[name][row] = threshold_rows(src[name], router.num_slices, np.array([own[name]]))[0]
     for name, router in routers.items():
-        table = np.empty((len(THRESHOLD_GRID), router.num_slices - 1))
-        for row, bits in enumerate(THRESHOLD_GRID):
-            same = [a for a in anchors if np.floor(a / 2) == np.floor(bits / 2)] or list(anchors)
-            src = recorded[min(same, key=lambda a: abs(a - bits))][name]
-            table[row] = threshold_rows(src, router.num_slices, THRESHOLD_GRID[row: row + 1])[0]
-        router.thresholds.copy_(torch.from_numpy(table).float())
+        router.thresholds.copy_(torch.from_numpy(tables[name]).float())
     qmodel.set_target_bits(BITS_MAX)
     return measured

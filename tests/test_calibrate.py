@@ -222,3 +222,49 @@ def test_baseline_quantizers():
         assert torch.all((q - w).abs() <= step * 0.5 + 1e-6)
     top = fq.top_bits_read(w, wmin, wmax, G, 3)
     assert all(len(torch.unique(fq.grouped(top, G)[i, j])) <= 8 for i in range(8) for j in range(2))
+
+
+def test_sensitivity_allocation_spends_two_bit_reads_where_they_cost_least():
+    from mobiquant.exporter import allocation as A
+
+    model = tiny_model(2)
+    with torch.no_grad():  # layer 1's attention contributes nothing: its routers cost nothing at any width
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+    free = {"layers.1.attn_in", "layers.1.attn_out"}
+    qmodel = build_quantized(model, slice_model(model, G, 4))
+    calib = tokens(6, 48, 20)
+    fit_thresholds_online(qmodel, calib, (2.5, 3.0, 3.5, 5.0, 7.0))
+    sens = A.router_sensitivity(qmodel, calib, progress=False)
+    assert max(sens[k] for k in free) < 1e-7 < 1e-2 * min(v for k, v in sens.items() if k not in free)
+    sizes = A.router_sizes(qmodel)
+    assert sizes["layers.0.mlp_in"] == 2 * 64 * 128 and sizes["layers.0.attn_in"] == 64 * (64 + 2 * 32)
+    order = A.allocation_order(sens, sizes)
+    assert set(order[:2]) == free
+    total = sum(sizes.values())
+    previous = None
+    for bits in (2.0, 2.3, 2.5, 3.0, 3.5, 3.9, 4.0, 5.0):
+        own = A.allocate(order, sizes, bits)
+        assert sum(own[n] * sizes[n] for n in own) / total == pytest.approx(bits)
+        assert all(2.0 <= b <= max(4.0, bits) for b in own.values())
+        if previous is not None:  # a larger budget never takes a slice away from any router
+            assert all(own[n] >= previous[n] - 1e-12 for n in own)
+        previous = own
+    own = A.allocate(order, sizes, 3.5)
+    assert own[order[0]] == 2.0 and own[order[-1]] == 4.0
+
+    allocate = (lambda b: A.allocate(order, sizes, b))
+    fit_thresholds_online(qmodel, calib, (2.5, 3.0, 3.5, 5.0, 7.0), allocate)
+    held_out = tokens(8, 48, 21)
+    for bits in (2.5, 3.0, 3.5, 4.0, 5.0, 8.0):
+        qmodel.set_target_bits(bits)
+        qmodel.start_bits_log()
+        with torch.no_grad():
+            qmodel.model(input_ids=held_out)
+        assert abs(qmodel.average_bits() - bits) <= 0.1, (bits, qmodel.average_bits())
+        own = A.allocate(order, sizes, bits)
+        for router, router_bits in own.items():  # routers allocated an even width read exactly that
+            layer, group = router.rsplit(".", 1)
+            for lin_name in A.ROUTED_GROUPS[group]:
+                log = qmodel.linears[f"{layer}.{lin_name}"].bits_log
+                if router_bits % 2 == 0:
+                    assert 2 * sum(t for t, _ in log) / sum(n for _, n in log) == router_bits
