@@ -42,11 +42,18 @@ CHECKPOINT := $(MODEL_DIR)/checkpoint
 DEMO_PROMPT ?= Write three short sentences about the sea.
 
 # Calibrate once (fast recipe, minutes on 2 cores), export once; both cached in $(MODEL_DIR) (git-ignored).
-# The export is redone when the code that writes the file changes (a minute or two).
+# The threshold tables are refitted (minutes, no recalibration) when the code that fits them changes, and
+# the export is redone when the code that writes the file changes (a minute or two).
+THRESHOLDS_STAMP := $(CHECKPOINT)/.thresholds-fitted
 $(CHECKPOINT)/mobiq-checkpoint.json: | assets
 	$(BIN)/mobiq-export quantize $(MODEL) -o $(CHECKPOINT)
+	@touch $(THRESHOLDS_STAMP)
 
-$(MODEL_DIR)/model.onnx: $(CHECKPOINT)/mobiq-checkpoint.json $(wildcard exporter/*.py) runtime/format.py runtime/modelfile.py
+$(THRESHOLDS_STAMP): exporter/allocation.py exporter/thresholds.py | $(CHECKPOINT)/mobiq-checkpoint.json
+	$(BIN)/mobiq-export thresholds $(CHECKPOINT)
+	@touch $@
+
+$(MODEL_DIR)/model.onnx: $(CHECKPOINT)/mobiq-checkpoint.json $(THRESHOLDS_STAMP) $(wildcard exporter/*.py) runtime/format.py runtime/modelfile.py
 	$(BIN)/mobiq-export onnx $(CHECKPOINT) -o $(MODEL_DIR)
 
 model: setup $(MODEL_DIR)/model.onnx

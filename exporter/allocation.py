@@ -23,8 +23,9 @@ import torch
 
 from mobiquant.runtime import format as F
 
-from .qmodel import ROUTED_GROUPS, QuantizedModel, grid_index
-from .thresholds import NEVER
+from .blockwise import capture_block_inputs, run_block
+from .qmodel import ROUTED_GROUPS, QuantizedModel, decoder_layers, grid_index
+from .thresholds import NEVER, threshold_rows
 
 BASE_BITS = 4.0
 
@@ -38,32 +39,55 @@ def router_sizes(qmodel: QuantizedModel) -> dict[str, int]:
     return sizes
 
 
+def _logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM's output from the last block's hidden states (final norm, head, Gemma's soft cap if set)."""
+    logits = model.lm_head(model.model.norm(hidden)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 @torch.no_grad()
 def router_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float = BASE_BITS,
                        progress: bool = True) -> dict[str, float]:
-    """KL(base read || base read with router r at one slice) per router, mean over ``tokens`` [n, T]."""
-    row = grid_index(base)
+    """KL(base read || base read with router r at one slice) per router, mean over ``tokens`` [n, T].
+
+    Every router's table row for ``base`` is set to the uniform read for the measurement and
+    restored after. Block inputs of the base read are cached, so probing a router in block i
+    runs blocks i.. only."""
+    model, row = qmodel.model, grid_index(base)
+    layers = decoder_layers(model)
+    names = {i: [n for n in qmodel.routers if n.startswith(f"layers.{i}.")] for i in range(len(layers))}
+    saved = {name: r.thresholds[row].clone() for name, r in qmodel.routers.items()}
+    uniform = torch.from_numpy(threshold_rows(np.zeros(1), F.DEFAULT_NUM_SLICES, np.array([base]))[0]).float()
     qmodel.set_target_bits(base)
-
-    def log_probs() -> torch.Tensor:
-        return torch.log_softmax(qmodel.model(input_ids=tokens).logits.float(), -1)
-
-    reference = log_probs()
-    p = reference.exp()
-    sensitivity = {}
+    sensitivity: dict[str, float] = {}
     t0 = time.time()
     try:
-        for i, (name, router) in enumerate(qmodel.routers.items()):
-            saved = router.thresholds[row].clone()
-            router.thresholds[row] = NEVER  # no token passes: slice 1 only
-            try:
-                sensitivity[name] = float((p * (reference - log_probs())).sum(-1).mean())
-            finally:
-                router.thresholds[row] = saved
-            if progress:
-                print(f"\r[allocation] sensitivity {i + 1}/{len(qmodel.routers)} {name}: KL {sensitivity[name]:.4f} "
-                      f"({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
+        for r in qmodel.routers.values():
+            r.thresholds[row] = uniform[: r.num_slices - 1]
+        x, kwargs = capture_block_inputs(model, tokens)
+        inputs = []
+        for layer, kw in zip(layers, kwargs):
+            inputs.append(x)
+            x = run_block(layer, x, kw)
+        reference = torch.log_softmax(_logits(model, x), -1)
+        p = reference.exp()
+        for i in range(len(layers)):
+            for name in names[i]:
+                router = qmodel.routers[name]
+                router.thresholds[row] = NEVER  # no token passes: slice 1 only
+                x = inputs[i]
+                for layer, kw in zip(layers[i:], kwargs[i:]):
+                    x = run_block(layer, x, kw)
+                router.thresholds[row] = uniform[: router.num_slices - 1]
+                kl = (p * (reference - torch.log_softmax(_logits(model, x), -1))).sum(-1).mean()
+                sensitivity[name] = float(kl)
+                if progress:
+                    print(f"\r[allocation] sensitivity {len(sensitivity)}/{len(qmodel.routers)} {name}: KL "
+                          f"{sensitivity[name]:.4f} ({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
     finally:
+        for name, r in qmodel.routers.items():
+            r.thresholds[row] = saved[name]
         if progress:
             print(file=sys.stderr)
     return sensitivity

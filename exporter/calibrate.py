@@ -24,8 +24,9 @@ parameters, see :mod:`.blockwise` for inputs and targets):
 
 Each finished block is saved to a work dir; re-running resumes after the last one.
 Then every linear is sliced with its calibrated (s1, z1) (runtime/format.py), the
-routers are loaded, and the threshold tables are fitted on calibration text
-(:func:`.thresholds.fit_thresholds_online`).
+routers are loaded, each router's sensitivity to a 2-bit read is measured and decides
+where the 2-bit reads of budgets below 4 bits go (:mod:`.allocation`), and the
+threshold tables are fitted on calibration text (:func:`.thresholds.fit_thresholds_online`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Recipe:
     threshold_samples: int = 8  # windows used to fit the threshold tables
     threshold_seq_len: int = 512  # their length: the deployment context (scores drift with position)
     threshold_anchors: tuple[float, ...] = (2.5, 3.0, 3.5, 5.0, 7.0)
+    sensitivity_samples: int = 2  # windows for the per-router allocation below 4 bits (0: same bits everywhere)
     device: str = "cpu"
     seed: int = 0
 
@@ -77,7 +79,7 @@ RECIPES = {
                    router_steps=24, router_lr=5e-3),
     # the paper's budget: 128 x 2048 tokens, 20 epochs (GPU when present)
     "paper": Recipe("paper", samples=128, seq_len=2048, batch=1, clip_steps=20 * 128, clip_lr=5e-3,
-                    router_steps=20 * 128, router_lr=1e-3, threshold_samples=32,
+                    router_steps=20 * 128, router_lr=1e-3, threshold_samples=32, sensitivity_samples=8,
                     threshold_anchors=(2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 3.75, 4.5, 5.0, 5.5, 6.5, 7.0, 7.5),
                     device="cuda" if torch.cuda.is_available() else "cpu"),
 }

@@ -47,7 +47,8 @@ class CheckpointConfig:
             raise CheckpointError(f"[checkpoint] lm_head_slices expected 1..{self.num_slices}; got {self.lm_head_slices}")
 
 
-def save(qmodel: QuantizedModel, config: CheckpointConfig, out: Path) -> Path:
+def save(qmodel: QuantizedModel, config: CheckpointConfig, out: Path, allocation: dict | None = None) -> Path:
+    """Write the checkpoint; ``allocation`` (router sensitivity and order, see allocation.py) is kept as a record."""
     from safetensors.numpy import save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -62,6 +63,8 @@ def save(qmodel: QuantizedModel, config: CheckpointConfig, out: Path) -> Path:
     meta = {"format": FORMAT, "version": VERSION, "layout": F.LAYOUT_VERSION, "config": asdict(config),
             "routers": {name: [f"{name.rsplit('.', 1)[0]}.{lin}" for lin in ROUTED_GROUPS[name.rsplit('.', 1)[1]]]
                         for name in qmodel.routers}}
+    if allocation is not None:
+        meta["allocation"] = allocation
     tmp = out / (WEIGHTS_FILE + ".partial")
     save_file(tensors, str(tmp))
     tmp.replace(out / WEIGHTS_FILE)

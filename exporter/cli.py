@@ -1,6 +1,7 @@
 """``mobiq-export``: quantize a model into a MoBiQuant checkpoint, evaluate it (and export ONNX).
 
     mobiq-export quantize MODEL -o CHECKPOINT [--recipe fast|paper] [--calib NAME|FILE] [--slices 4] [--group-size G]
+    mobiq-export thresholds CHECKPOINT [--uniform]
     mobiq-export eval CHECKPOINT [--corpus NAME ...] [--baselines] [--json FILE] [--max-tokens N]
     mobiq-export onnx ...   (added by exporter/onnx_export.py: add_onnx_command(subparsers))
 
@@ -32,6 +33,23 @@ def _run_quantize(args) -> int:
     from .quantize import quantize
 
     quantize(args.model, args.output, args.recipe, args.calib, args.slices, args.group_size, progress=not args.quiet)
+    return 0
+
+
+def _add_thresholds(sub) -> None:
+    p = sub.add_parser("thresholds", help="refit a checkpoint's threshold tables in place (no recalibration)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--uniform", action="store_true",
+                   help="every router reads the budget's bits (default: below 4 bits, 2-bit reads go to the "
+                        "routers where they cost least, measured on calibration text)")
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=_run_thresholds)
+
+
+def _run_thresholds(args) -> int:
+    from .quantize import refit_thresholds
+
+    refit_thresholds(args.checkpoint, per_router=not args.uniform, progress=not args.quiet)
     return 0
 
 
@@ -78,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mobiq-export", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
+    _add_thresholds(sub)
     _add_eval(sub)
     _add_onnx(sub)
     return parser

@@ -1,7 +1,7 @@
 """The quantize run: float source -> calibration -> sliced model -> fitted thresholds -> checkpoint.
 
 ``quantize("smollm2-135m", Path("models/smollm2-135m/checkpoint"))`` is what
-``mobiq-export quantize`` calls. Block progress is saved in ``<out>.work/`` and the
+``mobiq-export quantize`` calls; ``refit_thresholds`` is ``mobiq-export thresholds``. Block progress is saved in ``<out>.work/`` and the
 run resumes from there; the work dir is removed once the checkpoint is written.
 """
 
@@ -16,6 +16,7 @@ import torch
 
 from mobiquant.runtime import format as F
 
+from . import allocation as A
 from . import checkpoint as ckpt
 from .blockwise import WorkDir, calibration_windows
 from .calibrate import Calibrated, Recipe, calibrate_model, get_recipe, recipe_dict
@@ -48,6 +49,30 @@ def assemble(model: torch.nn.Module, cal: Calibrated, group_size: int, num_slice
     for name, router in qmodel.routers.items():
         router.load_state_dict({**router.state_dict(), **{k: v for k, v in cal.routers[name].items() if k != "thresholds"}})
     return qmodel
+
+
+def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, progress: bool = True,
+                log=None) -> dict | None:
+    """Per-router allocation (when the recipe measures sensitivity), then every threshold table.
+
+    ``tokens`` are the threshold windows; the first ``recipe.sensitivity_samples`` of them
+    measure sensitivity. Returns what the checkpoint records about the allocation (or None)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    allocation, record = None, None
+    if recipe.sensitivity_samples:
+        t = time.time()
+        sensitivity = A.router_sensitivity(qmodel, tokens[: recipe.sensitivity_samples], progress=progress)
+        sizes = A.router_sizes(qmodel)
+        order = A.allocation_order(sensitivity, sizes)
+        allocation = (lambda bits: A.allocate(order, sizes, bits))
+        record = {"base_bits": A.BASE_BITS, "order": order, "sensitivity": sensitivity}
+        log(f"[quantize] router sensitivity measured in {time.time() - t:.0f}s; first to read 2 bits: "
+            + ", ".join(order[:4]))
+    t = time.time()
+    measured = fit_thresholds_online(qmodel, tokens, recipe.threshold_anchors, allocation)
+    log(f"[quantize] thresholds fitted in {time.time() - t:.0f}s; average bits at the anchors: "
+        + ", ".join(f"{a:g}->{b:.3f}" for a, b in measured.items()))
+    return record
 
 
 def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "austen-train",
@@ -92,14 +117,28 @@ def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "aus
     cal = calibrate_model(float_model, tokens.to(device), recipe, group_size, num_slices, work, progress)
     float_model.to("cpu")
     qmodel = assemble(float_model, cal, group_size, num_slices)
-    t_fit = time.time()
-    measured = fit_thresholds_online(qmodel, threshold_tokens(tokenizer, calib, recipe), recipe.threshold_anchors)
-    log(f"[quantize] thresholds fitted in {time.time() - t_fit:.0f}s; average bits at the anchors: "
-        + ", ".join(f"{a:g}->{b:.3f}" for a, b in measured.items()))
+    allocation = fit_budgets(qmodel, threshold_tokens(tokenizer, calib, recipe), recipe, progress, log)
     config = ckpt.CheckpointConfig(model=source.name, source_identity=source.identity,
                                    architecture=source.architecture, num_slices=num_slices, group_size=group_size,
                                    lm_head_slices=num_slices, recipe=recipe.name, calibration=calib)
-    ckpt.save(qmodel, config, out)
+    ckpt.save(qmodel, config, out, allocation)
     shutil.rmtree(work.path, ignore_errors=True)
     log(f"[quantize] wrote {out} in {time.time() - t0:.0f}s")
     return qmodel, config
+
+
+def refit_thresholds(path: Path, per_router: bool = True, progress: bool = True, log=None) -> None:
+    """Refit the threshold tables of the checkpoint at ``path`` in place (its recipe and calibration text).
+
+    ``per_router``: the sensitivity allocation (the recipe's windows); False: every router reads b bits."""
+    from transformers import AutoTokenizer
+
+    from .source import load_float_model, resolve
+
+    _, config = ckpt.read_meta(path)
+    source = resolve(config.model)
+    qmodel, _ = ckpt.load(path, load_float_model(source), source.identity)
+    recipe = get_recipe(config.recipe, **({} if per_router else {"sensitivity_samples": 0}))
+    tokens = threshold_tokens(AutoTokenizer.from_pretrained(source.folder), config.calibration, recipe)
+    allocation = fit_budgets(qmodel, tokens, recipe, progress, log)
+    ckpt.save(qmodel, config, path, allocation)
