@@ -1,16 +1,18 @@
-"""Where the bits go below the uniform 4-bit read: a per-router allocation from measured sensitivity.
+"""Where the slices go: a per-router bit allocation from measured sensitivity.
 
 Below 4 bits some weights must be read with slice 1 alone (2 bits), and on a small
-model a 2-bit read costs very different amounts in different places (layer 0's MLP
-input costs ~10x a middle layer's attention input). One quantile per router (every
-router at b bits) spends the 2-bit reads evenly; here each router's **sensitivity**
-is measured once on calibration text — the KL divergence of the next-token
-distribution when that router alone reads one slice while all others read the base
-(4 bits) — and a budget b below the base is met by taking routers in order of
-sensitivity per weight, least first, down to one slice until the saved bits cover
-``base - b``; the router at the boundary keeps its top-scoring tokens at the base
-(water-filling over its own scores). The order is fixed, so lowering b only ever
-removes slices, and at and above the base the read stays uniform.
+model a 2-bit read costs very different amounts in different places (SmolLM2: the
+last block's MLP or a middle block's attention input ~10-50x a middle block's
+attention output projection). One quantile per router (every router at b bits)
+spends the 2-bit reads evenly; here each router's **sensitivity** is measured once
+on calibration text — the KL divergence of the next-token distribution when that
+router alone reads one slice while all others read the base (4 bits) — and a budget
+b below the base is met by taking routers in order of sensitivity per weight, least
+first, down to one slice until the saved bits cover ``base - b``; above the base,
+routers gain slices in the reverse order. Only the router at the boundary is
+fractional: it keeps its top-scoring tokens at the higher width (water-filling over
+its own scores), so the average bits barely depend on the text. The order is fixed,
+so lowering b only ever removes slices.
 """
 
 from __future__ import annotations
@@ -98,15 +100,28 @@ def allocation_order(sensitivity: dict[str, float], sizes: dict[str, int]) -> li
     return sorted(sensitivity, key=lambda name: (sensitivity[name] / sizes[name], name))
 
 
-def allocate(order: list[str], sizes: dict[str, int], bits: float, base: float = BASE_BITS) -> dict[str, float]:
-    """Average bits per router so that the weight-weighted average is ``bits`` (uniform at or above ``base``)."""
-    if bits >= base:
-        return {name: float(bits) for name in order}
-    floor = float(F.SLICE_BITS)
-    to_save = sum(sizes.values()) * (base - max(bits, floor))  # bit-weights below the base read
-    out = {}
-    for name in order:
-        cut = min(to_save, sizes[name] * (base - floor))
-        out[name] = base - cut / sizes[name]
-        to_save -= cut
+def allocate(order: list[str], sizes: dict[str, int], bits: float, base: float = BASE_BITS,
+             max_bits: float = 2.0 * F.DEFAULT_NUM_SLICES) -> dict[str, float]:
+    """Average bits per router so that the weight-weighted average is ``bits``.
+
+    Below ``base``, routers give up slices in ``order``; above it they gain them in the reverse
+    order (most sensitive per weight first), one width at a time — a 2-bit read's error is ~16x
+    the next width's, so the same order ranks every step. Only the router at the boundary is
+    fractional, so the average bits hardly depend on the text read."""
+    levels = np.arange(F.SLICE_BITS, max_bits + 1e-9, F.SLICE_BITS)
+    bits = float(np.clip(bits, levels[0], levels[-1]))
+    out = {name: base for name in order}
+    if bits < base:
+        steps, sequence = [(base, base - F.SLICE_BITS)], order
+    else:
+        steps, sequence = [(w, w + F.SLICE_BITS) for w in levels if base <= w < levels[-1]], order[::-1]
+    total = sum(sizes.values())
+    to_move = total * abs(bits - base)  # bit-weights to take away or add
+    for start, end in steps:
+        for name in sequence:
+            move = min(to_move, sizes[name] * abs(end - start))
+            out[name] = start + np.sign(end - start) * move / sizes[name]
+            to_move -= move
+            if to_move <= 1e-9 * total:
+                return out
     return out

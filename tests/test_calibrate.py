@@ -242,15 +242,18 @@ def test_sensitivity_allocation_spends_two_bit_reads_where_they_cost_least():
     assert set(order[:2]) == free
     total = sum(sizes.values())
     previous = None
-    for bits in (2.0, 2.3, 2.5, 3.0, 3.5, 3.9, 4.0, 5.0):
+    for bits in (2.0, 2.3, 2.5, 3.0, 3.5, 3.9, 4.0, 4.4, 5.0, 6.0, 7.1, 8.0):
         own = A.allocate(order, sizes, bits)
         assert sum(own[n] * sizes[n] for n in own) / total == pytest.approx(bits)
-        assert all(2.0 <= b <= max(4.0, bits) for b in own.values())
+        assert all(min(bits, 4.0) - 2 <= b <= max(bits, 4.0) + 2 for b in own.values())
+        assert sum(b % 2 != 0 for b in own.values()) <= 1  # one fractional router at most
         if previous is not None:  # a larger budget never takes a slice away from any router
             assert all(own[n] >= previous[n] - 1e-12 for n in own)
         previous = own
     own = A.allocate(order, sizes, 3.5)
     assert own[order[0]] == 2.0 and own[order[-1]] == 4.0
+    own = A.allocate(order, sizes, 4.5)
+    assert own[order[0]] == 4.0 and own[order[-1]] == 6.0
 
     allocate = (lambda b: A.allocate(order, sizes, b))
     fit_thresholds_online(qmodel, calib, (2.5, 3.0, 3.5, 5.0, 7.0), allocate)
