@@ -8,9 +8,11 @@ spends the 2-bit reads evenly; here each router's **sensitivity** is measured on
 on calibration text — the KL divergence of the next-token distribution when that
 router alone reads one slice while all others read the base (4 bits) — and a budget
 b below the base is met by taking routers in order of sensitivity per weight, least
-first, down to one slice until the saved bits cover ``base - b``; above the base,
-routers gain slices in the reverse order. Only the router at the boundary is
-fractional: it keeps its top-scoring tokens at the higher width (water-filling over
+first, down to one slice until the saved bits cover ``base - b``. Above the base,
+slices are added where they gain most, assuming each slice cuts a router's error
+~16x (SmolLM2 validation PPL at 6 bits: 34.19 against 34.41 for every router at 6;
+the same model below the base lost: 104.9 against 95.8 at 3 bits). Only the router
+at the boundary is fractional: it keeps its top-scoring tokens at the higher width (water-filling over
 its own scores), so the average bits barely depend on the text. The order is fixed,
 so lowering b only ever removes slices.
 """
@@ -96,32 +98,33 @@ def router_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float
 
 
 def allocation_order(sensitivity: dict[str, float], sizes: dict[str, int]) -> list[str]:
-    """Routers in the order they give up slices: least KL per weight first."""
+    """Routers in the order they give up slices below the base: least KL per weight first."""
     return sorted(sensitivity, key=lambda name: (sensitivity[name] / sizes[name], name))
 
 
-def allocate(order: list[str], sizes: dict[str, int], bits: float, base: float = BASE_BITS,
+def allocate(sensitivity: dict[str, float], sizes: dict[str, int], bits: float, base: float = BASE_BITS,
              max_bits: float = 2.0 * F.DEFAULT_NUM_SLICES) -> dict[str, float]:
     """Average bits per router so that the weight-weighted average is ``bits``.
 
-    Below ``base``, routers give up slices in ``order``; above it they gain them in the reverse
-    order (most sensitive per weight first), one width at a time — a 2-bit read's error is ~16x
-    the next width's, so the same order ranks every step. Only the router at the boundary is
-    fractional, so the average bits hardly depend on the text read."""
-    levels = np.arange(F.SLICE_BITS, max_bits + 1e-9, F.SLICE_BITS)
-    bits = float(np.clip(bits, levels[0], levels[-1]))
-    out = {name: base for name in order}
+    Below ``base``, routers give up their second slice in :func:`allocation_order`. Above it,
+    each further slice of router r gains ~ sensitivity[r] / 16^(slices beyond the base) (a slice
+    quarters the step, so the error variance falls ~16x): those gains per weight, largest first,
+    order the steps. Only the router of the last step taken is fractional."""
+    bits = float(np.clip(bits, F.SLICE_BITS, max_bits))
+    out = {name: base for name in sensitivity}
     if bits < base:
-        steps, sequence = [(base, base - F.SLICE_BITS)], order
+        steps = [(name, base, base - F.SLICE_BITS) for name in allocation_order(sensitivity, sizes)]
     else:
-        steps, sequence = [(w, w + F.SLICE_BITS) for w in levels if base <= w < levels[-1]], order[::-1]
+        widths = np.arange(base, max_bits, F.SLICE_BITS)
+        steps = sorted(((name, w, w + F.SLICE_BITS) for name in sensitivity for w in widths),
+                       key=lambda s: (-sensitivity[s[0]] / sizes[s[0]] * 16.0 ** (-(s[1] - base) / F.SLICE_BITS),
+                                      s[1], s[0]))
     total = sum(sizes.values())
     to_move = total * abs(bits - base)  # bit-weights to take away or add
-    for start, end in steps:
-        for name in sequence:
-            move = min(to_move, sizes[name] * abs(end - start))
-            out[name] = start + np.sign(end - start) * move / sizes[name]
-            to_move -= move
-            if to_move <= 1e-9 * total:
-                return out
+    for name, start, end in steps:
+        if to_move <= 1e-9 * total:
+            break
+        move = min(to_move, sizes[name] * abs(end - start))
+        out[name] = start + np.sign(end - start) * move / sizes[name]
+        to_move -= move
     return out
