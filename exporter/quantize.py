@@ -1,8 +1,9 @@
 """The quantize run: float source -> calibration -> sliced model -> fitted thresholds -> checkpoint.
 
 ``quantize("smollm2-135m", Path("models/smollm2-135m/checkpoint"))`` is what
-``mobiq-export quantize`` calls; ``refit_thresholds`` is ``mobiq-export thresholds``. Block progress is saved in ``<out>.work/`` and the
-run resumes from there; the work dir is removed once the checkpoint is written.
+``mobiq-export quantize`` calls (``refit_thresholds``: ``mobiq-export thresholds``).
+Block progress is saved in ``<out>.work/`` and the run resumes from there; the work
+dir is removed once the checkpoint is written.
 """
 
 from __future__ import annotations
