@@ -65,7 +65,8 @@ def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, pr
         sensitivity = A.router_sensitivity(qmodel, tokens[: recipe.sensitivity_samples], progress=progress)
         sizes = A.router_sizes(qmodel)
         order = A.allocation_order(sensitivity, sizes)
-        allocation = (lambda bits: A.allocate(sensitivity, sizes, bits))
+        max_bits = F.SLICE_BITS * next(iter(qmodel.routers.values())).num_slices
+        allocation = (lambda bits: A.allocate(sensitivity, sizes, bits, max_bits=max_bits))
         record = {"base_bits": A.BASE_BITS, "order": order, "sensitivity": sensitivity}
         log(f"[quantize] router sensitivity measured in {time.time() - t:.0f}s; first to read 2 bits: "
             + ", ".join(order[:4]))
