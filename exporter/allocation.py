@@ -28,7 +28,7 @@ import torch
 from mobiquant.runtime import format as F
 
 from .blockwise import capture_block_inputs, run_block
-from .qmodel import ROUTED_GROUPS, QuantizedModel, decoder_layers, grid_index
+from .qmodel import QuantizedModel, decoder_layers, grid_index
 from .thresholds import NEVER, threshold_rows
 
 BASE_BITS = 4.0
@@ -36,11 +36,8 @@ BASE_BITS = 4.0
 
 def router_sizes(qmodel: QuantizedModel) -> dict[str, int]:
     """Weights each router's counts apply to (the weight of its reads in the average bits)."""
-    sizes = {}
-    for name in qmodel.routers:
-        layer, group = name.rsplit(".", 1)
-        sizes[name] = sum(int(np.prod(qmodel.linears[f"{layer}.{lin}"].deltas.shape[1:])) for lin in ROUTED_GROUPS[group])
-    return sizes
+    return {name: sum(qmodel.linears[lin].sliced.out_features * qmodel.linears[lin].sliced.in_features
+                      for lin in qmodel.routed_linears(name)) for name in qmodel.routers}
 
 
 def _logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -62,13 +59,14 @@ def router_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float
     layers = decoder_layers(model)
     names = {i: [n for n in qmodel.routers if n.startswith(f"layers.{i}.")] for i in range(len(layers))}
     saved = {name: r.thresholds[row].clone() for name, r in qmodel.routers.items()}
-    uniform = torch.from_numpy(threshold_rows(np.zeros(1), F.DEFAULT_NUM_SLICES, np.array([base]))[0]).float()
+    uniform = {name: torch.from_numpy(threshold_rows(np.zeros(1), r.num_slices, np.array([base]))[0]).float()
+               for name, r in qmodel.routers.items()}  # every token reads base bits (even widths need no scores)
     qmodel.set_target_bits(base)
     sensitivity: dict[str, float] = {}
     t0 = time.time()
     try:
-        for r in qmodel.routers.values():
-            r.thresholds[row] = uniform[: r.num_slices - 1]
+        for name, r in qmodel.routers.items():
+            r.thresholds[row] = uniform[name]
         x, kwargs = capture_block_inputs(model, tokens)
         inputs = []
         for layer, kw in zip(layers, kwargs):
@@ -83,7 +81,7 @@ def router_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float
                 x = inputs[i]
                 for layer, kw in zip(layers[i:], kwargs[i:]):
                     x = run_block(layer, x, kw)
-                router.thresholds[row] = uniform[: router.num_slices - 1]
+                router.thresholds[row] = uniform[name]
                 kl = (p * (reference - torch.log_softmax(_logits(model, x), -1))).sum(-1).mean()
                 sensitivity[name] = float(kl)
                 if progress:

@@ -18,7 +18,7 @@ import torch
 
 from mobiquant.runtime import format as F
 
-from .qmodel import ROUTED_GROUPS, QuantizedModel, build_quantized
+from .qmodel import QuantizedModel, build_quantized
 
 FORMAT = "mobiquant-checkpoint"
 VERSION = 1
@@ -61,8 +61,7 @@ def save(qmodel: QuantizedModel, config: CheckpointConfig, out: Path, allocation
         for key, value in router.state_dict().items():
             tensors[f"{name}.{key}"] = value.detach().cpu().numpy()
     meta = {"format": FORMAT, "version": VERSION, "layout": F.LAYOUT_VERSION, "config": asdict(config),
-            "routers": {name: [f"{name.rsplit('.', 1)[0]}.{lin}" for lin in ROUTED_GROUPS[name.rsplit('.', 1)[1]]]
-                        for name in qmodel.routers}}
+            "routers": {name: qmodel.routed_linears(name) for name in qmodel.routers}}
     if allocation is not None:
         meta["allocation"] = allocation
     tmp = out / (WEIGHTS_FILE + ".partial")

@@ -139,6 +139,11 @@ class QuantizedModel:
     routers: dict[str, Router]  # "layers.{i}.{group}" -> router
     linears: dict[str, SlicedLinear]  # "layers.{i}.{linear}" / "lm_head" -> sliced linear
 
+    def routed_linears(self, router: str) -> list[str]:
+        """Names of the linears whose slice counts ``router`` ("layers.{i}.{group}") decides."""
+        layer, group = router.rsplit(".", 1)
+        return [f"{layer}.{name}" for name in ROUTED_GROUPS[group]]
+
     def set_int8_activations(self, enabled: bool) -> None:
         for lin in self.linears.values():
             lin.int8_activations = enabled

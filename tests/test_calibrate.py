@@ -266,8 +266,7 @@ def test_sensitivity_allocation_spends_two_bit_reads_where_they_cost_least():
         assert abs(qmodel.average_bits() - bits) <= 0.1, (bits, qmodel.average_bits())
         own = A.allocate(sens, sizes, bits)
         for router, router_bits in own.items():  # routers allocated an even width read exactly that
-            layer, group = router.rsplit(".", 1)
-            for lin_name in A.ROUTED_GROUPS[group]:
-                log = qmodel.linears[f"{layer}.{lin_name}"].bits_log
+            for lin_name in qmodel.routed_linears(router):
+                log = qmodel.linears[lin_name].bits_log
                 if router_bits % 2 == 0:
                     assert 2 * sum(t for t, _ in log) / sum(n for _, n in log) == router_bits

@@ -34,7 +34,6 @@
 
 #define MOBIQ_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
-
 namespace mobiq {
 namespace {
 
