@@ -26,8 +26,6 @@
 // Both: group_size % 16 == 0, k <= 4, bytes of slices k+1..S never read.
 #include <immintrin.h>
 
-#include <cstring>
-
 #include "../tiles.h"
 #include "mobiq/format.h"
 #include "mobiq/kernels.h"
@@ -89,9 +87,17 @@ struct Quads {
   }
 };
 
-inline int32_t load4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof v);
+// Two code-generation pins (GCC 12; together 12-33 % faster at k >= 2, measured): dot4 keeps each
+// accumulator in place with the activation broadcast folded in (the intrinsic form renamed the
+// accumulators through register copies every step), and load_codes keeps a loaded slice register
+// live (otherwise each use re-read the 64 bytes as a memory operand of its shift).
+// acc += codes . (the 4 activation bytes at p, in every lane)
+MOBIQ_AVX512VNNI inline void dot4(__m512i& acc, __m512i codes, const int8_t* p) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(codes), "m"(*reinterpret_cast<const int32_t*>(p)));
+}
+MOBIQ_AVX512VNNI inline __m512i load_codes(const uint8_t* p) {
+  __m512i v = _mm512_loadu_si512(p);
+  asm("" : "+v"(v));
   return v;
 }
 
@@ -162,15 +168,14 @@ MOBIQ_AVX512VNNI void row_tile(const RsmmArgs& a, const int32_t* tok, int64_t n,
       __m512i q[U][4];
       for (int u = 0; u < U; ++u) {
         __m512i v[KS];
-        for (int e = 0; e < KS; ++e) v[e] = _mm512_loadu_si512(p + u * kTileBytes + e * plane);
+        for (int e = 0; e < KS; ++e) v[e] = load_codes(p + u * kTileBytes + e * plane);
         Q::build(v, q[u]);
       }
       for (int u = 0; u < U; ++u)
         for (int i = 0; i < 4; ++i)
           for (int j = 0; j < NT; ++j)
             for (int d = 0; d < P; ++d) {
-              __m512i& s = acc[u][d][j][i * A / 4];
-              s = _mm512_dpbusd_epi32(s, q[u][i], _mm512_set1_epi32(load4(x[j] + d * a.K + c + u * kTileCols + 4 * i)));
+              dot4(acc[u][d][j][i * A / 4], q[u][i], x[j] + d * a.K + c + u * kTileCols + 4 * i);
             }
     }
     __m512 dot[NT];
