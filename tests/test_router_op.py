@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from mobiquant.runtime import ops
 
@@ -15,18 +15,26 @@ TYPES = {"W1": TensorProto.INT8, "row": TensorProto.INT64}
 K, H, G, S = 64, 16, 5, 4
 
 
-def router_model(shapes: dict[str, list] | None = None) -> onnx.ModelProto:
-    shapes = shapes or {}
+WEIGHTS = ("W1", "W1_scale", "B1", "W2", "B2", "thresholds")
+
+
+def router_model(shapes: dict[str, list] | None = None,
+                 constants: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """One SliceRouter node; `constants` become initializers (as in exported models), the rest inputs."""
+    shapes, constants = shapes or {}, constants or {}
     node = helper.make_node(ops.ROUTER_OP_TYPE, list(NAMES), ["counts"], domain=ops.DOMAIN)
-    inputs = [helper.make_tensor_value_info(n, TYPES.get(n, TensorProto.FLOAT), shapes.get(n)) for n in NAMES]
+    inputs = [helper.make_tensor_value_info(n, TYPES.get(n, TensorProto.FLOAT), shapes.get(n))
+              for n in NAMES if n not in constants]
     output = helper.make_tensor_value_info("counts", TensorProto.INT32, shapes.get("counts"))
-    graph = helper.make_graph([node], "router", inputs, [output])
+    inits = [numpy_helper.from_array(v, n) for n, v in constants.items()]
+    graph = helper.make_graph([node], "router", inputs, [output], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ops.DOMAIN, 1)])
 
 
-def run(feeds: dict[str, np.ndarray], threads: int = 1) -> np.ndarray:
-    session = ort.InferenceSession(router_model().SerializeToString(), ops.session_options(threads))
-    return session.run(None, feeds)[0]
+def run(feeds: dict[str, np.ndarray], threads: int = 1, constant_weights: bool = False) -> np.ndarray:
+    constants = {n: feeds[n] for n in WEIGHTS} if constant_weights else {}
+    session = ort.InferenceSession(router_model(constants=constants).SerializeToString(), ops.session_options(threads))
+    return session.run(None, {n: v for n, v in feeds.items() if n not in constants})[0]
 
 
 def make_feeds(rng: np.random.Generator, lead: tuple[int, ...]) -> dict[str, np.ndarray]:
@@ -51,10 +59,11 @@ def reference_scores(feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (2, 7), (1, 37), (3, 50)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_counts_match_the_definition(lead, threads):
+@pytest.mark.parametrize("constant_weights", [False, True], ids=["weights-as-inputs", "weights-as-initializers"])
+def test_counts_match_the_definition(lead, threads, constant_weights):
     rng = np.random.default_rng(sum(lead) + threads)
     feeds = make_feeds(rng, lead)
-    counts = run(feeds, threads)
+    counts = run(feeds, threads, constant_weights)
     assert counts.dtype == np.int32 and counts.shape == lead
     scores = reference_scores(feeds)
     tau = feeds["thresholds"][int(feeds["row"])].astype(np.float64)
@@ -93,9 +102,11 @@ def test_wrong_weight_type_is_refused():
     (lambda f: f.update(row=np.array(-1, np.int64)), "got -1"),
     (lambda f: f.update(thresholds=np.zeros(3, np.float32)), "thresholds expected shape [G >= 1, S-1]"),
 ])
-def test_bad_input_is_an_error_naming_the_op(change, message):
+@pytest.mark.parametrize("constant_weights", [False, True], ids=["weights-as-inputs", "weights-as-initializers"])
+def test_bad_input_is_an_error_naming_the_op(change, message, constant_weights):
+    """Constant weights are checked once when the session is created, inputs on every run; same message."""
     feeds = make_feeds(np.random.default_rng(0), (1, 3))
     change(feeds)
     with pytest.raises(Exception, match=r"\[SliceRouter\].*" + message.replace("[", r"\[").replace("(", r"\(")
                        .replace(")", r"\)").replace(".", r"\.")):
-        run(feeds)
+        run(feeds, constant_weights=constant_weights)

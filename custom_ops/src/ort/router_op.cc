@@ -34,50 +34,94 @@ void run_task(void* data, size_t index) {
   route_tokens(*task.args, t0, std::min(task.tokens, t0 + kTokensPerTask));
 }
 
+// The router's weights (inputs W1 .. thresholds), validated: once at kernel creation when they
+// are constant initializers (the exported models), else on every call.
+void check_weights(RouterWeights& w) {
+  if (w.w1.shape.size() != 2) fail("W1 expected shape [K, H]; got " + shape_str(w.w1.shape));
+  w.K = w.w1.shape[0], w.H = w.w1.shape[1];
+  const std::string kh = "K=" + std::to_string(w.K) + ", H=" + std::to_string(w.H) + " from W1";
+  expect_shape(w.w1_scale, kRouterOpName, "W1_scale", {w.H}, kh);
+  expect_shape(w.b1, kRouterOpName, "B1", {w.H}, kh);
+  expect_shape(w.w2, kRouterOpName, "W2", {w.H}, kh);
+  if (w.b2.count != 1) fail("B2 expected one value; got shape " + shape_str(w.b2.shape));
+  if (w.table.shape.size() != 2 || w.table.shape[0] < 1)
+    fail("thresholds expected shape [G >= 1, S-1]; got " + shape_str(w.table.shape));
+}
+
+Input typed(Ort::ConstValue value, size_t index) {
+  Input in;
+  in.value = value;
+  auto info = value.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != input_type(index))
+    fail(std::string("input ") + kInputNames[index] + " expected " + type_name(input_type(index)) + "; got " +
+         type_name(info.GetElementType()));
+  in.shape = info.GetShape();
+  in.count = info.GetElementCount();
+  return in;
+}
+
+Input required_input(Ort::KernelContext& ctx, size_t index) {
+  Input in = get_typed_input(ctx, index, kRouterOpName, kInputNames[index], input_type(index));
+  if (!in.value) fail(std::string("input ") + kInputNames[index] + " expected; got none");
+  return in;
+}
+
 }  // namespace
 
 ONNXTensorElementDataType RouterOp::GetInputType(size_t index) const { return input_type(index); }
 
-OrtStatusPtr RouterOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo*, void** kernel) const {
-  *kernel = new RouterKernel();
-  return nullptr;
+OrtStatusPtr RouterOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+  try {
+    auto k = std::make_unique<RouterKernel>();
+    Input* slots[] = {&k->weights.w1, &k->weights.w1_scale, &k->weights.b1, &k->weights.w2, &k->weights.b2,
+                      &k->weights.table};
+    bool constant = true;
+    for (size_t i = 1; i <= 6 && constant; ++i) {
+      int is_constant = 0;
+      const OrtValue* value = nullptr;
+      OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, i, &is_constant, &value);
+      if (status) api.ReleaseStatus(status);
+      constant = !status && is_constant && value;
+      if (constant) *slots[i - 1] = typed(Ort::ConstValue(value), i);
+    }
+    if (constant) check_weights(k->weights);
+    k->constant = constant;
+    *kernel = k.release();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return to_status(e);
+  }
 }
 
 OrtStatusPtr RouterKernel::ComputeV2(OrtKernelContext* context) {
   try {
     Ort::KernelContext ctx(context);
-    Input in[kInputs];
-    for (size_t i = 0; i < kInputs; ++i) {
-      in[i] = get_typed_input(ctx, i, kRouterOpName, kInputNames[i], input_type(i));
-      if (!in[i].value) fail(std::string("input ") + kInputNames[i] + " expected; got none");
+    RouterWeights call_weights;
+    if (!constant) {
+      Input* slots[] = {&call_weights.w1, &call_weights.w1_scale, &call_weights.b1, &call_weights.w2, &call_weights.b2,
+                        &call_weights.table};
+      for (size_t i = 1; i <= 6; ++i) *slots[i - 1] = required_input(ctx, i);
+      check_weights(call_weights);
     }
-    const Input &x = in[0], &w1 = in[1], &w1_scale = in[2], &b1 = in[3], &w2 = in[4], &b2 = in[5], &table = in[6],
-                &row = in[7];
-    if (w1.shape.size() != 2) fail("W1 expected shape [K, H]; got " + shape_str(w1.shape));
-    const int64_t K = w1.shape[0], H = w1.shape[1];
-    const std::string kh = "K=" + std::to_string(K) + ", H=" + std::to_string(H) + " from W1";
-    if (x.shape.empty() || x.shape.back() != K)
-      fail("X expected shape [..., K=" + std::to_string(K) + "] (" + kh + "); got " + shape_str(x.shape));
-    expect_shape(w1_scale, kRouterOpName, "W1_scale", {H}, kh);
-    expect_shape(b1, kRouterOpName, "B1", {H}, kh);
-    expect_shape(w2, kRouterOpName, "W2", {H}, kh);
-    if (b2.count != 1) fail("B2 expected one value; got shape " + shape_str(b2.shape));
-    if (table.shape.size() != 2 || table.shape[0] < 1)
-      fail("thresholds expected shape [G >= 1, S-1]; got " + shape_str(table.shape));
+    const RouterWeights& w = constant ? weights : call_weights;
+    const Input x = required_input(ctx, 0), row = required_input(ctx, 7);
+    if (x.shape.empty() || x.shape.back() != w.K)
+      fail("X expected shape [..., K=" + std::to_string(w.K) + "] (K=" + std::to_string(w.K) + ", H=" +
+           std::to_string(w.H) + " from W1); got " + shape_str(x.shape));
     if (row.count != 1) fail("row expected one value; got shape " + shape_str(row.shape));
     const int64_t r = *row.value.GetTensorData<int64_t>();
-    if (r < 0 || r >= table.shape[0])
-      fail("row expected in [0, " + std::to_string(table.shape[0] - 1) + "]; got " + std::to_string(r));
+    if (r < 0 || r >= w.table.shape[0])
+      fail("row expected in [0, " + std::to_string(w.table.shape[0] - 1) + "]; got " + std::to_string(r));
 
     const std::vector<int64_t> out_shape(x.shape.begin(), x.shape.end() - 1);
     auto counts = ctx.GetOutput(0, out_shape);
-    const int64_t M = K ? static_cast<int64_t>(x.count) / K : 0;
+    const int64_t M = w.K ? static_cast<int64_t>(x.count) / w.K : 0;
     if (M == 0) return nullptr;
-    const int64_t num_tau = table.shape[1];
-    RouterArgs args{x.value.GetTensorData<float>(), w1.value.GetTensorData<int8_t>(),
-                    w1_scale.value.GetTensorData<float>(), b1.value.GetTensorData<float>(),
-                    w2.value.GetTensorData<float>(), *b2.value.GetTensorData<float>(),
-                    table.value.GetTensorData<float>() + r * num_tau, num_tau, K, H,
+    const int64_t num_tau = w.table.shape[1];
+    RouterArgs args{x.value.GetTensorData<float>(), w.w1.value.GetTensorData<int8_t>(),
+                    w.w1_scale.value.GetTensorData<float>(), w.b1.value.GetTensorData<float>(),
+                    w.w2.value.GetTensorData<float>(), *w.b2.value.GetTensorData<float>(),
+                    w.table.value.GetTensorData<float>() + r * num_tau, num_tau, w.K, w.H,
                     counts.GetTensorMutableData<int32_t>()};
     if (M <= kTokensPerTask) {
       route_tokens(args, 0, M);

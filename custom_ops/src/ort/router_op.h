@@ -6,13 +6,22 @@
 //   output  counts int32 [...]: 1 + #(relu(X (W1 * W1_scale) + B1) . W2 + B2 > thresholds[row, j])
 #pragma once
 
+#include <cstdint>
+
 #include "op_common.h"
 
 namespace mobiq {
 
 inline constexpr const char* kRouterOpName = "SliceRouter";
 
+struct RouterWeights {
+  Input w1, w1_scale, b1, w2, b2, table;
+  int64_t K = 0, H = 0;
+};
+
 struct RouterKernel {
+  RouterWeights weights;        // checked once when all six are constant initializers
+  bool constant = false;
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 };
 
