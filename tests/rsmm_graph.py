@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from mobiquant.runtime import format as F
 from mobiquant.runtime import ops
@@ -15,14 +15,18 @@ _TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorP
           np.dtype(np.int32): TensorProto.INT32, np.dtype(np.int64): TensorProto.INT64}
 
 
-def rsmm_session(feeds: dict[str, np.ndarray], attrs: dict[str, int], threads: int = 1) -> ort.InferenceSession:
-    """A session running one ResidualSliceMatMul node over ``feeds`` (names from ops.INPUTS)."""
+def rsmm_session(feeds: dict[str, np.ndarray], attrs: dict[str, int], threads: int = 1,
+                 constants: tuple[str, ...] = ()) -> ort.InferenceSession:
+    """A session running one ResidualSliceMatMul node over ``feeds`` (names from ops.INPUTS); the
+    ``constants`` among them become initializers (as in exported models), so run it with the others."""
     names = [n if n in feeds else "" for n in ops.INPUTS]
     while names and not names[-1]:
         names.pop()
     node = helper.make_node(ops.OP_TYPE, names, ["Y"], domain=ops.DOMAIN, **attrs)
-    inputs = [helper.make_tensor_value_info(n, _TYPES[feeds[n].dtype], None) for n in names if n]
-    graph = helper.make_graph([node], "rsmm", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    inputs = [helper.make_tensor_value_info(n, _TYPES[feeds[n].dtype], None) for n in names if n and n not in constants]
+    inits = [numpy_helper.from_array(feeds[n], n) for n in constants]
+    graph = helper.make_graph([node], "rsmm", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ops.DOMAIN, 1)])
     return ort.InferenceSession(model.SerializeToString(), ops.session_options(threads))
 

@@ -18,9 +18,12 @@ def good():
     return feeds, attrs_for(K, N, G, S)
 
 
-def fails(feeds, attrs, *patterns):
+WEIGHTS = ("slices", "scales", "zero_points", "bias")
+
+
+def fails(feeds, attrs, *patterns, constants=()):
     with pytest.raises(Exception) as info:
-        rsmm_session(feeds, attrs).run(None, feeds)
+        rsmm_session(feeds, attrs, constants=constants).run(None, {n: v for n, v in feeds.items() if n not in constants})
     text = str(info.value)
     assert "ResidualSliceMatMul" in text, text
     for p in patterns:
@@ -30,6 +33,15 @@ def fails(feeds, attrs, *patterns):
 def test_good_inputs_run():
     feeds, attrs = good()
     assert rsmm_session(feeds, attrs).run(None, feeds)[0].shape == (3, N)
+
+
+def test_constant_weights_give_the_same_output():
+    """Weights as initializers take the checked-once path; it must compute what the per-run path does."""
+    feeds, attrs = good()
+    feeds["bias"] = np.linspace(-1, 1, N, dtype=np.float32)
+    want = rsmm_session(feeds, attrs).run(None, feeds)[0]
+    got = rsmm_session(feeds, attrs, constants=WEIGHTS).run(None, {"X": feeds["X"], "slice_counts": feeds["slice_counts"]})[0]
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("name,dtype", [("X", np.float64), ("slices", np.int8), ("scales", np.float64),
@@ -49,10 +61,12 @@ def test_wrong_dtype(name, dtype):
     ("bias", (N - 1,), "bias shape expected (12,)"),
     ("slice_counts", (2,), "slice_counts expected one count per token (3"),
 ])
-def test_wrong_shape(name, shape, expected):
+@pytest.mark.parametrize("constant_weights", [False, True], ids=["weights-as-inputs", "weights-as-initializers"])
+def test_wrong_shape(name, shape, expected, constant_weights):
+    """Constant weights are checked once when the session is created, inputs on every run; same message."""
     feeds, attrs = good()
     feeds[name] = np.zeros(shape, feeds[name].dtype)
-    fails(feeds, attrs, expected)
+    fails(feeds, attrs, expected, constants=WEIGHTS if constant_weights else ())
 
 
 @pytest.mark.parametrize("bad", [0, 5, -1])

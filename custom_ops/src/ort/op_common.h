@@ -53,19 +53,25 @@ struct Input {
   size_t count = 0;
 };
 
-// Input `index` of `op`, type-checked; value is null when an optional input is absent.
-inline Input get_typed_input(Ort::KernelContext& ctx, size_t index, const char* op, const char* name,
-                             ONNXTensorElementDataType type) {
+// A present value (a run's input or a constant initializer) of input `name` of `op`, type-checked.
+inline Input typed_value(Ort::ConstValue value, const char* op, const char* name, ONNXTensorElementDataType type) {
   Input in;
-  if (index >= ctx.GetInputCount()) return in;
-  in.value = ctx.GetInput(index);
-  if (!in.value) return in;
+  in.value = value;
   auto info = in.value.GetTensorTypeAndShapeInfo();
   if (info.GetElementType() != type)
     fail_op(op, std::string("input ") + name + " expected " + type_name(type) + "; got " + type_name(info.GetElementType()));
   in.shape = info.GetShape();
   in.count = info.GetElementCount();
   return in;
+}
+
+// Input `index` of `op`, type-checked; value is null when an optional input is absent.
+inline Input get_typed_input(Ort::KernelContext& ctx, size_t index, const char* op, const char* name,
+                             ONNXTensorElementDataType type) {
+  if (index >= ctx.GetInputCount()) return {};
+  Ort::ConstValue value = ctx.GetInput(index);
+  if (!value) return {};
+  return typed_value(value, op, name, type);
 }
 
 inline void expect_shape(const Input& in, const char* op, const char* name, const std::vector<int64_t>& want,

@@ -48,18 +48,6 @@ void check_weights(RouterWeights& w) {
     fail("thresholds expected shape [G >= 1, S-1]; got " + shape_str(w.table.shape));
 }
 
-Input typed(Ort::ConstValue value, size_t index) {
-  Input in;
-  in.value = value;
-  auto info = value.GetTensorTypeAndShapeInfo();
-  if (info.GetElementType() != input_type(index))
-    fail(std::string("input ") + kInputNames[index] + " expected " + type_name(input_type(index)) + "; got " +
-         type_name(info.GetElementType()));
-  in.shape = info.GetShape();
-  in.count = info.GetElementCount();
-  return in;
-}
-
 Input required_input(Ort::KernelContext& ctx, size_t index) {
   Input in = get_typed_input(ctx, index, kRouterOpName, kInputNames[index], input_type(index));
   if (!in.value) fail(std::string("input ") + kInputNames[index] + " expected; got none");
@@ -82,7 +70,7 @@ OrtStatusPtr RouterOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* in
       OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, i, &is_constant, &value);
       if (status) api.ReleaseStatus(status);
       constant = !status && is_constant && value;
-      if (constant) *slots[i - 1] = typed(Ort::ConstValue(value), i);
+      if (constant) *slots[i - 1] = typed_value(Ort::ConstValue(value), kRouterOpName, kInputNames[i], input_type(i));
     }
     if (constant) check_weights(k->weights);
     k->constant = constant;

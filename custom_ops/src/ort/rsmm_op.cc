@@ -54,24 +54,39 @@ void run_block(void* data, size_t block) {
   }
 }
 
-// Builds the kernel's tile parameters from constant scales and zero points of the right size;
-// false when either is a graph input (then they are built per call, after validation).
-bool constant_tile_params(const OrtKernelInfo* info, RsmmKernel& k) {
+// The weights' shapes against the attributes (message built only on failure).
+void check_weights(const RsmmKernel& k, const RsmmWeights& w) {
+  const int64_t groups = k.K / k.group_size;
+  auto sizes = [&] {
+    return "N=" + std::to_string(k.N) + ", K=" + std::to_string(k.K) + ", group_size=" + std::to_string(k.group_size);
+  };
+  const std::vector<int64_t> tiles = {k.num_slices, row_tiles(k.N), k.K / kTileCols, kTileBytes}, params = {k.N, groups};
+  if (w.slices.shape != tiles)
+    expect_shape(w.slices, "slices", tiles,
+                 "num_slices=" + std::to_string(k.num_slices) + ", " + sizes() + ", tiles of 16 x 16 codes in 64 bytes");
+  if (w.scales.shape != params) expect_shape(w.scales, "scales", params, sizes());
+  if (w.zero_points.shape != params) expect_shape(w.zero_points, "zero_points", params, sizes());
+  if (w.bias.value && w.bias.shape != std::vector<int64_t>{k.N})
+    expect_shape(w.bias, "bias", {k.N}, "N=" + std::to_string(k.N));
+}
+
+// Inputs 1, 2, 3 and (when the node has it) 5 as constant initializers, type-checked; false when
+// any of them is a graph input (then ComputeV2 reads and checks them on every call).
+bool constant_weights(const OrtKernelInfo* info, RsmmWeights& w) {
   const OrtApi& api = Ort::GetApi();
-  const OrtValue* values[2] = {nullptr, nullptr};
-  for (size_t i = 0; i < 2; ++i) {
+  Ort::ConstKernelInfo kinfo(info);
+  const bool has_bias = kinfo.GetInputCount() > 5 && !kinfo.GetInputName(5).empty();
+  Input* slots[] = {&w.slices, &w.scales, &w.zero_points, &w.bias};
+  const size_t indices[] = {1, 2, 3, 5};
+  for (size_t i = 0; i < 4; ++i) {
+    if (indices[i] == 5 && !has_bias) break;
     int is_constant = 0;
-    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 2 + i, &is_constant, &values[i]);
+    const OrtValue* value = nullptr;
+    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, indices[i], &is_constant, &value);
     if (status) api.ReleaseStatus(status);
-    if (status || !is_constant || !values[i]) return false;
-    Ort::ConstValue v(values[i]);
-    auto shape_info = v.GetTensorTypeAndShapeInfo();
-    if (shape_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
-        shape_info.GetShape() != std::vector<int64_t>{k.N, k.K / k.group_size})
-      return false;  // ComputeV2 reports the mismatch
+    if (status || !is_constant || !value) return false;
+    *slots[i] = typed_value(Ort::ConstValue(value), kOpName, kInputNames[indices[i]], kInputTypes[indices[i]]);
   }
-  build_tile_params(Ort::ConstValue(values[0]).GetTensorData<float>(), Ort::ConstValue(values[1]).GetTensorData<float>(),
-                    k.N, k.K / k.group_size, k.tile_params);
   return true;
 }
 
@@ -114,7 +129,12 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
     if (!why.str().empty()) fail(why.str());
     k->mode = accuracy == 4 ? Mode::kInt8 : Mode::kF32;
     k->kernel = &select_kernel(k->mode, k->num_slices);
-    k->constant_params = constant_tile_params(info, *k);
+    k->constant = constant_weights(info, k->weights);
+    if (k->constant) {
+      check_weights(*k, k->weights);
+      build_tile_params(k->weights.scales.value.GetTensorData<float>(),
+                        k->weights.zero_points.value.GetTensorData<float>(), k->N, k->K / k->group_size, k->tile_params);
+    }
     *kernel = k.release();
     return nullptr;
   } catch (const std::exception& e) {
@@ -125,25 +145,28 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
 OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
   try {
     Ort::KernelContext ctx(context);
-    const Input x = get_input(ctx, 0), slices = get_input(ctx, 1), scales = get_input(ctx, 2),
-                zps = get_input(ctx, 3), counts = get_input(ctx, 4), bias = get_input(ctx, 5);
-    if (!x.value || !slices.value || !scales.value || !zps.value)
-      fail("inputs X, slices, scales, zero_points expected; got fewer");
+    const Input x = get_input(ctx, 0), counts = get_input(ctx, 4);
+    RsmmWeights call_weights;
+    if (!constant) {
+      call_weights = {get_input(ctx, 1), get_input(ctx, 2), get_input(ctx, 3), get_input(ctx, 5)};
+      if (!call_weights.slices.value || !call_weights.scales.value || !call_weights.zero_points.value)
+        fail("inputs X, slices, scales, zero_points expected; got fewer");
+      check_weights(*this, call_weights);
+    }
+    const RsmmWeights& w = constant ? weights : call_weights;
+    if (!x.value) fail("inputs X, slices, scales, zero_points expected; got fewer");
     if (x.shape.empty() || x.shape.back() != K)
       fail("X expected shape [..., K=" + std::to_string(K) + "]; got " + shape_str(x.shape));
     const int64_t M = K ? static_cast<int64_t>(x.count) / K : 0;
     const int64_t groups = K / group_size;
-    const std::string sizes = "N=" + std::to_string(N) + ", K=" + std::to_string(K) +
-                              ", group_size=" + std::to_string(group_size);
-    expect_shape(slices, "slices", {num_slices, row_tiles(N), K / kTileCols, kTileBytes},
-                 "num_slices=" + std::to_string(num_slices) + ", " + sizes + ", tiles of 16 x 16 codes in 64 bytes");
-    expect_shape(scales, "scales", {N, groups}, sizes);
-    expect_shape(zps, "zero_points", {N, groups}, sizes);
-    if (bias.value) expect_shape(bias, "bias", {N}, "N=" + std::to_string(N));
 
-    // Tokens grouped by slice count (stable): each group runs as one dense block.
-    std::vector<int64_t> starts(static_cast<size_t>(num_slices) + 1, 0);
-    std::vector<int32_t> order(static_cast<size_t>(M));
+    // Tokens grouped by slice count (stable): each group runs as one dense block. Per-call buffers
+    // are kept per thread (a session may run on several threads at once).
+    thread_local std::vector<int64_t> starts;
+    thread_local std::vector<int32_t> order;
+    thread_local ActivationBuffers buffers;
+    starts.assign(static_cast<size_t>(num_slices) + 1, 0);
+    order.resize(static_cast<size_t>(M));
     if (counts.value) {
       if (static_cast<int64_t>(counts.count) != M)
         fail("slice_counts expected one count per token (" + std::to_string(M) + " for X shape " +
@@ -170,16 +193,15 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
     if (M == 0) return nullptr;
 
     RsmmArgs args{};
-    args.slices = slices.value.GetTensorData<uint8_t>();
-    args.scales = scales.value.GetTensorData<float>();
-    args.zero_points = zps.value.GetTensorData<float>();
-    args.bias = bias.value ? bias.value.GetTensorData<float>() : nullptr;
+    args.slices = w.slices.value.GetTensorData<uint8_t>();
+    args.scales = w.scales.value.GetTensorData<float>();
+    args.zero_points = w.zero_points.value.GetTensorData<float>();
+    args.bias = w.bias.value ? w.bias.value.GetTensorData<float>() : nullptr;
     args.y = y.GetTensorMutableData<float>();
     args.M = M, args.K = K, args.N = N, args.group_size = group_size, args.num_slices = num_slices;
     TileParams call_params;
-    if (!constant_params) build_tile_params(args.scales, args.zero_points, N, groups, call_params);
-    use_tile_params(constant_params ? tile_params : call_params, args);
-    ActivationBuffers buffers;
+    if (!constant) build_tile_params(args.scales, args.zero_points, N, groups, call_params);
+    use_tile_params(constant ? tile_params : call_params, args);
     prepare_activations(kernel->operand, x.value.GetTensorData<float>(), M, K, group_size, buffers, args);
     // Whole row tiles per task: 4 for large N (fewer calls, pairs of tiles for the kernels), 2 for
     // small N (still >= 18 tasks at N = 576, enough to balance 2-4 threads).

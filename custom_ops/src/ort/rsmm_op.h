@@ -13,12 +13,17 @@ namespace mobiq {
 inline constexpr const char* kDomain = "ai.mobiquant";
 inline constexpr const char* kOpName = "ResidualSliceMatMul";
 
+struct RsmmWeights {
+  Input slices, scales, zero_points, bias;  // bias.value null when the node has none
+};
+
 struct RsmmKernel {
   int64_t K = 0, N = 0, group_size = 0, num_slices = 0;
   Mode mode = Mode::kF32;
   const KernelInfo* kernel = nullptr;
-  TileParams tile_params;       // built once when scales and zero points are constant initializers
-  bool constant_params = false;
+  RsmmWeights weights;    // checked once, and tile_params built once, when they are constant initializers
+  TileParams tile_params;
+  bool constant = false;
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 };
 
