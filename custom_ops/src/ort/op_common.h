@@ -74,6 +74,19 @@ inline Input get_typed_input(Ort::KernelContext& ctx, size_t index, const char* 
   return typed_value(value, op, name, type);
 }
 
+// Input `index` of `op` when it is a constant initializer, type-checked; value null otherwise (a
+// graph input, or absent).
+inline Input constant_input(const OrtKernelInfo* info, size_t index, const char* op, const char* name,
+                            ONNXTensorElementDataType type) {
+  const OrtApi& api = Ort::GetApi();
+  int is_constant = 0;
+  const OrtValue* value = nullptr;
+  OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value);
+  if (status) api.ReleaseStatus(status);
+  if (status || !is_constant || !value) return {};
+  return typed_value(Ort::ConstValue(value), op, name, type);
+}
+
 inline void expect_shape(const Input& in, const char* op, const char* name, const std::vector<int64_t>& want,
                          const std::string& why) {
   if (in.shape != want)

@@ -48,6 +48,15 @@ void check_weights(RouterWeights& w) {
     fail("thresholds expected shape [G >= 1, S-1]; got " + shape_str(w.table.shape));
 }
 
+// The six weights from `input(index)` (indices 1 .. 6); false as soon as one has no value.
+template <class InputAt>
+bool fill_weights(RouterWeights& w, InputAt input) {
+  Input* slots[] = {&w.w1, &w.w1_scale, &w.b1, &w.w2, &w.b2, &w.table};
+  for (size_t i = 1; i <= 6; ++i)
+    if (!(*slots[i - 1] = input(i)).value) return false;
+  return true;
+}
+
 Input required_input(Ort::KernelContext& ctx, size_t index) {
   Input in = get_typed_input(ctx, index, kRouterOpName, kInputNames[index], input_type(index));
   if (!in.value) fail(std::string("input ") + kInputNames[index] + " expected; got none");
@@ -58,20 +67,12 @@ Input required_input(Ort::KernelContext& ctx, size_t index) {
 
 ONNXTensorElementDataType RouterOp::GetInputType(size_t index) const { return input_type(index); }
 
-OrtStatusPtr RouterOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+OrtStatusPtr RouterOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, void** kernel) const {
   try {
     auto k = std::make_unique<RouterKernel>();
-    Input* slots[] = {&k->weights.w1, &k->weights.w1_scale, &k->weights.b1, &k->weights.w2, &k->weights.b2,
-                      &k->weights.table};
-    bool constant = true;
-    for (size_t i = 1; i <= 6 && constant; ++i) {
-      int is_constant = 0;
-      const OrtValue* value = nullptr;
-      OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, i, &is_constant, &value);
-      if (status) api.ReleaseStatus(status);
-      constant = !status && is_constant && value;
-      if (constant) *slots[i - 1] = typed_value(Ort::ConstValue(value), kRouterOpName, kInputNames[i], input_type(i));
-    }
+    const bool constant = fill_weights(k->weights, [&](size_t i) {
+      return constant_input(info, i, kRouterOpName, kInputNames[i], input_type(i));
+    });
     if (constant) check_weights(k->weights);
     k->constant = constant;
     *kernel = k.release();
@@ -86,9 +87,7 @@ OrtStatusPtr RouterKernel::ComputeV2(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     RouterWeights call_weights;
     if (!constant) {
-      Input* slots[] = {&call_weights.w1, &call_weights.w1_scale, &call_weights.b1, &call_weights.w2, &call_weights.b2,
-                        &call_weights.table};
-      for (size_t i = 1; i <= 6; ++i) *slots[i - 1] = required_input(ctx, i);
+      fill_weights(call_weights, [&](size_t i) { return required_input(ctx, i); });
       check_weights(call_weights);
     }
     const RouterWeights& w = constant ? weights : call_weights;

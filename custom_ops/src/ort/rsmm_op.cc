@@ -73,21 +73,11 @@ void check_weights(const RsmmKernel& k, const RsmmWeights& w) {
 // Inputs 1, 2, 3 and (when the node has it) 5 as constant initializers, type-checked; false when
 // any of them is a graph input (then ComputeV2 reads and checks them on every call).
 bool constant_weights(const OrtKernelInfo* info, RsmmWeights& w) {
-  const OrtApi& api = Ort::GetApi();
   Ort::ConstKernelInfo kinfo(info);
   const bool has_bias = kinfo.GetInputCount() > 5 && !kinfo.GetInputName(5).empty();
-  Input* slots[] = {&w.slices, &w.scales, &w.zero_points, &w.bias};
-  const size_t indices[] = {1, 2, 3, 5};
-  for (size_t i = 0; i < 4; ++i) {
-    if (indices[i] == 5 && !has_bias) break;
-    int is_constant = 0;
-    const OrtValue* value = nullptr;
-    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, indices[i], &is_constant, &value);
-    if (status) api.ReleaseStatus(status);
-    if (status || !is_constant || !value) return false;
-    *slots[i] = typed_value(Ort::ConstValue(value), kOpName, kInputNames[indices[i]], kInputTypes[indices[i]]);
-  }
-  return true;
+  auto constant = [&](size_t i) { return constant_input(info, i, kOpName, kInputNames[i], kInputTypes[i]); };
+  w = {constant(1), constant(2), constant(3), has_bias ? constant(5) : Input{}};
+  return w.slices.value && w.scales.value && w.zero_points.value && (!has_bias || w.bias.value);
 }
 
 }  // namespace
@@ -147,14 +137,11 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const Input x = get_input(ctx, 0), counts = get_input(ctx, 4);
     RsmmWeights call_weights;
-    if (!constant) {
-      call_weights = {get_input(ctx, 1), get_input(ctx, 2), get_input(ctx, 3), get_input(ctx, 5)};
-      if (!call_weights.slices.value || !call_weights.scales.value || !call_weights.zero_points.value)
-        fail("inputs X, slices, scales, zero_points expected; got fewer");
-      check_weights(*this, call_weights);
-    }
+    if (!constant) call_weights = {get_input(ctx, 1), get_input(ctx, 2), get_input(ctx, 3), get_input(ctx, 5)};
     const RsmmWeights& w = constant ? weights : call_weights;
-    if (!x.value) fail("inputs X, slices, scales, zero_points expected; got fewer");
+    if (!x.value || !w.slices.value || !w.scales.value || !w.zero_points.value)
+      fail("inputs X, slices, scales, zero_points expected; got fewer");
+    if (!constant) check_weights(*this, call_weights);
     if (x.shape.empty() || x.shape.back() != K)
       fail("X expected shape [..., K=" + std::to_string(K) + "]; got " + shape_str(x.shape));
     const int64_t M = K ? static_cast<int64_t>(x.count) / K : 0;
