@@ -171,7 +171,7 @@ def _infer_output(ctx) -> None:
 
 # Kernel variants by numeric mode, fastest first (names as in custom_ops/include/mobiq/kernels.h).
 KERNELS = {
-    ACCURACY_INT8: ("rsmm_i8_16x4__avx512vnni", "rsmm_i8_16x4__avx2", "rsmm_i8_16x4__neondot",
+    ACCURACY_INT8: ("rsmm_i8_16x4__avx512vnni", "rsmm_i8_16x4__avxvnni", "rsmm_i8_16x4__avx2", "rsmm_i8_16x4__neondot",
                     "rsmm_i8_16x4__neon", "rsmm_i8_1x1__scalar"),
     ACCURACY_F32: ("rsmm_f32_16x4__avx512vnni", "rsmm_f32_16x4__avx2", "rsmm_f32_16x4__neon", "rsmm_f32_1x1__scalar"),
 }

@@ -113,6 +113,9 @@ def x86_expected() -> tuple[set[str], dict[str, str]]:
     if {"avx2", "fma"} <= flags:
         kernels |= {"rsmm_f32_16x4__avx2", "rsmm_i8_16x4__avx2"}
         selected = {"f32": "rsmm_f32_16x4__avx2", "int8": "rsmm_i8_16x4__avx2"}
+    if {"avx2", "fma", "avx_vnni"} <= flags:
+        kernels |= {"rsmm_i8_16x4__avxvnni"}
+        selected["int8"] = "rsmm_i8_16x4__avxvnni"
     if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"} <= flags:
         kernels |= {"rsmm_f32_16x4__avx512vnni", "rsmm_i8_16x4__avx512vnni"}
         selected = {"f32": "rsmm_f32_16x4__avx512vnni", "int8": "rsmm_i8_16x4__avx512vnni"}

@@ -96,6 +96,7 @@ void rsmm_f32_16x4__avx512vnni(const RsmmArgs&, const int32_t*, int64_t, int, in
 void rsmm_i8_16x4__avx512vnni(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
 void rsmm_f32_16x4__avx2(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
 void rsmm_i8_16x4__avx2(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
+void rsmm_i8_16x4__avxvnni(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);
 #endif
 #if defined(__aarch64__)
 void rsmm_f32_16x4__neon(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);

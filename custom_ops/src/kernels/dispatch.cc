@@ -21,6 +21,7 @@ namespace {
 bool always() { return true; }
 #if defined(__x86_64__)
 bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool has_avxvnni() { return has_avx2() && __builtin_cpu_supports("avxvnni"); }
 bool has_avx512vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
@@ -50,6 +51,7 @@ const std::vector<KernelInfo>& all_kernels() {
 #if defined(__x86_64__)
       {rsmm_f32_16x4__avx2, "rsmm_f32_16x4__avx2", Mode::kF32, Operand::kFloat, 4, has_avx2},
       {rsmm_i8_16x4__avx2, "rsmm_i8_16x4__avx2", Mode::kInt8, Operand::kInt8, 4, has_avx2},
+      {rsmm_i8_16x4__avxvnni, "rsmm_i8_16x4__avxvnni", Mode::kInt8, Operand::kInt8, 4, has_avxvnni},
       {rsmm_f32_16x4__avx512vnni, "rsmm_f32_16x4__avx512vnni", Mode::kF32, Operand::kDigits, 4, has_avx512vnni},
       {rsmm_i8_16x4__avx512vnni, "rsmm_i8_16x4__avx512vnni", Mode::kInt8, Operand::kInt8, 4, has_avx512vnni},
 #endif
