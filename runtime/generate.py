@@ -17,11 +17,7 @@ import numpy as np
 
 from .budget import DEFAULT_REEVALUATE_EVERY, AutoBudget, Decision
 from .sampling import Sampler
-from .session import ModelSession
-
-
-class ContextError(ValueError):
-    """A prompt that cannot fit the model's context."""
+from .session import ContextError, ModelSession
 
 
 class BudgetControl:
@@ -95,7 +91,7 @@ def generate(session: ModelSession, prompt: list[int], max_new: int, sampler: Sa
     history = list(prompt)
     bits = budget.bits_for(0)
     t = time.perf_counter()
-    logits, cache = session.forward(np.array([prompt], np.int64), session.empty_cache(), bits)
+    logits, cache = session.forward(np.array([prompt], np.int64), session.empty_cache(len(prompt) + max_new), bits)
     stats.prefill_seconds = time.perf_counter() - t
     last_seconds = stats.prefill_seconds
     for i in range(max_new):

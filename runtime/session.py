@@ -4,11 +4,20 @@
 ones and returns (logits [1, S, vocab], the grown cache). ``bits`` is the
 target_bits input of MoBiQuant graphs: a per-step input, so changing the budget
 never reloads anything. ``last_avg_bits`` is the average bits the step read.
+
+The cache is written in place: each layer's keys and values live in one buffer
+[1, kv_heads, capacity, head_dim] bound as both the past input and the present
+output of the step (GroupQueryAttention then appends the new positions instead
+of copying the whole cache every token). A step writes positions
+[length, length + S) only, so an older KVCache of the same buffers stays valid
+up to its own length until a later step writes past it; a cache that runs out
+of capacity moves to buffers twice as large (up to the model's context).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -16,10 +25,19 @@ from . import ops
 from .modelfile import ModelFileError, ModelInfo, locate
 
 
+class ContextError(ValueError):
+    """Tokens that cannot fit the model's context."""
+
+
 @dataclass
 class KVCache:
-    tensors: dict[str, np.ndarray]  # past_key_values.{i}.key|value -> [1, kv_heads, P, head_dim]
-    length: int
+    buffers: dict[str, np.ndarray]  # past_key_values.{i}.key|value -> [1, kv_heads, capacity, head_dim]
+    length: int                     # valid positions: [0, length)
+    binding: Any = field(default=None, repr=False)  # ORT IOBinding with the buffers bound, made on first use
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.buffers.values())).shape[2]
 
 
 class ModelSession:
@@ -46,23 +64,55 @@ class ModelSession:
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
         self.elastic = "target_bits" in self.inputs
-        self.outputs = ["logits", *self.present_names] + (["avg_bits"] if self.elastic else [])
         shape = self.inputs[self.past_names[0]].shape
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
         self.last_avg_bits = float("nan")
 
-    def empty_cache(self) -> KVCache:
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
-        return KVCache({n: empty for n in self.past_names}, 0)
+    def empty_cache(self, capacity: int = 0) -> KVCache:
+        """A cache with room for ``capacity`` positions (zeros are not resident until written)."""
+        return KVCache(self._buffers(capacity), 0)
+
+    def _buffers(self, capacity: int) -> dict[str, np.ndarray]:
+        return {n: np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32) for n in self.past_names}
+
+    def _room(self, cache: KVCache, total: int) -> KVCache:
+        """``cache`` itself when ``total`` positions fit, else its valid part in larger buffers."""
+        if total <= cache.capacity:
+            return cache
+        grown = self._buffers(max(total, min(2 * cache.capacity, self.info.context)))
+        for name, old in cache.buffers.items():
+            grown[name][:, :, :cache.length] = old[:, :, :cache.length]
+        return KVCache(grown, cache.length)
+
+    def _binding(self, cache: KVCache):
+        """The cache's IOBinding: logits first, then every buffer as past input and present output."""
+        import onnxruntime as ort
+
+        if cache.binding is None:
+            cache.binding = self.session.io_binding()
+            cache.binding.bind_output("logits")  # outputs come back in binding order
+            for past, present in zip(self.past_names, self.present_names):
+                value = ort.OrtValue.ortvalue_from_numpy(cache.buffers[past])
+                cache.binding.bind_ortvalue_input(past, value)
+                cache.binding.bind_ortvalue_output(present, value)
+        return cache.binding
 
     def forward(self, ids: np.ndarray, cache: KVCache, bits: float | None = None) -> tuple[np.ndarray, KVCache]:
         total = cache.length + ids.shape[1]
-        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, total), np.int64), **cache.tensors}
+        if total > self.info.context:
+            raise ContextError(f"[mobiq] {total} positions expected <= the model's context {self.info.context} "
+                               f"({cache.length} cached + {ids.shape[1]} new)")
+        cache = self._room(cache, total)
+        binding = self._binding(cache)
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+        binding.bind_output("logits")  # a fresh array per step (its shape follows ids)
         if self.elastic:
-            feeds["target_bits"] = np.array(8.0 if bits is None else bits, np.float32)
-        out = self.session.run(self.outputs, feeds)
+            binding.bind_cpu_input("target_bits", np.array(8.0 if bits is None else bits, np.float32))
+            binding.bind_output("avg_bits")
+        self.session.run_with_iobinding(binding)
+        out = binding.get_outputs()
         if self.elastic:
-            self.last_avg_bits = float(out[-1])
-        present = dict(zip(self.past_names, out[1:1 + len(self.past_names)]))
-        return out[0], KVCache(present, total)
+            self.last_avg_bits = float(out[-1].numpy())
+        return out[0].numpy(), KVCache(cache.buffers, total, binding)

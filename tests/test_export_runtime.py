@@ -21,7 +21,7 @@ from mobiquant.exporter.onnx_export import export
 from mobiquant.exporter.qmodel import build_quantized, slice_model
 from mobiquant.exporter.source import load_float_model, resolve
 from mobiquant.exporter.thresholds import fit_thresholds
-from mobiquant.runtime.session import ModelSession
+from mobiquant.runtime.session import ContextError, ModelSession
 from tiny_llama import write_tiny_llama
 
 BUDGETS = (3.0, 4.0, 6.0, 8.0)
@@ -67,6 +67,32 @@ def test_kv_cache_decode_equals_recompute(tiny, bits):
         ref = recompute(s, ids, bits)
         err = np.abs(logits[0, -1] - ref).max() / np.abs(ref).max()
         assert err < 1e-4, f"bits={bits} step={step}: KV-cache logits differ from recompute by {err:.2e}"
+
+
+def test_cache_written_in_place_branches_and_grows(tiny):
+    """The cache buffers are the attention's past and present at once: a roomy cache is extended in place,
+    a second continuation from the same prefix overwrites the first one's positions and still equals
+    recomputation, and a cache without room moves to larger buffers with its contents."""
+    s = ModelSession(tiny[0].parent / "model-exact", threads=1)
+    prefix = [1, 40, 41, 42, 43]
+    for capacity in (64, 0):
+        _, cache = s.forward(np.array([prefix]), s.empty_cache(capacity), 6.0)
+        assert cache.capacity == max(capacity, len(prefix))
+        for branch in (60, 61):
+            logits, grown = s.forward(np.array([[branch]]), cache, 6.0)
+            logits, grown = s.forward(np.array([[branch + 10]]), grown, 6.0)
+            ref = recompute(s, [*prefix, branch, branch + 10], 6.0)
+            err = np.abs(logits[0, -1] - ref).max() / np.abs(ref).max()
+            assert err < 1e-4, f"capacity={capacity} branch={branch}: {err:.2e} from recompute"
+            assert grown.length == len(prefix) + 2
+            assert (grown.buffers is cache.buffers) == (capacity >= grown.length)
+
+
+def test_context_overflow_is_a_clear_error(tiny):
+    s = ModelSession(tiny[0], threads=1)
+    _, cache = s.forward(np.array([[1] * 100]), s.empty_cache(), 8.0)
+    with pytest.raises(ContextError, match=r"129 positions expected <= the model's context 128 \(100 cached \+ 29 new\)"):
+        s.forward(np.array([[1] * 29]), cache, 8.0)
 
 
 def test_budget_switch_between_steps_changes_bits_read(tiny_model_dir):
