@@ -225,12 +225,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+LONG_PROMPT = 1024  # the second decode figure: after this many tokens of context
+
+
 def decode_speed(session, bits: float | None, steps: int = 64, prompt: int = 32) -> float:
-    """Steady-state decode milliseconds per token at ``bits`` (best of 3 runs)."""
+    """Steady-state decode milliseconds per token at ``bits`` after ``prompt`` tokens (best of 3 runs)."""
     ids = np.arange(100, 100 + prompt, dtype=np.int64)[None] % session.vocab
     best = float("inf")
     for _ in range(3):
-        logits, cache = session.forward(ids, session.empty_cache(), bits)
+        logits, cache = session.forward(ids, session.empty_cache(prompt + steps), bits)
         t = time.perf_counter()
         for _ in range(steps):
             logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, bits)
@@ -243,7 +246,7 @@ def switch_cost(session, before: float, after: float, steps: int = 32) -> float:
     ratios = []
     for _ in range(5):
         logits, cache = session.forward(np.arange(100, 132, dtype=np.int64)[None] % session.vocab,
-                                        session.empty_cache(), before)
+                                        session.empty_cache(32 + steps + 9), before)
         for _ in range(steps):
             logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, before)
         t = time.perf_counter()
@@ -267,12 +270,15 @@ def _decode_command(args: argparse.Namespace) -> int:
     result = {"cpu": cpu_name(), "threads": args.threads, "rows": rows}
     session = ModelSession(args.model, args.threads)
     named = session.info.named_budgets
+    long = min(LONG_PROMPT, session.info.context - 64)
+    result["long_prompt"] = long
     for name, bits in named.items():
-        rows.append({"model": "mobiquant", "budget": name, "bits": bits, "ms_per_token": decode_speed(session, bits)})
+        rows.append({"model": "mobiquant", "budget": name, "bits": bits, "ms_per_token": decode_speed(session, bits),
+                     "ms_per_token_long": decode_speed(session, bits, prompt=long)})
     for directory in args.baseline or []:
         base = ModelSession(directory, args.threads)
         rows.append({"model": base.info.meta.get("kind"), "budget": None, "bits": None,
-                     "ms_per_token": decode_speed(base, None)})
+                     "ms_per_token": decode_speed(base, None), "ms_per_token_long": decode_speed(base, None, prompt=long)})
     result["switch_low_to_max"] = switch_cost(session, named["low"], named["max"])
     result["switch_max_to_low"] = switch_cost(session, named["max"], named["low"])
     t = time.perf_counter()
@@ -281,7 +287,8 @@ def _decode_command(args: argparse.Namespace) -> int:
     result["first_token_s"] = time.perf_counter() - t
     for r in rows:
         print(f"{r['model']:>18} {str(r['budget'] or ''):>5} {str(r['bits'] or ''):>4} "
-              f"{r['ms_per_token']:7.2f} ms/token  {1e3 / r['ms_per_token']:6.1f} tok/s")
+              f"{r['ms_per_token']:7.2f} ms/token  {1e3 / r['ms_per_token']:6.1f} tok/s   after {long} tokens: "
+              f"{r['ms_per_token_long']:7.2f} ms/token  {1e3 / r['ms_per_token_long']:6.1f} tok/s")
     print(f"switch cost (first step / steady step): low->max {result['switch_low_to_max']:.2f}, "
           f"max->low {result['switch_max_to_low']:.2f}")
     print(f"mobiq-run start to first token (low): {result['first_token_s']:.2f} s")
