@@ -74,7 +74,7 @@ def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_
         nll += log_softmax_nll(logits[0, :-1], windows[w, 1:])
         scored += context - 1
         bits_read.append(session.last_avg_bits)
-    logits, cache = session.forward(windows[0:1, :32], session.empty_cache(), bits)
+    logits, cache = session.forward(windows[0:1, :32], session.empty_cache(32 + DECODE_TOKENS), bits)
     t = time.perf_counter()
     for _ in range(DECODE_TOKENS):
         logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, bits)

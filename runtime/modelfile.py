@@ -29,10 +29,11 @@ class ModelFileError(ValueError):
 class ModelInfo:
     directory: Path
     meta: dict
+    graph_file: str = MODEL_FILE  # the .onnx file in directory that was asked for
 
     @property
     def onnx_path(self) -> Path:
-        return self.directory / MODEL_FILE
+        return self.directory / self.graph_file
 
     @property
     def elastic(self) -> bool:
@@ -49,10 +50,12 @@ class ModelInfo:
 
 
 def locate(path: str | Path) -> ModelInfo:
-    """The model directory of ``path`` (a directory or its model.onnx), checked."""
+    """The model directory of ``path`` (a directory, meaning its model.onnx, or one .onnx file in it), checked."""
     p = Path(path)
     if not p.exists():
         raise ModelFileError(f"[mobiq] model expected at {p}; got no such file or directory")
+    if not p.is_dir() and p.suffix != ".onnx":
+        raise ModelFileError(f"[mobiq] a model directory or its .onnx file expected; got {p}")
     directory = p if p.is_dir() else p.parent
     meta_path = directory / META_FILE
     if not meta_path.is_file():
@@ -67,6 +70,6 @@ def locate(path: str | Path) -> ModelInfo:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(f"[mobiq] format version expected {FORMAT_VERSION}; got unknown version "
                              f"{meta.get('format_version')!r} (update mobiquant or re-export the model)")
-    if not (directory / MODEL_FILE).is_file():
+    if not (directory / MODEL_FILE).is_file() and p.is_dir():
         raise ModelFileError(f"[mobiq] {directory / MODEL_FILE} expected; got no such file")
-    return ModelInfo(directory, meta)
+    return ModelInfo(directory, meta, MODEL_FILE if p.is_dir() else p.name)

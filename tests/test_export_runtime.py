@@ -140,8 +140,8 @@ def test_cli_reads_piped_stdin(tiny_model_dir):
     assert r.returncode == 0, r.stderr.decode()
 
 
-@pytest.mark.parametrize("case", ["missing", "not-mobiquant", "unknown-version", "budget-name", "bits-range",
-                                  "empty-prompt", "bad-utf8"])
+@pytest.mark.parametrize("case", ["missing", "not-mobiquant", "not-onnx", "unknown-version", "budget-name",
+                                  "bits-range", "empty-prompt", "bad-utf8"])
 def test_cli_bad_input_is_one_line_error(tiny_model_dir, tmp_path, case):
     import json
     import shutil
@@ -152,6 +152,8 @@ def test_cli_bad_input_is_one_line_error(tiny_model_dir, tmp_path, case):
     elif case == "not-mobiquant":
         (tmp_path / "model.onnx").write_bytes(b"not a model")
         model = tmp_path / "model.onnx"
+    elif case == "not-onnx":
+        model = tiny_model_dir / "mobiq.json"
     elif case == "unknown-version":
         model = tmp_path / "copy"
         shutil.copytree(tiny_model_dir, model)
@@ -169,6 +171,32 @@ def test_cli_bad_input_is_one_line_error(tiny_model_dir, tmp_path, case):
     err = r.stderr.decode().strip()
     assert r.returncode != 0, f"{case}: exit 0"
     assert "Traceback" not in err and len(err.splitlines()) == 1, f"{case}: {err}"
+
+
+def test_a_named_onnx_file_is_the_one_that_runs(tiny, tmp_path):
+    """MODEL may be one .onnx file beside mobiq.json: that graph runs, not the directory's model.onnx."""
+    import shutil
+
+    import onnx
+
+    exact = tiny[0].parent / "model-exact"
+    model = tmp_path / "model"
+    shutil.copytree(tiny[0], model)  # the int8-activation file, and the exact one beside it as exact.onnx
+    shutil.copy(exact / "model.onnx.data", model / "exact.onnx.data")
+    graph = onnx.load(str(exact / "model.onnx"), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "exact.onnx.data"
+    onnx.save(graph, str(model / "exact.onnx"))
+
+    def logits(path):
+        s = ModelSession(path, threads=1)
+        return s.forward(np.array([[1, 40, 41, 42]]), s.empty_cache(), 8.0)[0]
+
+    assert not np.array_equal(logits(tiny[0]), logits(exact))  # int8 and exact activations differ
+    np.testing.assert_array_equal(logits(model / "exact.onnx"), logits(exact))
+    np.testing.assert_array_equal(logits(model / "model.onnx"), logits(tiny[0]))
 
 
 def test_runtime_runs_without_torch(tiny_model_dir):
