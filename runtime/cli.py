@@ -31,7 +31,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mobiq-run", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="model directory or its model.onnx")
+    p.add_argument("model", help="model directory (its model.onnx runs), or one .onnx file beside its mobiq.json")
     p.add_argument("--budget", default="auto", help="low|mid|high|max|<bits>|auto (default: auto)")
     p.add_argument("-p", "--prompt", help="prompt text; without it: interactive chat on a terminal, or stdin")
     p.add_argument("-n", "--max-new", type=int, default=128, help="most tokens to generate (default: 128)")
