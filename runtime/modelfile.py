@@ -70,6 +70,6 @@ def locate(path: str | Path) -> ModelInfo:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(f"[mobiq] format version expected {FORMAT_VERSION}; got unknown version "
                              f"{meta.get('format_version')!r} (update mobiquant or re-export the model)")
-    if not (directory / MODEL_FILE).is_file() and p.is_dir():
+    if p.is_dir() and not (directory / MODEL_FILE).is_file():
         raise ModelFileError(f"[mobiq] {directory / MODEL_FILE} expected; got no such file")
     return ModelInfo(directory, meta, MODEL_FILE if p.is_dir() else p.name)

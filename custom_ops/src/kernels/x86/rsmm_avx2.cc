@@ -23,7 +23,7 @@
 //   into int32 (no int16 stage); k = 3, 4 as two parts of at most 4 bits each
 //   (Q(k) = 4^(k-2) Q(2) + Q(k-2), one shift per group). 7-15 % faster than the
 //   AVX2 kernel per tile at M = 1 (both measured on one Zen 5 core).
-// Both files' bodies are rsmm_ymm.inc, compiled once per instruction set below.
+// The code is rsmm_ymm.inc, compiled below once per instruction set (AVX2; AVX2 + AVX-VNNI).
 // Per group g and token: y += s1 * (s_k/s1 * (dot * dot_scale + xsum/2)) - (s1 z1)
 // * xsum, with s1 and s1 z1 from the tile parameters. Bias loads and y stores are
 // masked (vmaskmovps): rows past N are never read or written.
