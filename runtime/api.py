@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .budget import AutoBudget, Decision, PolicyConfig, parse_budget
-from .generate import BudgetControl, GenerationStats, fit_context, generate
+from .generate import BudgetControl, GenerationStats, PrefixCache, fit_context, generate
 from .sampling import Sampler, SamplingConfig
 from .session import ModelSession
 from .signals import SignalSource, SysfsSource
@@ -36,6 +36,7 @@ class Model:
         self._control = BudgetControl(self.info.named_budgets["mid"])
         self._cancel = threading.Event()
         self.last_stats = GenerationStats()
+        self.prefix = PrefixCache()  # keys and values of the last generation, reused where a prompt repeats them
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None) -> "Model":
@@ -77,7 +78,8 @@ class Model:
             self._cancel.clear()
             self.last_stats = GenerationStats()
             for step in generate(self.session, ids, max_new_tokens, Sampler(sampling or SamplingConfig()),
-                                 self._control, self.codec.stop_ids, decoder.push, self.last_stats, self._cancel):
+                                 self._control, self.codec.stop_ids, decoder.push, self.last_stats, self._cancel,
+                                 self.prefix):
                 if step.text:
                     yield step.text
 

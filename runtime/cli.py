@@ -154,7 +154,7 @@ def _answer(model, control, sampling, args, chat, messages, started=None) -> Gen
     seen_changes = len(control.changes)
     pieces = []
     for step in generate(model.session, fitted, args.max_new, Sampler(sampling), control, model.codec.stop_ids,
-                         decoder.push, stats):
+                         decoder.push, stats, prefix=model.prefix):
         if started is not None and len(stats.steps) == 1:
             stats.first_token_seconds = time.perf_counter() - started
         if args.verbose and len(control.changes) > seen_changes:
@@ -187,7 +187,8 @@ def _interactive(model, control, sampling, args, chat) -> int:
 
 def _print_stats(stats: GenerationStats, started: float | None, control: BudgetControl) -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    lines = [f"prompt {stats.prompt_tokens} tokens, prefill {stats.prefill_tokens_per_s:.1f} tok/s",
+    reused = f" ({stats.reused_tokens} kept from the previous turn)" if stats.reused_tokens else ""
+    lines = [f"prompt {stats.prompt_tokens} tokens{reused}, prefill {stats.prefill_tokens_per_s:.1f} tok/s",
              f"generated {len(stats.steps)} tokens, decode {stats.decode_tokens_per_s:.1f} tok/s",
              f"average bits read {stats.avg_bits:.2f}", f"peak memory {peak_mb:.0f} MB"]
     first = getattr(stats, "first_token_seconds", None)

@@ -4,6 +4,10 @@ The budget is read from a :class:`BudgetControl` before every step, so another
 thread (a UI) or the device policy (``auto``, re-evaluated every N tokens) can
 change precision mid-generation; the next step simply feeds another
 ``target_bits``. Each step reports what it cost and the bits it read.
+
+A :class:`PrefixCache` carries the KV cache from one generation to the next:
+the new prompt's tokens shared with what the cache holds (a chat's earlier
+turns, a fixed system prompt) are not computed again, only the rest is.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 
 from .budget import DEFAULT_REEVALUATE_EVERY, AutoBudget, Decision
 from .sampling import Sampler
-from .session import ContextError, ModelSession
+from .session import ContextError, KVCache, ModelSession
 
 
 class BudgetControl:
@@ -56,6 +60,7 @@ class Step:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose keys and values came from the PrefixCache
     prefill_seconds: float = 0.0
     steps: list[Step] = field(default_factory=list)
 
@@ -66,7 +71,8 @@ class GenerationStats:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else float("nan")
+        computed = self.prompt_tokens - self.reused_tokens
+        return computed / self.prefill_seconds if self.prefill_seconds else float("nan")
 
     @property
     def avg_bits(self) -> float:
@@ -82,17 +88,46 @@ def fit_context(prompt: list[int], max_new: int, context: int) -> list[int]:
     return prompt if len(prompt) <= room else prompt[-room:]
 
 
+class PrefixCache:
+    """The tokens whose keys and values a KV cache holds, kept between generations of one session."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.cache: KVCache | None = None
+
+    def start(self, session: ModelSession, prompt: list[int], room: int) -> KVCache:
+        """A cache holding the longest prefix of ``prompt`` (all but its last token at most) it already
+        has, with room for ``room`` positions in all (fresh buffers when nothing is shared)."""
+        shared = 0
+        for a, b in zip(self.ids, prompt[:-1]):
+            if a != b:
+                break
+            shared += 1
+        if self.cache is None or shared == 0:
+            return session.empty_cache(room)
+        return KVCache(self.cache.buffers, shared, self.cache.binding)
+
+    def keep(self, ids: list[int], cache: KVCache) -> None:
+        self.ids, self.cache = ids[:cache.length], cache
+
+
 def generate(session: ModelSession, prompt: list[int], max_new: int, sampler: Sampler, budget: BudgetControl,
              stop_ids: frozenset[int], decode: Callable[[int], str], stats: GenerationStats | None = None,
-             cancel: threading.Event | None = None) -> Iterator[Step]:
-    """Yield one Step per generated token until a stop token, max_new tokens or ``cancel``."""
+             cancel: threading.Event | None = None, prefix: PrefixCache | None = None) -> Iterator[Step]:
+    """Yield one Step per generated token until a stop token, max_new tokens or ``cancel``; with
+    ``prefix``, start from the keys and values it holds and leave this generation's there."""
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)
     history = list(prompt)
     bits = budget.bits_for(0)
     t = time.perf_counter()
-    logits, cache = session.forward(np.array([prompt], np.int64), session.empty_cache(len(prompt) + max_new), bits)
+    room = len(prompt) + max_new
+    cache = prefix.start(session, prompt, room) if prefix else session.empty_cache(room)
+    stats.reused_tokens = cache.length
+    logits, cache = session.forward(np.array([prompt[cache.length:]], np.int64), cache, bits)
     stats.prefill_seconds = time.perf_counter() - t
+    if prefix:
+        prefix.keep(history, cache)
     last_seconds = stats.prefill_seconds
     for i in range(max_new):
         token = sampler(logits[0, -1], history)
@@ -108,3 +143,5 @@ def generate(session: ModelSession, prompt: list[int], max_new: int, sampler: Sa
         t = time.perf_counter()
         logits, cache = session.forward(np.array([[token]], np.int64), cache, bits)
         last_seconds = time.perf_counter() - t
+        if prefix:
+            prefix.keep(history, cache)

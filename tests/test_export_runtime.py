@@ -88,6 +88,38 @@ def test_cache_written_in_place_branches_and_grows(tiny):
             assert (grown.buffers is cache.buffers) == (capacity >= grown.length)
 
 
+def test_prefix_cache_reuses_a_previous_turn(tiny):
+    """A second turn that repeats the first turn's prompt and answer computes only its new tokens,
+    and generates what a full recomputation generates (exact file, greedy)."""
+    from mobiquant.runtime.generate import BudgetControl, GenerationStats, PrefixCache, generate
+    from mobiquant.runtime.sampling import Sampler, SamplingConfig
+
+    s = ModelSession(tiny[0].parent / "model-exact", threads=1)
+
+    def run(prompt, prefix=None):
+        stats = GenerationStats()
+        steps = generate(s, prompt, 6, Sampler(SamplingConfig(repetition_penalty=1.0)), BudgetControl(6.0),
+                         frozenset(), str, stats, prefix=prefix)
+        return [step.token for step in steps], stats
+
+    prefix = PrefixCache()
+    first = [1, 40, 41, 42, 43]
+    answer, _ = run(first, prefix)
+    second = first + answer + [50, 51, 52]
+    reused, stats = run(second, prefix)
+    fresh, fresh_stats = run(second)
+    assert stats.reused_tokens == len(first) + len(answer) - 1  # the last answer token was never fed
+    assert fresh_stats.reused_tokens == 0
+    assert reused == fresh
+    cache = prefix.start(s, second, len(second))  # the same start, at the level of logits
+    got = s.forward(np.array([second[cache.length:]]), cache, 6.0)[0][0, -1]
+    ref = recompute(s, second, 6.0)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    third = [1, 40, 60, 61]  # shares two tokens, then differs: the cache is cut back there
+    tokens, stats = run(third, prefix)
+    assert stats.reused_tokens == 2 and tokens == run(third)[0]
+
+
 def test_context_overflow_is_a_clear_error(tiny):
     s = ModelSession(tiny[0], threads=1)
     _, cache = s.forward(np.array([[1] * 100]), s.empty_cache(), 8.0)
