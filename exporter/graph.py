@@ -10,7 +10,10 @@ One graph, batch-1 friendly, KV cache in BNSH layout::
 
 Attention is ONNX Runtime's com.microsoft.GroupQueryAttention with rotary inside
 (one cos/sin table per rope base; sliding-window layers through local_window_size;
-the cache always holds every position); RMSNorm is ONNX RMSNormalization (opset 23).
+the cache always holds every position; q|k|v packed in one input unless q/k are
+normed first). A residual add and the RMSNorm after it are one
+com.microsoft.SkipSimplifiedLayerNormalization; other RMSNorms are ONNX
+RMSNormalization (opset 23). Fewer nodes: ~5 % faster decode on SmolLM2.
 The block structure is the architecture's (:data:`FAMILIES`). How a linear layer is
 computed is the caller's choice (:class:`LinearKind`): that is what differs
 between the MoBiQuant file and the fp32 / MatMulNBits baselines built here too.
@@ -156,13 +159,24 @@ class _Decoder:
     inputs: list
     outputs: list
 
-    def norm(self, x: str, name: str) -> str:
-        """RMSNorm with HF weight ``name``; Gemma 3 scales by (1 + w), computed in float32 as HF does."""
+    def _norm_weight(self, name: str) -> str:
+        """HF RMSNorm weight ``name``; Gemma 3 scales by (1 + w), computed in float32 as HF does."""
         w = self.weights[name].astype(np.float32)
         if self.spec.family == "gemma3":
             w = np.float32(1.0) + w
-        return self.g.op("RMSNormalization", [x, self.g.const(w, "rms_weight")], "rms", axis=-1,
-                         epsilon=self.spec.rms_eps)
+        return self.g.const(w, "rms_weight")
+
+    def norm(self, x: str, name: str) -> str:
+        return self.g.op("RMSNormalization", [x, self._norm_weight(name)], "rms", axis=-1, epsilon=self.spec.rms_eps)
+
+    def add_norm(self, x: str, delta: str | None, name: str) -> tuple[str, str]:
+        """(x + delta, RMSNorm(x + delta)) in one node; (x, RMSNorm(x)) when there is nothing to add."""
+        if delta is None:
+            return x, self.norm(x, name)
+        total = self.g.name("residual")
+        normed = self.g.op("SkipSimplifiedLayerNormalization", [x, delta, self._norm_weight(name)],
+                           outputs=[self.g.name("rms"), "", "", total], domain=MS_DOMAIN, epsilon=self.spec.rms_eps)[0]
+        return total, normed
 
     def head_norm(self, x: str, name: str, heads: int) -> str:
         """RMSNorm over head_dim of x [B, S, heads*head_dim], each head on its own (Gemma 3 q/k norms)."""
@@ -176,12 +190,14 @@ class _Decoder:
         g, spec, pre = self.g, self.spec, f"model.layers.{i}.self_attn"
         qkv = self.kind.linear(g, h, f"layers.{i}.qkv", [self.weights[f"{pre}.{p}_proj.weight"] for p in "qkv"],
                                f"layers.{i}.attn_in")
-        split = g.const(np.array([spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim,
-                                  spec.kv_heads * spec.head_dim], np.int64), "qkv_split")
-        q, k, v = g.op("Split", [qkv, split], outputs=3, axis=-1)
         if spec.family == "gemma3":
+            split = g.const(np.array([spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim,
+                                      spec.kv_heads * spec.head_dim], np.int64), "qkv_split")
+            q, k, v = g.op("Split", [qkv, split], outputs=3, axis=-1)
             q, k = self.head_norm(q, f"{pre}.q_norm.weight", spec.heads), self.head_norm(k, f"{pre}.k_norm.weight",
                                                                                          spec.kv_heads)
+        else:
+            q, k, v = qkv, "", ""  # packed
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
         B, T, P = "batch", "total_sequence", "past_sequence"
@@ -220,18 +236,21 @@ def _gelu_tanh(g: GraphBuilder, x: str) -> str:
     return g.op("Gelu", [x], approximate="tanh")
 
 
-def _llama_block(d: _Decoder, i: int, x: str) -> str:
+# A block takes the residual stream x and the previous block's output delta (not yet added: the add
+# is fused with the norm that reads the sum) and returns the same pair for the next one.
+def _llama_block(d: _Decoder, i: int, x: str, delta: str | None) -> tuple[str, str]:
     pre = f"model.layers.{i}"
-    x = d.g.op("Add", [x, d.attention(i, d.norm(x, f"{pre}.input_layernorm.weight"))], f"residual{i}a")
-    return d.g.op("Add", [x, d.mlp(i, d.norm(x, f"{pre}.post_attention_layernorm.weight"), _silu)], f"residual{i}b")
+    x, h = d.add_norm(x, delta, f"{pre}.input_layernorm.weight")
+    x, h = d.add_norm(x, d.attention(i, h), f"{pre}.post_attention_layernorm.weight")
+    return x, d.mlp(i, h, _silu)
 
 
-def _gemma3_block(d: _Decoder, i: int, x: str) -> str:
+def _gemma3_block(d: _Decoder, i: int, x: str, delta: str | None) -> tuple[str, str]:
     pre = f"model.layers.{i}"
-    attn = d.attention(i, d.norm(x, f"{pre}.input_layernorm.weight"))
-    x = d.g.op("Add", [x, d.norm(attn, f"{pre}.post_attention_layernorm.weight")], f"residual{i}a")
-    mlp = d.mlp(i, d.norm(x, f"{pre}.pre_feedforward_layernorm.weight"), _gelu_tanh)
-    return d.g.op("Add", [x, d.norm(mlp, f"{pre}.post_feedforward_layernorm.weight")], f"residual{i}b")
+    x, h = d.add_norm(x, delta, f"{pre}.input_layernorm.weight")
+    attn = d.norm(d.attention(i, h), f"{pre}.post_attention_layernorm.weight")
+    x, h = d.add_norm(x, attn, f"{pre}.pre_feedforward_layernorm.weight")
+    return x, d.norm(d.mlp(i, h, _gelu_tanh), f"{pre}.post_feedforward_layernorm.weight")
 
 
 _BLOCKS = {"llama": _llama_block, "gemma3": _gemma3_block}
@@ -260,9 +279,10 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: Linea
     if spec.family == "gemma3":  # HF multiplies the looked-up rows by sqrt(hidden) in float32: the same products
         embed = embed * np.float32(spec.hidden ** 0.5)
     x = g.op("Gather", [g.const(embed, "embed_tokens"), "input_ids"], "embeddings")
+    delta = None
     for i in range(spec.num_layers):
-        x = _BLOCKS[spec.family](d, i, x)
-    x = d.norm(x, "model.norm.weight")
+        x, delta = _BLOCKS[spec.family](d, i, x, delta)
+    _, x = d.add_norm(x, delta, "model.norm.weight")
     head_weight = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
     logits = (lm_head or kind).linear(g, x, "lm_head", [head_weight], "lm_head")
     if spec.final_softcap:

@@ -228,17 +228,25 @@ def cpu_name() -> str:
 LONG_PROMPT = 1024  # the second decode figure: after this many tokens of context
 
 
-def decode_speed(session, bits: float | None, steps: int = 64, prompt: int = 32) -> float:
-    """Steady-state decode milliseconds per token at ``bits`` after ``prompt`` tokens (best of 3 runs)."""
+def decode_run(session, bits: float | None, prompt: int = 32, steps: int = 64) -> float:
+    """Decode milliseconds per token at ``bits`` over ``steps`` tokens after ``prompt`` tokens (one run)."""
     ids = np.arange(100, 100 + prompt, dtype=np.int64)[None] % session.vocab
-    best = float("inf")
-    for _ in range(3):
-        logits, cache = session.forward(ids, session.empty_cache(prompt + steps), bits)
-        t = time.perf_counter()
-        for _ in range(steps):
-            logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, bits)
-        best = min(best, (time.perf_counter() - t) / steps * 1e3)
-    return best
+    logits, cache = session.forward(ids, session.empty_cache(prompt + steps), bits)
+    t = time.perf_counter()
+    for _ in range(steps):
+        logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, bits)
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def decode_speeds(variants: list[tuple], prompts: tuple[int, ...], rounds: int = 5) -> list[list[float]]:
+    """Median ms/token of every (session, bits) variant after each prompt length. The variants take
+    turns in every round, so a slow phase of a shared machine hits all of them alike."""
+    times = [[[] for _ in prompts] for _ in variants]
+    for _ in range(rounds):
+        for v, (session, bits) in enumerate(variants):
+            for p, prompt in enumerate(prompts):
+                times[v][p].append(decode_run(session, bits, prompt))
+    return [[float(np.median(t)) for t in per_variant] for per_variant in times]
 
 
 def switch_cost(session, before: float, after: float, steps: int = 32) -> float:
@@ -272,13 +280,15 @@ def _decode_command(args: argparse.Namespace) -> int:
     named = session.info.named_budgets
     long = min(LONG_PROMPT, session.info.context - 64)
     result["long_prompt"] = long
+    variants = [(session, bits) for bits in named.values()]
     for name, bits in named.items():
-        rows.append({"model": "mobiquant", "budget": name, "bits": bits, "ms_per_token": decode_speed(session, bits),
-                     "ms_per_token_long": decode_speed(session, bits, prompt=long)})
+        rows.append({"model": "mobiquant", "budget": name, "bits": bits})
     for directory in args.baseline or []:
         base = ModelSession(directory, args.threads)
-        rows.append({"model": base.info.meta.get("kind"), "budget": None, "bits": None,
-                     "ms_per_token": decode_speed(base, None), "ms_per_token_long": decode_speed(base, None, prompt=long)})
+        variants.append((base, None))
+        rows.append({"model": base.info.meta.get("kind"), "budget": None, "bits": None})
+    for row, (short_ms, long_ms) in zip(rows, decode_speeds(variants, (32, long))):
+        row.update(ms_per_token=short_ms, ms_per_token_long=long_ms)
     result["switch_low_to_max"] = switch_cost(session, named["low"], named["max"])
     result["switch_max_to_low"] = switch_cost(session, named["max"], named["low"])
     t = time.perf_counter()
@@ -289,6 +299,12 @@ def _decode_command(args: argparse.Namespace) -> int:
         print(f"{r['model']:>18} {str(r['budget'] or ''):>5} {str(r['bits'] or ''):>4} "
               f"{r['ms_per_token']:7.2f} ms/token  {1e3 / r['ms_per_token']:6.1f} tok/s   after {long} tokens: "
               f"{r['ms_per_token_long']:7.2f} ms/token  {1e3 / r['ms_per_token_long']:6.1f} tok/s")
+    speed = {(r["model"], r["budget"]): 1e3 / r["ms_per_token"] for r in rows}
+    for (ours, theirs), target in ((("low", "fp32"), 1.5), (("mid", "matmulnbits-int4"), 1.0)):
+        if ("mobiquant", ours) in speed and (theirs, None) in speed:
+            ratio = speed["mobiquant", ours] / speed[theirs, None]
+            result[f"{ours}_vs_{theirs}"] = ratio
+            print(f"decode {ours} / {theirs}: {ratio:.2f}x (target >= {target})")
     print(f"switch cost (first step / steady step): low->max {result['switch_low_to_max']:.2f}, "
           f"max->low {result['switch_max_to_low']:.2f}")
     print(f"mobiq-run start to first token (low): {result['first_token_s']:.2f} s")
