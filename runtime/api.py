@@ -8,7 +8,9 @@
 
 Threading: one generation runs at a time per Model (others wait on a lock); run
 ``generate`` on a worker thread and call ``set_budget``/``cancel`` from the UI
-thread — the next token uses the new budget, nothing is reloaded.
+thread — the next token uses the new budget, nothing is reloaded. The last
+generation's keys and values are kept (``Model.prefix``): a prompt that repeats
+its tokens (the chat template's system prompt, earlier turns) computes only the rest.
 ``budget="auto"`` follows the device (battery, temperature, throttling); pass
 ``signals=`` your own callable returning a ``signals.Snapshot`` (e.g. from the
 desktop's power profile) and ``on_budget_change=`` to hear about changes.
