@@ -196,9 +196,11 @@ def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32) -> d
             if row["int8_logit_rel_err"] > INT8_TOLERANCE or row["int8_top1_agreement"] < INT8_MIN_TOP1:
                 # A numeric-mode effect, not a graph bug (the kernels are held to their reference by the
                 # op tests): reported, and a reason to export with --exact for this model.
-                print(f"[verify] warning: budget {name}: int8 activations move the logits by "
-                      f"{row['int8_logit_rel_err']:.2e} (> {INT8_TOLERANCE}) with top-1 agreement "
-                      f"{row['int8_top1_agreement']:.2f} (< {INT8_MIN_TOP1}); consider --exact", file=sys.stderr)
+                err, top1 = row["int8_logit_rel_err"], row["int8_top1_agreement"]
+                print(f"[verify] warning: budget {name}: int8 activations move the logits by {err:.2e} "
+                      f"({'>' if err > INT8_TOLERANCE else '<='} {INT8_TOLERANCE}) with top-1 agreement "
+                      f"{top1:.2f} ({'<' if top1 < INT8_MIN_TOP1 else '>='} {INT8_MIN_TOP1}); consider --exact",
+                      file=sys.stderr)
         report[name] = row
         print(f"[verify] {name:>4} ({bits} bits): " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else
                                                              f"{k} {v}" for k, v in row.items() if k != "bits"),
