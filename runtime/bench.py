@@ -183,6 +183,11 @@ def _kernel_command(args: argparse.Namespace) -> int:
     shapes = [s for s in KERNEL_SHAPES if not args.small or s[0] < 4096 or s == (4096, 4096, 128)]
     rng = np.random.default_rng(0)
     kernels = {acc: ops.usable_kernels(acc)[0] for acc in (ops.ACCURACY_INT8, ops.ACCURACY_F32)}
+    if args.kernel:
+        usable = ops.usable_kernels(ops.ACCURACY_INT8)
+        if args.kernel not in usable:
+            raise SystemExit(f"[mobiq-bench] --kernel expected one of {', '.join(usable)}; got {args.kernel}")
+        kernels[ops.ACCURACY_INT8] = args.kernel
     result = {"cpu": cpu_name(), "kernel": kernels[ops.ACCURACY_INT8], "kernel_f32": kernels[ops.ACCURACY_F32],
               "results": []}
     print(f"cpu: {result['cpu']}; kernels: {kernels[ops.ACCURACY_INT8]} (int8), {kernels[ops.ACCURACY_F32]} (f32)")
@@ -357,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     kernel.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts (default: 1,2)")
     kernel.add_argument("--m", default="1,64", help="comma-separated token counts M (default: 1,64)")
     kernel.add_argument("--small", action="store_true", help="skip the 4096x11008 and 11008x4096 shapes")
+    kernel.add_argument("--kernel", help="int8 kernel to time instead of the fastest usable one "
+                                         "(e.g. rsmm_i8_16x4__avx2 on a CPU that has better)")
     kernel.add_argument("--json", help="also write the results to this JSON file")
     layer = sub.add_parser("layer", help="format error and op cost per depth on real weights")
     layer.add_argument("model", nargs="?", default="smollm2-135m", help="registry model (default: smollm2-135m)")
