@@ -215,7 +215,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _greedy_ort(session, prompt: np.ndarray, bits: float, n: int) -> list[int]:
-    cache = session.empty_cache()
+    cache = session.empty_cache(prompt.shape[1] + n)
     logits, cache = session.forward(prompt, cache, bits)
     out = []
     for _ in range(n):

@@ -233,13 +233,22 @@ def cpu_name() -> str:
 LONG_PROMPT = 1024  # the second decode figure: after this many tokens of context
 
 
-def decode_run(session, bits: float | None, prompt: int = 32, steps: int = 64) -> float:
-    """Decode milliseconds per token at ``bits`` over ``steps`` tokens after ``prompt`` tokens (one run)."""
-    ids = np.arange(100, 100 + prompt, dtype=np.int64)[None] % session.vocab
-    logits, cache = session.forward(ids, session.empty_cache(prompt + steps), bits)
+def probe_prompt(session, tokens: int) -> np.ndarray:
+    """A fixed prompt of ``tokens`` ids [1, tokens] for timing."""
+    return np.arange(100, 100 + tokens, dtype=np.int64)[None] % session.vocab
+
+
+def greedy_step(session, logits: np.ndarray, cache, bits: float | None):
+    """One decode step feeding the argmax of the last logits: (logits, cache)."""
+    return session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, bits)
+
+
+def decode_run(session, bits: float | None, prompt: np.ndarray, steps: int = 64) -> float:
+    """Decode milliseconds per token at ``bits`` over ``steps`` greedy tokens after ``prompt`` [1, P] (one run)."""
+    logits, cache = session.forward(prompt, session.empty_cache(prompt.shape[1] + steps), bits)
     t = time.perf_counter()
     for _ in range(steps):
-        logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, bits)
+        logits, cache = greedy_step(session, logits, cache, bits)
     return (time.perf_counter() - t) / steps * 1e3
 
 
@@ -250,25 +259,25 @@ def decode_speeds(variants: list[tuple], prompts: tuple[int, ...], rounds: int =
     for _ in range(rounds):
         for v, (session, bits) in enumerate(variants):
             for p, prompt in enumerate(prompts):
-                times[v][p].append(decode_run(session, bits, prompt))
+                times[v][p].append(decode_run(session, bits, probe_prompt(session, prompt)))
     return [[float(np.median(t)) for t in per_variant] for per_variant in times]
 
 
-def switch_cost(session, before: float, after: float, steps: int = 32) -> float:
+def switch_cost(session, before: float, after: float, steps: int = 32, steady_steps: int = 8) -> float:
     """First decode step after switching budget, relative to a steady step at the new budget (median of 5)."""
+    prompt = probe_prompt(session, 32)
     ratios = []
     for _ in range(5):
-        logits, cache = session.forward(np.arange(100, 132, dtype=np.int64)[None] % session.vocab,
-                                        session.empty_cache(32 + steps + 9), before)
+        logits, cache = session.forward(prompt, session.empty_cache(32 + steps + 1 + steady_steps), before)
         for _ in range(steps):
-            logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, before)
+            logits, cache = greedy_step(session, logits, cache, before)
         t = time.perf_counter()
-        logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, after)
+        logits, cache = greedy_step(session, logits, cache, after)
         first = time.perf_counter() - t
         steady = []
-        for _ in range(8):
+        for _ in range(steady_steps):
             t = time.perf_counter()
-            logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, after)
+            logits, cache = greedy_step(session, logits, cache, after)
             steady.append(time.perf_counter() - t)
         ratios.append(first / float(np.median(steady)))
     return float(np.median(ratios))

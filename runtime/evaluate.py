@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import cpu_name
+from .bench import cpu_name, decode_run
 from .budget import BudgetError, parse_budget
 from .modelfile import ModelFileError, locate
 
@@ -74,14 +74,10 @@ def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_
         nll += log_softmax_nll(logits[0, :-1], windows[w, 1:])
         scored += context - 1
         bits_read.append(session.last_avg_bits)
-    logits, cache = session.forward(windows[0:1, :32], session.empty_cache(32 + DECODE_TOKENS), bits)
-    t = time.perf_counter()
-    for _ in range(DECODE_TOKENS):
-        logits, cache = session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, bits)
-    decode_s = time.perf_counter() - t
+    decode_ms = decode_run(session, bits, windows[0:1, :32], DECODE_TOKENS)
     return {"target_bits": bits, "avg_bits": float(np.mean(bits_read)) if session.elastic else None,
             "ppl": float(np.exp(nll / scored)), "tokens": scored,
-            "prefill_tok_s": context / float(np.median(prefill_s)), "decode_tok_s": DECODE_TOKENS / decode_s,
+            "prefill_tok_s": context / float(np.median(prefill_s)), "decode_tok_s": 1e3 / decode_ms,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
