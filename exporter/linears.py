@@ -1,9 +1,11 @@
 """How each kind of exported model computes its linear layers (see graph.LinearKind).
 
-- :class:`MoBiQuantLinear`: ``ai.mobiquant::ResidualSliceMatMul`` fed by its router.
-  Linears sharing an input are packed into one op (q|k|v, gate|up) and share the
-  router's slice counts. The threshold row for the graph input ``target_bits`` is
-  gathered once per router; the average bits actually read is a graph output.
+- :class:`MoBiQuantLinear`: ``ai.mobiquant::ResidualSliceMatMul`` with its router fused
+  in (one node per routed linear: the router's int8 MLP, threshold table and the
+  budget's row are inputs of the op). Linears sharing an input are packed into one
+  op (q|k|v, gate|up), so each router runs once per input. The threshold row for
+  the graph input ``target_bits`` is computed once for the graph; the average bits
+  actually read is a graph output, from the counts each op reports.
 - :class:`MatMulNBitsLinear`: ONNX Runtime's ``com.microsoft::MatMulNBits`` (the
   incumbent), asymmetric round-to-nearest per block — a speed baseline.
 """
@@ -24,7 +26,7 @@ TARGET_BITS, AVG_BITS = "target_bits", "avg_bits"
 
 
 def round_router_weights(router) -> tuple[np.ndarray, np.ndarray]:
-    """The router's hidden weights as int8 per hidden unit (what SliceRouter reads), written back
+    """The router's hidden weights as int8 per hidden unit (what the op reads), written back
     rounded into the PyTorch router so that it computes what the graph computes. Done once per router."""
     if getattr(router, "int8_weights", None) is not None:
         return router.int8_weights
@@ -49,35 +51,33 @@ class MoBiQuantLinear(LinearKind):
     def linear(self, g: GraphBuilder, x: str, name: str, weights: list[np.ndarray], group: str) -> str:
         if group == "lm_head":
             head = self.q.linears["lm_head"]
-            return self._op(g, x, name, head.sliced.prefix(head.fixed_slices), None)
+            return self._op(g, x, name, head.sliced.prefix(head.fixed_slices))
         layer, kind = group.rsplit(".", 1)
-        parts = [self.q.linears[f"{layer}.{lin}"].sliced for lin in ROUTED_GROUPS[kind]]
-        sw = F.concat_rows(parts)
-        counts = self._router(g, x, group)
+        sw = F.concat_rows([self.q.linears[f"{layer}.{lin}"].sliced for lin in ROUTED_GROUPS[kind]])
+        y, counts = self._op(g, x, name, sw, self._router_inputs(g, group))
         self._usage.append((counts, sw.out_features * sw.in_features))
-        return self._op(g, x, name, sw, counts)
+        return y
 
-    def _op(self, g: GraphBuilder, x: str, name: str, sw: F.SlicedWeight, counts: str | None) -> str:
+    def _op(self, g: GraphBuilder, x: str, name: str, sw: F.SlicedWeight, router: list[str] | None = None):
+        """Y (no router), or (Y, slice_counts) of one ResidualSliceMatMul node."""
         inputs = [x, g.const(sw.packed, f"{name}.slices"), g.const(sw.scales, f"{name}.scales"),
                   g.const(sw.zero_points, f"{name}.zero_points")]
-        if counts is not None:
-            inputs.append(counts)
-        return g.op(ops.OP_TYPE, inputs, name, domain=ops.DOMAIN, K=sw.in_features, N=sw.out_features,
-                    group_size=sw.group_size, num_slices=sw.num_slices, slice_bits=F.SLICE_BITS,
-                    layout=F.LAYOUT_VERSION, accuracy_level=self.accuracy_level)
+        if router is not None:
+            inputs += ["", ""] + router  # no slice_counts, no bias
+        return g.op(ops.OP_TYPE, inputs, name, outputs=2 if router is not None else 1, domain=ops.DOMAIN,
+                    K=sw.in_features, N=sw.out_features, group_size=sw.group_size, num_slices=sw.num_slices,
+                    slice_bits=F.SLICE_BITS, layout=F.LAYOUT_VERSION, accuracy_level=self.accuracy_level)
 
-    def _router(self, g: GraphBuilder, x: str, group: str) -> str:
-        """Per-token slice counts int32 [B, S] = #(score > tau'_j), tau' = [-inf, tau_1 .. tau_{S-1}](target_bits)."""
+    def _router_inputs(self, g: GraphBuilder, group: str) -> list[str]:
+        """The op's inputs router_w1 .. threshold_row for router ``group``."""
         r = self.q.routers[group]
-        table = r.thresholds.numpy().astype(np.float32)
         w1, w1_scale = self._router_int8[group]
-        return g.op(ops.ROUTER_OP_TYPE, [
-            x, g.const(w1.T.copy(), f"{group}.router.w1"), g.const(w1_scale, f"{group}.router.w1_scale"),
-            g.const(r.fc1.bias.detach().numpy(), f"{group}.router.b1"),
-            g.const(r.fc2.weight.detach().numpy().reshape(-1).copy(), f"{group}.router.w2"),
-            g.const(r.fc2.bias.detach().numpy().reshape(-1).copy(), f"{group}.router.b2"),
-            g.const(table, f"{group}.router.thresholds"), self._threshold_row(g)], f"{group}.counts",
-            domain=ops.DOMAIN)
+        return [g.const(w1.T.copy(), f"{group}.router.w1"), g.const(w1_scale, f"{group}.router.w1_scale"),
+                g.const(r.fc1.bias.detach().numpy(), f"{group}.router.b1"),
+                g.const(r.fc2.weight.detach().numpy().reshape(-1).copy(), f"{group}.router.w2"),
+                g.const(r.fc2.bias.detach().numpy().reshape(-1).copy(), f"{group}.router.b2"),
+                g.const(r.thresholds.numpy().astype(np.float32), f"{group}.router.thresholds"),
+                self._threshold_row(g)]
 
     def _threshold_row(self, g: GraphBuilder) -> str:
         """Row of the threshold tables for target_bits: nearest grid point, clipped (as qmodel.grid_index)."""

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT_NAME = "mobiquant-onnx"
-FORMAT_VERSION = 2  # 2: slices in layout 2, routers as SliceRouter nodes
+FORMAT_VERSION = 3  # 3: routers fused into ResidualSliceMatMul (2: SliceRouter nodes; refused)
 MODEL_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "mobiq.json"
+RETIRED_VERSIONS = {1: "layout-1 slices", 2: "routers as separate SliceRouter nodes"}
 NAMED_BUDGETS = {"low": 3.0, "mid": 4.0, "high": 6.0, "max": 8.0}
 
 
@@ -67,7 +68,12 @@ def locate(path: str | Path) -> ModelInfo:
         raise ModelFileError(f"[mobiq] {meta_path}: unreadable ({e})") from e
     if meta.get("format") != FORMAT_NAME:
         raise ModelFileError(f"[mobiq] format expected {FORMAT_NAME!r}; got {meta.get('format')!r} in {meta_path}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if version in RETIRED_VERSIONS:
+        raise ModelFileError(f"[mobiq] format version expected {FORMAT_VERSION}; got version {version} "
+                             f"({RETIRED_VERSIONS[version]}), which this mobiquant no longer runs: re-export the "
+                             f"model with `mobiq-export onnx`")
+    if version != FORMAT_VERSION:
         raise ModelFileError(f"[mobiq] format version expected {FORMAT_VERSION}; got unknown version "
                              f"{meta.get('format_version')!r} (update mobiquant or re-export the model)")
     if p.is_dir() and not (directory / MODEL_FILE).is_file():

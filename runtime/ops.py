@@ -1,5 +1,9 @@
 """The ``ResidualSliceMatMul`` custom op from Python: library path, ONNX schema, session helper.
 
+One routed linear is one node: given the router's inputs (``router_w1`` .. ``threshold_row``)
+the op computes each token's slice count itself, and skips all router work at threshold
+rows that are constant (docs/design.md, "The op").
+
 The C++ library (``libmobiq_ops.so``) is built by the package build and installed
 beside this module. :func:`library_path` finds it; :func:`register_schema` tells
 ``onnx`` about the op so that ``onnx.checker`` and shape inference accept graphs
@@ -15,12 +19,14 @@ from pathlib import Path
 
 DOMAIN = "ai.mobiquant"
 OP_TYPE = "ResidualSliceMatMul"
-ROUTER_OP_TYPE = "SliceRouter"
 OP_VERSION = 1
 LIBRARY_NAME = "libmobiq_ops.so"
 LIBRARY_ENV = "MOBIQ_OPS_LIBRARY"
 
-INPUTS = ("X", "slices", "scales", "zero_points", "slice_counts", "bias")
+INPUTS = ("X", "slices", "scales", "zero_points", "slice_counts", "bias", "router_w1", "router_w1_scale", "router_b1",
+          "router_w2", "router_b2", "router_thresholds", "threshold_row")
+OUTPUTS = ("Y", "slice_counts")
+THRESHOLD_NEVER = 1e30  # a threshold no finite score crosses (-: every score crosses); |tau| >= 1e29 counts as one
 ATTRIBUTES = ("K", "N", "group_size", "num_slices", "slice_bits", "layout", "accuracy_level")
 ACCURACY_F32, ACCURACY_INT8 = 0, 4
 
@@ -73,8 +79,6 @@ def register_schema() -> None:
         return
     from onnx import defs, helper
 
-    if not defs.has(ROUTER_OP_TYPE, DOMAIN):
-        _register_router_schema()
     if defs.has(OP_TYPE, DOMAIN):
         _schema_registered = True
         return
@@ -85,7 +89,9 @@ def register_schema() -> None:
         OP_TYPE,
         DOMAIN,
         OP_VERSION,
-        "Y[t] = X[t] @ W^(slice_counts[t])^T + bias, W stored as residual 2-bit slices (MoBiQuant).",
+        "Y[t] = X[t] @ W^(k_t)^T + bias, W stored as residual 2-bit slices (MoBiQuant); k_t = slice_counts[t], or "
+        "1 + #(relu(X[t] (router_w1 * router_w1_scale) + router_b1) . router_w2 + router_b2 > "
+        "router_thresholds[threshold_row, j]) with a router, or S.",
         inputs=[
             P("X", "T", "float32 [..., K] activations"),
             P("slices", "tensor(uint8)", "packed codes [S, ceil(N/16), K/16, 64], slice-major, layout version `layout`"),
@@ -93,8 +99,17 @@ def register_schema() -> None:
             P("zero_points", "T", "real-valued z1 per (row, group) [N, K/group_size]"),
             P("slice_counts", "tensor(int32)", "active slices per token, in [1, S]", param_option=optional),
             P("bias", "T", "[N]", param_option=optional),
+            P("router_w1", "tensor(int8)", "[K, H] router hidden weights, int8 per hidden unit", param_option=optional),
+            P("router_w1_scale", "T", "[H]", param_option=optional),
+            P("router_b1", "T", "[H]", param_option=optional),
+            P("router_w2", "T", "[H]", param_option=optional),
+            P("router_b2", "T", "[1]", param_option=optional),
+            P("router_thresholds", "T", "[G, S-1] score thresholds, one row per budget grid point "
+              "(+-1e30: never/always)", param_option=optional),
+            P("threshold_row", "tensor(int64)", "[] the current budget's row", param_option=optional),
         ],
-        outputs=[P("Y", "T", "float32 [..., N]")],
+        outputs=[P("Y", "T", "float32 [..., N]"),
+                 P("slice_counts", "tensor(int32)", "[...] the slices each token read", param_option=optional)],
         type_constraints=[("T", ["tensor(float)"], "float32 only")],
         attributes=[
             A("K", ints, "input features"),
@@ -112,35 +127,8 @@ def register_schema() -> None:
     _schema_registered = True
 
 
-def _register_router_schema() -> None:
-    from onnx import defs
-
-    P = defs.OpSchema.FormalParameter
-    schema = defs.OpSchema(
-        ROUTER_OP_TYPE,
-        DOMAIN,
-        OP_VERSION,
-        "counts[t] = 1 + #(relu(X[t] (W1 * W1_scale) + B1) . W2 + B2 > thresholds[row, j]): slices per token "
-        "(MoBiQuant router).",
-        inputs=[
-            P("X", "T", "float32 [..., K] activations"),
-            P("W1", "tensor(int8)", "[K, H] hidden weights, int8 per hidden unit"),
-            P("W1_scale", "T", "[H]"),
-            P("B1", "T", "[H]"),
-            P("W2", "T", "[H]"),
-            P("B2", "T", "[] or [1]"),
-            P("thresholds", "T", "[G, S-1]: one row of score thresholds per budget grid point"),
-            P("row", "tensor(int64)", "[]: the row of the current budget"),
-        ],
-        outputs=[P("counts", "tensor(int32)", "[...]: slices to read, in [1, S]")],
-        type_constraints=[("T", ["tensor(float)"], "float32 only")],
-    )
-    schema.set_type_and_shape_inference_function(_infer_counts)
-    defs.register_schema(schema)
-
-
-def _leading_dims_output(ctx, elem_type: int, last: int | None = None) -> None:
-    """Output 0: ``elem_type`` with X's leading dims, then ``last`` when given."""
+def _leading_dims_output(ctx, elem_type: int, last: int | None = None, index: int = 0) -> None:
+    """Output ``index``: ``elem_type`` with X's leading dims, then ``last`` when given."""
     from onnx import TypeProto
 
     x_type = ctx.get_input_type(0)
@@ -151,22 +139,17 @@ def _leading_dims_output(ctx, elem_type: int, last: int | None = None) -> None:
             out.tensor_type.shape.dim.add().CopyFrom(d)
         if last is not None:
             out.tensor_type.shape.dim.add().dim_value = last
-    ctx.set_output_type(0, out)
-
-
-def _infer_counts(ctx) -> None:
-    """counts: int32 with X's leading dims."""
-    from onnx import TensorProto
-
-    _leading_dims_output(ctx, TensorProto.INT32)
+    ctx.set_output_type(index, out)
 
 
 def _infer_output(ctx) -> None:
-    """Y: X's type with X's leading dims and N as the last one."""
-    from onnx import helper
+    """Y: X's type with X's leading dims and N as the last one; slice_counts: int32 with X's leading dims."""
+    from onnx import TensorProto, helper
 
     _leading_dims_output(ctx, ctx.get_input_type(0).tensor_type.elem_type,
                          helper.get_attribute_value(ctx.get_attribute("N")))
+    if ctx.get_num_outputs() > 1:
+        _leading_dims_output(ctx, TensorProto.INT32, index=1)
 
 
 # Kernel variants by numeric mode, fastest first (names as in custom_ops/include/mobiq/kernels.h).

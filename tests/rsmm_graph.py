@@ -16,17 +16,21 @@ _TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorP
 
 
 def rsmm_session(feeds: dict[str, np.ndarray], attrs: dict[str, int], threads: int = 1,
-                 constants: tuple[str, ...] = ()) -> ort.InferenceSession:
+                 constants: tuple[str, ...] = (), counts_output: bool = False) -> ort.InferenceSession:
     """A session running one ResidualSliceMatMul node over ``feeds`` (names from ops.INPUTS); the
-    ``constants`` among them become initializers (as in exported models), so run it with the others."""
+    ``constants`` among them become initializers (as in exported models), so run it with the others.
+    ``counts_output``: the node also returns the slice counts it used (output 1)."""
     names = [n if n in feeds else "" for n in ops.INPUTS]
     while names and not names[-1]:
         names.pop()
-    node = helper.make_node(ops.OP_TYPE, names, ["Y"], domain=ops.DOMAIN, **attrs)
+    outputs = ["Y", "counts"] if counts_output else ["Y"]
+    node = helper.make_node(ops.OP_TYPE, names, outputs, domain=ops.DOMAIN, **attrs)
     inputs = [helper.make_tensor_value_info(n, _TYPES[feeds[n].dtype], None) for n in names if n and n not in constants]
     inits = [numpy_helper.from_array(feeds[n], n) for n in constants]
-    graph = helper.make_graph([node], "rsmm", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              initializer=inits)
+    outs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]
+    if counts_output:
+        outs.append(helper.make_tensor_value_info("counts", TensorProto.INT32, None))
+    graph = helper.make_graph([node], "rsmm", inputs, outs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ops.DOMAIN, 1)])
     return ort.InferenceSession(model.SerializeToString(), ops.session_options(threads))
 

@@ -172,7 +172,8 @@ def test_cli_reads_piped_stdin(tiny_model_dir):
     assert r.returncode == 0, r.stderr.decode()
 
 
-@pytest.mark.parametrize("case", ["missing", "not-mobiquant", "not-onnx", "unknown-version", "budget-name",
+@pytest.mark.parametrize("case", ["missing", "not-mobiquant", "not-onnx", "unknown-version", "retired-version",
+                                  "budget-name",
                                   "bits-range", "empty-prompt", "bad-utf8"])
 def test_cli_bad_input_is_one_line_error(tiny_model_dir, tmp_path, case):
     import json
@@ -191,6 +192,11 @@ def test_cli_bad_input_is_one_line_error(tiny_model_dir, tmp_path, case):
         shutil.copytree(tiny_model_dir, model)
         meta = json.loads((model / "mobiq.json").read_text())
         (model / "mobiq.json").write_text(json.dumps({**meta, "format_version": 99}))
+    elif case == "retired-version":  # routers as SliceRouter nodes: refused by name
+        model = tmp_path / "copy"
+        shutil.copytree(tiny_model_dir, model)
+        meta = json.loads((model / "mobiq.json").read_text())
+        (model / "mobiq.json").write_text(json.dumps({**meta, "format_version": 2}))
     elif case == "budget-name":
         args += ["--budget", "turbo"]
     elif case == "bits-range":
@@ -203,6 +209,8 @@ def test_cli_bad_input_is_one_line_error(tiny_model_dir, tmp_path, case):
     err = r.stderr.decode().strip()
     assert r.returncode != 0, f"{case}: exit 0"
     assert "Traceback" not in err and len(err.splitlines()) == 1, f"{case}: {err}"
+    if case == "retired-version":
+        assert "version 2 (routers as separate SliceRouter nodes)" in err and "re-export" in err, err
 
 
 def test_a_named_onnx_file_is_the_one_that_runs(tiny, tmp_path):

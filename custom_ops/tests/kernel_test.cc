@@ -217,13 +217,14 @@ void test_kernels_at_extremes() {
 
 // ---- the router ------------------------------------------------------------------
 
-// Both router variants against float64 on random problems (H = 16, 64, 24: the AVX-512 path and
-// the portable fallback), thresholds at score quantiles; ties within 1e-4 may round either way.
+// Every router variant this CPU runs, at every hidden size it takes (8 .. 128, and 24 for the
+// portable fallback), against float64 on random problems, thresholds at score quantiles; ties within
+// 1e-4 may round either way.
 void test_router() {
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   int cases = 0;
-  for (int64_t H : {16, 64, 24})
+  for (int64_t H : {8, 16, 24, 32, 64, 128})
     for (int64_t K : {64, 576, 97})
       for (int64_t M : {1, 3, 9}) {
         std::vector<float> x(static_cast<size_t>(M * K)), w1_scale(H), b1(H), w2(H);
@@ -248,7 +249,11 @@ void test_router() {
         std::sort(sorted.begin(), sorted.end());
         const std::vector<float> tau = {static_cast<float>(sorted[0] - 1), static_cast<float>(sorted[M / 2]) + 1e-3f,
                                         static_cast<float>(sorted[M - 1]) + 1.0f};
-        for (auto fn : {mobiq::route_tokens, mobiq::route_tokens_portable}) {
+        std::vector<mobiq::RouterVariant> variants = mobiq::router_variants();
+        variants.push_back({"route_tokens", mobiq::route_tokens, [](int64_t) { return true; }});
+        for (const auto& variant : variants) {
+          if (!variant.fits(H)) continue;
+          const auto fn = variant.fn;
           std::vector<int32_t> counts(static_cast<size_t>(M), -1);
           const mobiq::RouterArgs args{x.data(), w1.data(), w1_scale.data(), b1.data(), w2.data(), 0.1f,
                                        tau.data(), 3, K, H, counts.data()};
@@ -258,14 +263,16 @@ void test_router() {
             bool tie = false;
             for (float v : tau) want += score[t] > v, tie |= std::fabs(score[t] - v) < 1e-4;
             ++cases;
-            check(tie || counts[t] == want, std::string(fn == mobiq::route_tokens ? "route_tokens" : "route_tokens_portable") +
+            check(tie || counts[t] == want, std::string(variant.name) +
                                                 " H=" + std::to_string(H) + " K=" + std::to_string(K) + " t=" +
                                                 std::to_string(t) + ": expected " + std::to_string(want) + "; got " +
                                                 std::to_string(counts[t]));
           }
         }
       }
-  std::printf("router: %d cases\n", cases);
+  std::printf("router: %d cases (variants:", cases);
+  for (const auto& v : mobiq::router_variants()) std::printf(" %s%s", v.name, v.fits(64) ? "" : " (not here)");
+  std::printf(")\n");
 }
 
 // ---- select_kernel --------------------------------------------------------------

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace mobiq {
 
@@ -17,7 +18,18 @@ struct RouterArgs {
   int32_t* counts;        // [M] out: 1 + #(score > tau_j)
 };
 
-// Tokens [t0, t1): the fastest variant for this CPU, or the portable one (any CPU; tests).
+using RouteFn = void (*)(const RouterArgs& a, int64_t t0, int64_t t1);
+
+struct RouterVariant {
+  const char* name;         // route_<compute>__<isa>
+  RouteFn fn;
+  bool (*fits)(int64_t H);  // this CPU runs it, for this hidden size
+};
+
+// The variants compiled in, portable first (tests and benchmarks run each).
+const std::vector<RouterVariant>& router_variants();
+
+// Tokens [t0, t1): the fastest variant that fits this CPU and H.
 void route_tokens(const RouterArgs& a, int64_t t0, int64_t t1);
 void route_tokens_portable(const RouterArgs& a, int64_t t0, int64_t t1);
 

@@ -4,7 +4,6 @@
 #include <mutex>
 #include <string>
 
-#include "router_op.h"
 #include "rsmm_op.h"
 
 namespace {
@@ -12,14 +11,12 @@ namespace {
 OrtCustomOpDomain* shared_domain(const OrtApi& api, OrtStatus** status) {
   // One domain for the process, alive as long as any session may use it.
   static mobiq::RsmmOp rsmm;
-  static mobiq::RouterOp router;
   static OrtCustomOpDomain* domain = nullptr;
   static OrtStatus* error = nullptr;
   static std::once_flag once;
   std::call_once(once, [&] {
     error = api.CreateCustomOpDomain(mobiq::kDomain, &domain);
     if (!error) error = api.CustomOpDomain_Add(domain, &rsmm);
-    if (!error) error = api.CustomOpDomain_Add(domain, &router);
   });
   *status = error ? api.CreateStatus(api.GetErrorCode(error), api.GetErrorMessage(error)) : nullptr;
   return domain;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "mobiq/format.h"
+#include "mobiq/router.h"
 
 namespace mobiq {
 namespace {
@@ -22,10 +23,14 @@ int64_t int_attribute(const OrtKernelInfo* info, const char* name, const int64_t
   fail(std::string("attribute '") + name + "' expected an int; got none");
 }
 
-constexpr const char* kInputNames[] = {"X", "slices", "scales", "zero_points", "slice_counts", "bias"};
+constexpr size_t kRouterFirst = 6, kRouterLast = 12;  // router_w1 .. threshold_row
+constexpr const char* kInputNames[] = {"X", "slices", "scales", "zero_points", "slice_counts", "bias",
+                                       "router_w1", "router_w1_scale", "router_b1", "router_w2", "router_b2",
+                                       "router_thresholds", "threshold_row"};
+constexpr ONNXTensorElementDataType kF = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr ONNXTensorElementDataType kInputTypes[] = {
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-    ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+    kF, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, kF, kF, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, kF,
+    ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, kF, kF, kF, kF, kF, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64};
 
 Input get_input(Ort::KernelContext& ctx, size_t index) {
   return get_typed_input(ctx, index, kOpName, kInputNames[index], kInputTypes[index]);
@@ -33,6 +38,72 @@ Input get_input(Ort::KernelContext& ctx, size_t index) {
 
 void expect_shape(const Input& in, const char* name, const std::vector<int64_t>& want, const std::string& why) {
   mobiq::expect_shape(in, kOpName, name, want, why);
+}
+
+// Router weights (inputs 6 .. 11) against K and num_slices.
+void check_router(const RsmmKernel& k, RouterWeights& r) {
+  if (r.w1.shape.size() != 2 || r.w1.shape[0] != k.K || r.w1.shape[1] < 1)
+    fail("router_w1 shape expected [K=" + std::to_string(k.K) + ", H >= 1]; got " + shape_str(r.w1.shape));
+  r.H = r.w1.shape[1];
+  const std::string h = "H=" + std::to_string(r.H) + " from router_w1";
+  expect_shape(r.w1_scale, "router_w1_scale", {r.H}, h);
+  expect_shape(r.b1, "router_b1", {r.H}, h);
+  expect_shape(r.w2, "router_w2", {r.H}, h);
+  if (r.b2.count != 1) fail("router_b2 expected one value; got shape " + shape_str(r.b2.shape));
+  if (r.table.shape.size() != 2 || r.table.shape[0] < 1 || r.table.shape[1] != k.num_slices - 1)
+    fail("router_thresholds shape expected [G >= 1, num_slices - 1 = " + std::to_string(k.num_slices - 1) + "]; got " +
+         shape_str(r.table.shape));
+}
+
+// The count every token gets from threshold row `tau` [num_tau] when no score can change it, else 0.
+int32_t constant_count(const float* tau, int64_t num_tau) {
+  int32_t count = 1;
+  for (int64_t j = 0; j < num_tau; ++j) {
+    if (tau[j] <= -kThresholdNever) ++count;
+    else if (!(tau[j] >= kThresholdNever)) return 0;  // a finite threshold (or NaN): tokens decide
+  }
+  return count;
+}
+
+std::vector<int32_t> constant_counts(const RouterWeights& r) {
+  const int64_t rows = r.table.shape[0], num_tau = r.table.shape[1];
+  const float* table = r.table.value.GetTensorData<float>();
+  std::vector<int32_t> out(static_cast<size_t>(rows));
+  for (int64_t i = 0; i < rows; ++i) out[static_cast<size_t>(i)] = constant_count(table + i * num_tau, num_tau);
+  return out;
+}
+
+// The router inputs from `input(index)` (indices 6 .. 11); false as soon as one has no value.
+template <class InputAt>
+bool fill_router(RouterWeights& r, InputAt input) {
+  Input* slots[] = {&r.w1, &r.w1_scale, &r.b1, &r.w2, &r.b2, &r.table};
+  for (size_t i = 0; i < 6; ++i)
+    if (!(*slots[i] = input(kRouterFirst + i)).value) return false;
+  return true;
+}
+
+constexpr int64_t kRouterTokensPerTask = 16;
+
+struct RouterTask {
+  const RouterArgs* args;
+  int64_t tokens;
+};
+
+void route_task(void* data, size_t index) {
+  const auto& task = *static_cast<const RouterTask*>(data);
+  const int64_t t0 = static_cast<int64_t>(index) * kRouterTokensPerTask;
+  route_tokens(*task.args, t0, std::min(task.tokens, t0 + kRouterTokensPerTask));
+}
+
+// counts[0 .. M) from the router MLP (tokens in parallel tasks of 16 when there are more).
+void run_router(Ort::KernelContext& ctx, const RouterWeights& r, const float* x, const float* tau, int64_t M,
+                int64_t K, int32_t* counts) {
+  const RouterArgs args{x, r.w1.value.GetTensorData<int8_t>(), r.w1_scale.value.GetTensorData<float>(),
+                        r.b1.value.GetTensorData<float>(), r.w2.value.GetTensorData<float>(),
+                        *r.b2.value.GetTensorData<float>(), tau, r.table.shape[1], K, r.H, counts};
+  if (M <= kRouterTokensPerTask) return route_tokens(args, 0, M);
+  RouterTask task{&args, M};
+  ctx.ParallelFor(route_task, static_cast<size_t>((M + kRouterTokensPerTask - 1) / kRouterTokensPerTask), 0, &task);
 }
 
 struct ParallelTask {
@@ -125,6 +196,24 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
       build_tile_params(k->weights.scales.value.GetTensorData<float>(),
                         k->weights.zero_points.value.GetTensorData<float>(), k->N, k->K / k->group_size, k->tile_params);
     }
+    Ort::ConstKernelInfo kinfo(info);
+    const size_t given = kinfo.GetInputCount();
+    size_t router_inputs = 0;
+    for (size_t i = kRouterFirst; i <= kRouterLast && i < given; ++i) router_inputs += !kinfo.GetInputName(i).empty();
+    if (router_inputs != 0 && router_inputs != kRouterLast - kRouterFirst + 1)
+      fail("router inputs router_w1 .. threshold_row expected all 7 or none; got " + std::to_string(router_inputs));
+    k->routed = router_inputs != 0;
+    if (k->routed && given > 4 && !kinfo.GetInputName(4).empty())
+      fail("slice_counts expected absent when the node has a router (the router computes them); got both");
+    if (k->routed) {
+      k->router_constant = fill_router(k->router, [&](size_t i) {
+        return constant_input(info, i, kOpName, kInputNames[i], kInputTypes[i]);
+      });
+      if (k->router_constant) {
+        check_router(*k, k->router);
+        k->row_counts = constant_counts(k->router);
+      }
+    }
     *kernel = k.release();
     return nullptr;
   } catch (const std::exception& e) {
@@ -135,7 +224,7 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
 OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
   try {
     Ort::KernelContext ctx(context);
-    const Input x = get_input(ctx, 0), counts = get_input(ctx, 4);
+    const Input x = get_input(ctx, 0), given_counts = get_input(ctx, 4);
     RsmmWeights call_weights;
     if (!constant) call_weights = {get_input(ctx, 1), get_input(ctx, 2), get_input(ctx, 3), get_input(ctx, 5)};
     const RsmmWeights& w = constant ? weights : call_weights;
@@ -146,32 +235,67 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
       fail("X expected shape [..., K=" + std::to_string(K) + "]; got " + shape_str(x.shape));
     const int64_t M = K ? static_cast<int64_t>(x.count) / K : 0;
     const int64_t groups = K / group_size;
+    const float* xf = x.value.GetTensorData<float>();
 
-    // Tokens grouped by slice count (stable): each group runs as one dense block. Per-call buffers
-    // are kept per thread (a session may run on several threads at once).
+    // Per-token slice counts: given, from the router, or S. `uniform` > 0 when every token has that
+    // count (then nothing needs grouping or storing). Per-call buffers are kept per thread (a
+    // session may run on several threads at once).
+    thread_local std::vector<int32_t> routed_counts;
+    const int32_t* counts = nullptr;
+    int32_t uniform = static_cast<int32_t>(num_slices);
+    if (given_counts.value) {
+      if (static_cast<int64_t>(given_counts.count) != M)
+        fail("slice_counts expected one count per token (" + std::to_string(M) + " for X shape " +
+             shape_str(x.shape) + "); got shape " + shape_str(given_counts.shape));
+      counts = given_counts.value.GetTensorData<int32_t>();
+      for (int64_t t = 0; t < M; ++t)
+        if (counts[t] < 1 || counts[t] > num_slices)
+          fail("slice_counts expected values in [1, " + std::to_string(num_slices) + "]; got " +
+               std::to_string(counts[t]) + " at token " + std::to_string(t));
+      uniform = 0;
+    } else if (routed) {
+      RouterWeights call_router;
+      if (!router_constant) {
+        if (!fill_router(call_router, [&](size_t i) { return get_input(ctx, i); }))
+          fail("router inputs router_w1 .. router_thresholds expected; got fewer");
+        check_router(*this, call_router);
+      }
+      const RouterWeights& r = router_constant ? router : call_router;
+      const Input row = get_input(ctx, 12);
+      if (!row.value || row.count != 1)
+        fail("threshold_row expected one int64 value; got shape " + (row.value ? shape_str(row.shape) : "none"));
+      const int64_t i = *row.value.GetTensorData<int64_t>(), rows = r.table.shape[0];
+      if (i < 0 || i >= rows)
+        fail("threshold_row expected in [0, " + std::to_string(rows - 1) + "]; got " + std::to_string(i));
+      const float* tau = r.table.value.GetTensorData<float>() + i * r.table.shape[1];
+      uniform = router_constant ? row_counts[static_cast<size_t>(i)] : constant_count(tau, r.table.shape[1]);
+      if (uniform == 0 && M > 0) {
+        routed_counts.resize(static_cast<size_t>(M));
+        run_router(ctx, r, xf, tau, M, K, routed_counts.data());
+        counts = routed_counts.data();
+      }
+    }
+
+    // Tokens grouped by slice count (stable): each group runs as one dense block.
     thread_local std::vector<int64_t> starts;
     thread_local std::vector<int32_t> order;
     thread_local ActivationBuffers buffers;
     starts.assign(static_cast<size_t>(num_slices) + 1, 0);
     order.resize(static_cast<size_t>(M));
-    if (counts.value) {
-      if (static_cast<int64_t>(counts.count) != M)
-        fail("slice_counts expected one count per token (" + std::to_string(M) + " for X shape " +
-             shape_str(x.shape) + "); got shape " + shape_str(counts.shape));
-      const int32_t* c = counts.value.GetTensorData<int32_t>();
-      for (int64_t t = 0; t < M; ++t) {
-        if (c[t] < 1 || c[t] > num_slices)
-          fail("slice_counts expected values in [1, " + std::to_string(num_slices) + "]; got " +
-               std::to_string(c[t]) + " at token " + std::to_string(t));
-        ++starts[static_cast<size_t>(c[t])];
-      }
+    if (counts) {
+      for (int64_t t = 0; t < M; ++t) ++starts[static_cast<size_t>(counts[t])];
       for (size_t k = 1; k < starts.size(); ++k) starts[k] += starts[k - 1];
       std::vector<int64_t> fill(starts.begin(), starts.end() - 1);
-      for (int64_t t = 0; t < M; ++t) order[static_cast<size_t>(fill[static_cast<size_t>(c[t] - 1)]++)] = static_cast<int32_t>(t);
+      for (int64_t t = 0; t < M; ++t) order[static_cast<size_t>(fill[static_cast<size_t>(counts[t] - 1)]++)] = static_cast<int32_t>(t);
     } else {
       for (int64_t t = 0; t < M; ++t) order[static_cast<size_t>(t)] = static_cast<int32_t>(t);
-      std::fill(starts.begin(), starts.end() - 1, 0);
-      starts.back() = M;
+      for (size_t k = static_cast<size_t>(uniform); k < starts.size(); ++k) starts[k] = M;
+    }
+    if (ctx.GetOutputCount() > 1) {
+      auto out_counts = ctx.GetOutput(1, std::vector<int64_t>(x.shape.begin(), x.shape.end() - 1));
+      int32_t* c = out_counts.GetTensorMutableData<int32_t>();
+      if (counts) std::copy(counts, counts + M, c);
+      else std::fill(c, c + M, uniform);
     }
 
     std::vector<int64_t> out_shape(x.shape.begin(), x.shape.end() - 1);
@@ -189,7 +313,7 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
     TileParams call_params;
     if (!constant) build_tile_params(args.scales, args.zero_points, N, groups, call_params);
     use_tile_params(constant ? tile_params : call_params, args);
-    prepare_activations(kernel->operand, x.value.GetTensorData<float>(), M, K, group_size, buffers, args);
+    prepare_activations(kernel->operand, xf, M, K, group_size, buffers, args);
     // Whole row tiles per task: 4 for large N (fewer calls, pairs of tiles for the kernels), 2 for
     // small N (still >= 18 tasks at N = 576, enough to balance 2-4 threads).
     const int64_t rows_per_block = (N >= 2048 ? 4 : 2) * kTileRows;
