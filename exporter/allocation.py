@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,10 +49,30 @@ def _logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+@dataclass
+class Probe:
+    """Per-token sensitivity of every router (see :func:`token_sensitivity`), tokens flattened window-major."""
+
+    kl: dict[str, np.ndarray]  # router -> [tokens] KL(base || router alone at one slice) at each position
+    inputs: dict[str, np.ndarray] | None  # router -> [tokens, K] float32 router input at the base read
+    positions: np.ndarray  # [tokens] position in its window (0: the BOS token)
+
+
+def _token_kl(model: torch.nn.Module, reference: torch.Tensor, probed: torch.Tensor, batch: int = 2) -> torch.Tensor:
+    """KL(p_ref || p_probe) per token [n, T] from the last block's hidden states, a few windows at a time
+    (the logits of a 262k vocabulary would not fit at once)."""
+    out = []
+    for i in range(0, len(reference), batch):
+        ref = torch.log_softmax(_logits(model, reference[i: i + batch]), -1)
+        out.append((ref.exp() * (ref - torch.log_softmax(_logits(model, probed[i: i + batch]), -1))).sum(-1))
+    return torch.cat(out)
+
+
 @torch.no_grad()
-def router_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float = BASE_BITS,
-                       progress: bool = True) -> dict[str, float]:
-    """KL(base read || base read with router r at one slice) per router, mean over ``tokens`` [n, T].
+def token_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float = BASE_BITS, inputs: bool = True,
+                      progress: bool = True) -> Probe:
+    """Per router r and token t: KL(base read || base read with r alone at one slice) at t, over ``tokens``
+    [n, T], and (``inputs``) r's input activations at the base read.
 
     Every router's table row for ``base`` is set to the uniform read for the measurement and
     restored after. Block inputs of the base read are cached, so probing a router in block i
@@ -62,37 +84,107 @@ def router_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float
     uniform = {name: torch.from_numpy(threshold_rows(np.zeros(1), r.num_slices, np.array([base]))[0]).float()
                for name, r in qmodel.routers.items()}  # every token reads base bits (even widths need no scores)
     qmodel.set_target_bits(base)
-    sensitivity: dict[str, float] = {}
+    kl: dict[str, np.ndarray] = {}
+    captured: dict[str, np.ndarray] = {}
+    handles = []
+    if inputs:
+        for name, router in qmodel.routers.items():
+            def grab(module, args, name=name):
+                captured.setdefault(name, args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu().numpy())
+            handles.append(router.register_forward_pre_hook(grab))
     t0 = time.time()
     try:
         for name, r in qmodel.routers.items():
             r.thresholds[row] = uniform[name]
         x, kwargs = capture_block_inputs(model, tokens)
-        inputs = []
+        block_inputs = []
         for layer, kw in zip(layers, kwargs):
-            inputs.append(x)
+            block_inputs.append(x)
             x = run_block(layer, x, kw)
-        reference = torch.log_softmax(_logits(model, x), -1)
-        p = reference.exp()
+        for h in handles:
+            h.remove()
+        reference = x
         for i in range(len(layers)):
             for name in names[i]:
                 router = qmodel.routers[name]
                 router.thresholds[row] = NEVER  # no token passes: slice 1 only
-                x = inputs[i]
+                x = block_inputs[i]
                 for layer, kw in zip(layers[i:], kwargs[i:]):
                     x = run_block(layer, x, kw)
                 router.thresholds[row] = uniform[name]
-                kl = (p * (reference - torch.log_softmax(_logits(model, x), -1))).sum(-1).mean()
-                sensitivity[name] = float(kl)
+                kl[name] = _token_kl(model, reference, x).reshape(-1).cpu().numpy()
                 if progress:
-                    print(f"\r[allocation] sensitivity {len(sensitivity)}/{len(qmodel.routers)} {name}: KL "
-                          f"{sensitivity[name]:.4f} ({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
+                    print(f"\r[allocation] sensitivity {len(kl)}/{len(qmodel.routers)} {name}: KL "
+                          f"{kl[name].mean():.4f} ({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
     finally:
+        for h in handles:
+            h.remove()
         for name, r in qmodel.routers.items():
             r.thresholds[row] = saved[name]
         if progress:
             print(file=sys.stderr)
-    return sensitivity
+    positions = np.tile(np.arange(tokens.shape[1]), tokens.shape[0])
+    return Probe(kl, captured if inputs else None, positions)
+
+
+PROBE_CACHE = "sensitivity-probe.npz"  # beside a checkpoint: the per-token KL of its last probe
+
+
+def cached_token_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, cache: Path | None, inputs: bool = True,
+                             progress: bool = True) -> Probe:
+    """:func:`token_sensitivity`, its KL kept in ``cache`` for the same slices and tokens (the router
+    inputs, one forward pass, are recomputed)."""
+    import hashlib
+
+    digest = hashlib.sha256(tokens.cpu().numpy().tobytes())
+    for lin in qmodel.linears.values():
+        digest.update(lin.sliced.packed[:, :1].tobytes() + lin.sliced.scales.tobytes())
+    key = digest.hexdigest()
+    if cache is not None and cache.is_file():
+        saved = np.load(cache, allow_pickle=False)
+        if str(saved["key"]) == key:
+            kl = {name: saved[f"kl/{name}"] for name in qmodel.routers}
+            captured = router_inputs(qmodel, tokens) if inputs else None
+            if progress:
+                print(f"[allocation] per-token sensitivity from {cache}", file=sys.stderr)
+            return Probe(kl, captured, np.tile(np.arange(tokens.shape[1]), tokens.shape[0]))
+    probe = token_sensitivity(qmodel, tokens, inputs=inputs, progress=progress)
+    if cache is not None:
+        tmp = cache.with_suffix(".partial.npz")
+        np.savez(tmp, key=np.array(key), **{f"kl/{name}": v for name, v in probe.kl.items()})
+        tmp.replace(cache)
+    return probe
+
+
+@torch.no_grad()
+def router_inputs(qmodel: QuantizedModel, tokens: torch.Tensor, base: float = BASE_BITS) -> dict[str, np.ndarray]:
+    """Every router's input activations [tokens, K] with every router at ``base`` (uniform)."""
+    row = grid_index(base)
+    saved = {name: r.thresholds[row].clone() for name, r in qmodel.routers.items()}
+    captured: dict[str, np.ndarray] = {}
+    handles = []
+    for name, router in qmodel.routers.items():
+        def grab(module, args, name=name):
+            captured.setdefault(name, args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu().numpy())
+        handles.append(router.register_forward_pre_hook(grab))
+        router.thresholds[row] = torch.from_numpy(threshold_rows(np.zeros(1), router.num_slices,
+                                                                 np.array([base]))[0]).float()
+    qmodel.set_target_bits(base)
+    try:
+        qmodel.model.model(input_ids=tokens)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, r in qmodel.routers.items():
+            r.thresholds[row] = saved[name]
+    return captured
+
+
+def router_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float = BASE_BITS,
+                       progress: bool = True) -> dict[str, float]:
+    """Mean over tokens of :func:`token_sensitivity`, per router."""
+    probe = token_sensitivity(qmodel, tokens, base, inputs=False, progress=progress)
+    return {name: float(v.mean()) for name, v in probe.kl.items()}
 
 
 def allocation_order(sensitivity: dict[str, float], sizes: dict[str, int]) -> list[str]:
@@ -100,29 +192,66 @@ def allocation_order(sensitivity: dict[str, float], sizes: dict[str, int]) -> li
     return sorted(sensitivity, key=lambda name: (sensitivity[name] / sizes[name], name))
 
 
-def allocate(sensitivity: dict[str, float], sizes: dict[str, int], bits: float, base: float = BASE_BITS,
+@dataclass(frozen=True)
+class CostCurve:
+    """KL of moving the fraction f of a router's tokens one width down, taking tokens in routing order
+    (lowest score first): convex and piecewise linear through (fractions[i], costs[i]), from (0, 0) to
+    (1, mean KL). A router without per-token information has the straight line (:meth:`static`); a
+    router that ranks tokens well bends it down (its least sensitive tokens cost little)."""
+
+    fractions: np.ndarray
+    costs: np.ndarray
+
+    @classmethod
+    def static(cls, mean_kl: float) -> "CostCurve":
+        return cls(np.array([0.0, 1.0]), np.array([0.0, float(mean_kl)]))
+
+    @classmethod
+    def from_tokens(cls, scores: np.ndarray, kl: np.ndarray) -> "CostCurve":
+        """The curve of routing by ``scores`` (low first) measured with per-token ``kl``: the lower convex
+        hull of the cumulative KL, so that taking its pieces cheapest first keeps the routing order."""
+        order = np.argsort(scores, kind="stable")
+        f = np.arange(len(kl) + 1) / len(kl)
+        cum = np.concatenate([[0.0], np.cumsum(np.asarray(kl, np.float64)[order])]) / len(kl)
+        hull: list[int] = []
+        for i in range(len(f)):
+            while len(hull) >= 2 and ((f[hull[-1]] - f[hull[-2]]) * (cum[i] - cum[hull[-2]])
+                                      - (cum[hull[-1]] - cum[hull[-2]]) * (f[i] - f[hull[-2]])) <= 0:
+                hull.pop()
+            hull.append(i)
+        return cls(f[hull], cum[hull])
+
+    def pieces(self) -> list[tuple[float, float]]:
+        """(token fraction, KL) of each linear piece, cheapest per token first."""
+        return list(zip(np.diff(self.fractions).tolist(), np.diff(self.costs).tolist()))
+
+
+def allocate(curves: dict[str, CostCurve], sizes: dict[str, int], bits: float, base: float = BASE_BITS,
              max_bits: float = 2.0 * F.DEFAULT_NUM_SLICES) -> dict[str, float]:
     """Average bits per router so that the weight-weighted average is ``bits``.
 
-    Below ``base``, routers give up their second slice in :func:`allocation_order`. Above it,
-    each further slice of router r gains ~ sensitivity[r] / 16^(slices beyond the base) (a slice
-    quarters the step, so the error variance falls ~16x): those gains per weight, largest first,
-    order the steps. Only the router of the last step taken is fractional."""
+    Below ``base``, the pieces of every router's cost curve (a fraction of its tokens down to one
+    slice) are taken cheapest KL per weight-bit first. Above it, each further slice of a router's
+    most sensitive tokens gains ~ their KL / 16^(slices beyond the base) (a slice quarters the step,
+    so the error variance falls ~16x): pieces largest gain per weight-bit first. With straight-line
+    curves this is the per-router allocation (one fractional router); with bent ones a router splits
+    its tokens wherever that is cheaper than moving a whole other router."""
     bits = float(np.clip(bits, F.SLICE_BITS, max_bits))
-    out = {name: base for name in sensitivity}
+    out = {name: base for name in curves}
     if bits < base:
-        steps = [(name, base, base - F.SLICE_BITS) for name in allocation_order(sensitivity, sizes)]
+        steps = sorted(((cost / (sizes[name] * frac), name, i, frac, -1.0)
+                        for name, curve in curves.items() for i, (frac, cost) in enumerate(curve.pieces())))
     else:
-        widths = np.arange(base, max_bits, F.SLICE_BITS)
-        steps = sorted(((name, w, w + F.SLICE_BITS) for name in sensitivity for w in widths),
-                       key=lambda s: (-sensitivity[s[0]] / sizes[s[0]] * 16.0 ** (-(s[1] - base) / F.SLICE_BITS),
-                                      s[1], s[0]))
+        steps = sorted((-(cost * 16.0 ** (-(w - base) / F.SLICE_BITS)) / (sizes[name] * frac), w, name, i, frac, 1.0)
+                       for name, curve in curves.items() for w in np.arange(base, max_bits, F.SLICE_BITS)
+                       for i, (frac, cost) in enumerate(reversed(curve.pieces())))
+        steps = [(key, name, i, frac, sign) for key, _, name, i, frac, sign in steps]
     total = sum(sizes.values())
     to_move = total * abs(bits - base)  # bit-weights to take away or add
-    for name, start, end in steps:
+    for _, name, _, frac, sign in steps:
         if to_move <= 1e-9 * total:
             break
-        move = min(to_move, sizes[name] * abs(end - start))
-        out[name] = start + np.sign(end - start) * move / sizes[name]
+        move = min(to_move, sizes[name] * F.SLICE_BITS * frac)
+        out[name] += sign * move / sizes[name]
         to_move -= move
     return out

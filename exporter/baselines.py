@@ -11,7 +11,11 @@
 * ``ptq3-read4``: the clipping calibrated for 3 bits, read with a 4-bit grid (the
   paper's "precision-dependent outlier migration").
 * ``random-b``: our checkpoint with each router's scores replaced by uniform noise,
-  thresholds at the same water-filling fractions: same average bits, no routing.
+  thresholds at the same water-filling fractions: same average bits, no allocation, no routing.
+* ``static-b``: our checkpoint's per-router allocation with no per-token information: each
+  router reads its own width at b; a fractional width is split by a token-independent rule
+  (a seeded Weyl sequence of the position: over a window, exactly the fraction). The control
+  for what per-token decisions add.
 
 Fixed-width baselines are evaluated as float models whose block linears hold the
 quantized weights; the LM head is the checkpoint's (the same for every row).
@@ -25,6 +29,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,7 +37,7 @@ from . import fakequant as fq
 from .blockwise import (WorkDir, capture_block_inputs, check_finite, run_block, run_block_batched, swap_in,
                         swap_out)
 from .calibrate import LINEAR_NAMES, NAN_HINT, Recipe, recipe_dict, water_fill
-from .qmodel import QuantizedModel, decoder_layers
+from .qmodel import QuantizedModel, Router, decoder_layers, grid_index
 
 PTQ_WIDTHS = (2, 3, 4, 6, 8)
 SLICED8_WIDTHS = (2, 3, 4, 6)
@@ -49,7 +54,8 @@ def _calibrate_ptq_block(index: int, block: nn.Module, kwargs: dict, x_fp: torch
     try:
         bs, n = recipe.batch, len(x_fp)
         for tl in tls.values():
-            tl.mode, tl.stats, tl.stats_count = "float", torch.zeros(tl.weight.shape[1], dtype=torch.float64), 0
+            tl.mode, tl.stats, tl.stats_count = "float", torch.zeros(tl.weight.shape[1], dtype=torch.float64,
+                                                                      device=tl.weight.device), 0
         y_fp = run_block_batched(block, x_fp, kwargs, 4 * bs)
         hess = {name: (tl.stats / max(tl.stats_count, 1)).float() for name, tl in tls.items()}
         for tl in tls.values():
@@ -117,15 +123,18 @@ def calibrate_ptq(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, group_
 def load_or_calibrate_ptq(path: Path, model: nn.Module, tokens: torch.Tensor, recipe: Recipe, group_size: int,
                           identity: str, progress: bool = True):
     """PTQ factors cached beside the checkpoint (``path/baselines-ptq.pt``), calibrated once."""
-    fingerprint = {"source": identity, "recipe": recipe_dict(recipe), "group_size": group_size,
+    used = ("samples", "seq_len", "batch", "clip_steps", "clip_lr", "seed")  # what PTQ calibration reads
+    fingerprint = {"source": identity, "recipe": {k: v for k, v in recipe_dict(recipe).items() if k in used},
+                   "group_size": group_size,
                    "widths": list(PTQ_WIDTHS), "tokens": list(tokens.shape)}
     cache = path / PTQ_FILE
     if cache.is_file():
-        saved = torch.load(cache, weights_only=False)
+        saved = torch.load(cache, weights_only=False, map_location="cpu")
         if saved.get("fingerprint") == fingerprint:
             return saved["factors"]
     work = WorkDir(path / "baselines.work", fingerprint)
     factors = calibrate_ptq(model, tokens, recipe, group_size, PTQ_WIDTHS, work, progress)
+    factors = {b: {n: tuple(f.cpu() for f in fs) for n, fs in per.items()} for b, per in factors.items()}
     torch.save({"fingerprint": fingerprint, "factors": factors}, cache)
     import shutil
 
@@ -150,10 +159,10 @@ def fixed_weights(model: nn.Module, group_size: int, kind: str, bits: int,
         if kind == "rtn":
             out[name] = fq.uniform_read(w, wmin, wmax, group_size, bits)
         elif kind == "ptq":
-            lo, hi = fq.clip_range(wmin, wmax, *factors[bits][name])
+            lo, hi = fq.clip_range(wmin, wmax, *(f.to(w.device) for f in factors[bits][name]))
             out[name] = fq.uniform_read(w, lo, hi, group_size, read_bits or bits)
         elif kind == "sliced8":
-            lo, hi = fq.clip_range(wmin, wmax, *factors[8][name])
+            lo, hi = fq.clip_range(wmin, wmax, *(f.to(w.device) for f in factors[8][name]))
             out[name] = fq.top_bits_read(w, lo, hi, group_size, bits)
         else:
             raise ValueError(kind)
@@ -190,22 +199,44 @@ class RandomRouter(nn.Module):
         key = (x.data_ptr(), tuple(x.shape))
         if self._last is not None and self._last[0] == key:
             return self._last[1]
-        u = torch.rand(x.shape[:-1], generator=self.gen)
-        counts = torch.ones(x.shape[:-1], dtype=torch.long)
+        u = torch.rand(x.shape[:-1], generator=self.gen).to(x.device)
+        counts = torch.ones(x.shape[:-1], dtype=torch.long, device=x.device)
         for p in water_fill(self.target_bits, self.num_slices):
             counts = counts + (u < p).long()  # nested: u < p_j implies u < p_(j-1)
         self._last = (key, counts)
         return counts
 
 
+class StaticRouter(nn.Module):
+    """Same interface as qmodel.Router: every token reads the router's own width at the current target
+    (its ``widths`` row); of a fractional width w between 2j and 2j+2 bits, positions t with
+    frac(t * phi + seed * c) < w/2 - j read the extra slice — the same split for any text."""
+
+    GOLDEN, SEED_STEP = 0.6180339887498949, 0.7548776662466927
+
+    def __init__(self, router: Router, seed: int):
+        super().__init__()
+        self.num_slices, self.widths, self.seed = router.num_slices, router.widths.clone(), seed
+        self.target_bits = 8.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = float(self.widths[grid_index(self.target_bits)])
+        positions = (torch.arange(x.shape[-2], dtype=torch.float64, device=x.device) if x.dim() >= 2
+                     else torch.zeros(1, device=x.device))
+        u = torch.remainder(positions * self.GOLDEN + self.seed * self.SEED_STEP, 1.0)
+        whole = int(np.floor(width / 2 + 1e-9))
+        counts = torch.full(x.shape[:-1], min(whole, self.num_slices), dtype=torch.long, device=x.device)
+        return counts + (u < width / 2 - whole).long().expand_as(counts) * (whole < self.num_slices)
+
+
 @contextmanager
-def random_routing(qmodel: QuantizedModel, seed: int = 0):
-    """Replace every router of ``qmodel`` by a RandomRouter (restored on exit)."""
+def replaced_routers(qmodel: QuantizedModel, make):
+    """Every router of ``qmodel`` replaced by ``make(index, router)`` (restored on exit)."""
     saved = {}
     replaced = {}
     try:
         for i, (name, router) in enumerate(qmodel.routers.items()):
-            replaced[id(router)] = RandomRouter(router.num_slices, seed + i)
+            replaced[id(router)] = make(i, router)
         for name, lin in qmodel.linears.items():
             if lin.router is not None:
                 saved[name] = lin.router
@@ -218,3 +249,13 @@ def random_routing(qmodel: QuantizedModel, seed: int = 0):
             qmodel.linears[name].router = router
         if replaced:
             qmodel.routers = originals
+
+
+def random_routing(qmodel: QuantizedModel, seed: int = 0):
+    """Every router a RandomRouter (restored on exit)."""
+    return replaced_routers(qmodel, lambda i, r: RandomRouter(r.num_slices, seed + i))
+
+
+def static_routing(qmodel: QuantizedModel, seed: int = 0):
+    """Every router a StaticRouter of its own allocation (restored on exit)."""
+    return replaced_routers(qmodel, lambda i, r: StaticRouter(r, seed + i))

@@ -68,24 +68,40 @@ class Recipe:
     threshold_samples: int = 8  # windows used to fit the threshold tables
     threshold_seq_len: int = 512  # their length: the deployment context (scores drift with position)
     threshold_anchors: tuple[float, ...] = (2.5, 3.0, 3.5, 5.0, 7.0)
-    sensitivity_samples: int = 2  # windows for the per-router allocation below 4 bits (0: same bits everywhere)
-    device: str = "cpu"
+    sensitivity_samples: int = 4  # windows probing per-token sensitivity (0: every router reads the budget's bits)
+    routing: str = "token"  # token: routers fitted to rank tokens by sensitivity (token_routing.py); static: none
+    router_fit: str = "mlp"  # token routing: ridge (a linear score) or mlp (the router's MLP)
+    router_hidden: int = 16  # hidden units of a fitted MLP router
+    device: str = "cpu"  # cpu | cuda | auto (cuda when present); mobiq-export --device overrides it
     seed: int = 0
 
 
 RECIPES = {
     # ~30 s per SmolLM2 block on 2 CPU cores
     "fast": Recipe("fast", samples=32, seq_len=256, batch=2, clip_steps=12, clip_lr=5e-3,
-                   router_steps=24, router_lr=5e-3),
+                   router_steps=24, router_lr=5e-3, router_fit="ridge"),
     # the paper's budget: 128 x 2048 tokens, 20 epochs (GPU when present)
     "paper": Recipe("paper", samples=128, seq_len=2048, batch=1, clip_steps=20 * 128, clip_lr=5e-3,
                     router_steps=20 * 128, router_lr=1e-3, threshold_samples=32, sensitivity_samples=8,
                     threshold_anchors=(2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 3.75, 4.5, 5.0, 5.5, 6.5, 7.0, 7.5),
-                    device="cuda" if torch.cuda.is_available() else "cpu"),
+                    device="auto"),
 }
 
 NAN_HINT = ("try a lower learning rate (Recipe.clip_lr / router_lr), more calibration windows, "
             "or check the calibration text and the float model for NaN/Inf")
+
+
+def resolve_device(device: str | None, recipe: Recipe) -> torch.device:
+    """``device`` (cpu, cuda), else the recipe's; "auto" is cuda when present. CUDA asked for and absent: an error."""
+    want = device or recipe.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want not in ("cpu", "cuda"):
+        raise CalibrationError(f"[calibrate] device expected cpu, cuda or auto; got {want!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise CalibrationError("[calibrate] device cuda expected a CUDA GPU; got none (torch.cuda.is_available() is "
+                               "False: a CPU build of torch, or no driver): use --device cpu")
+    return torch.device(want)
 
 
 def get_recipe(name: str, **overrides) -> Recipe:
@@ -120,7 +136,7 @@ class StraightThroughGate:
         s = self.router.score(x)
         flat = s.detach().reshape(-1)
         temp = self.temperature * flat.std().clamp_min(1e-6)
-        gates, soft_sum = [], torch.zeros((), dtype=s.dtype)
+        gates, soft_sum = [], torch.zeros((), dtype=s.dtype, device=s.device)
         for p in water_fill(self.bits, self.num_slices):
             if p <= 0 or p >= 1:
                 gates.append(torch.full_like(s, float(p >= 1)))
@@ -162,7 +178,8 @@ def calibrate_block(index: int, block: nn.Module, kwargs: dict, x_fp: torch.Tens
         n = len(x_fp)
         # 1. fp32 targets and diagonal Hessians
         for tl in tls.values():
-            tl.mode, tl.stats, tl.stats_count = "float", torch.zeros(tl.weight.shape[1], dtype=torch.float64), 0
+            tl.mode, tl.stats, tl.stats_count = "float", torch.zeros(tl.weight.shape[1], dtype=torch.float64,
+                                                                      device=tl.weight.device), 0
         y_fp = run_block_batched(block, x_fp, kwargs, 4 * bs)
         hess = {}
         for name, tl in tls.items():
@@ -213,7 +230,7 @@ def calibrate_block(index: int, block: nn.Module, kwargs: dict, x_fp: torch.Tens
         # 3. stage 2: routers
         routers, gates = {}, {}
         for j, (group, names) in enumerate(ROUTED_GROUPS.items()):
-            router = Router(tls[names[0]].weight.shape[1], num_slices, seed=router_seed + j)
+            router = Router(tls[names[0]].weight.shape[1], num_slices, seed=router_seed + j).to(tls[names[0]].weight.device)
             gate = StraightThroughGate(router, num_slices, recipe.gate_temperature)
             routers[group], gates[group] = router, gate
             for name in names:
@@ -257,7 +274,7 @@ def calibrate_block(index: int, block: nn.Module, kwargs: dict, x_fp: torch.Tens
     finally:
         swap_out(block, tls)
     block_params = {
-        "params": {name: (s1.numpy(), z1.numpy()) for name, (s1, z1) in params.items()},
+        "params": {name: (s1.cpu().numpy(), z1.cpu().numpy()) for name, (s1, z1) in params.items()},
         "routers": {group: {k: v.detach().clone() for k, v in r.state_dict().items()} for group, r in routers.items()},
         "losses": losses,
     }

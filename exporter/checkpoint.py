@@ -110,6 +110,10 @@ def load(path: Path, model: torch.nn.Module, source_identity: str) -> tuple[Quan
     except (KeyError, F.FormatError) as e:
         raise CheckpointError(f"[checkpoint] does not fit the source model: {e}") from e
     for name, router in qmodel.routers.items():
-        state = {k: torch.from_numpy(tensors[f"{name}.{k}"]) for k in router.state_dict()}
-        router.load_state_dict(state)
+        hidden = tensors[f"{name}.fc1.weight"].shape[0]
+        if hidden != router.hidden:
+            router.resize(hidden)
+        # checkpoints from before per-router widths were recorded: each router reads the budget's bits
+        state = {k: torch.from_numpy(tensors[f"{name}.{k}"]) for k in router.state_dict() if f"{name}.{k}" in tensors}
+        router.load_state_dict({**router.state_dict(), **state})
     return qmodel, config

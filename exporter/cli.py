@@ -1,7 +1,7 @@
 """``mobiq-export``: quantize a model into a MoBiQuant checkpoint, evaluate it (and export ONNX).
 
     mobiq-export quantize MODEL -o CHECKPOINT [--recipe fast|paper] [--calib NAME|FILE] [--slices 4] [--group-size G]
-    mobiq-export thresholds CHECKPOINT [--uniform]
+    mobiq-export thresholds CHECKPOINT [--uniform | --routing token|static] [--router-fit ridge|mlp]
     mobiq-export eval CHECKPOINT [--corpus NAME ...] [--baselines] [--json FILE] [--max-tokens N]
     mobiq-export onnx ...   (added by exporter/onnx_export.py: add_onnx_command(subparsers))
 
@@ -26,30 +26,42 @@ def _add_quantize(sub) -> None:
     p.add_argument("--slices", type=int, default=4, help="2-bit slices per weight (default 4: reads of 2/4/6/8 bits)")
     p.add_argument("--group-size", type=int, default=None, help="group size (default: the model entry's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_device(p)
     p.set_defaults(func=_run_quantize)
 
 
 def _run_quantize(args) -> int:
     from .quantize import quantize
 
-    quantize(args.model, args.output, args.recipe, args.calib, args.slices, args.group_size, progress=not args.quiet)
+    quantize(args.model, args.output, args.recipe, args.calib, args.slices, args.group_size, progress=not args.quiet,
+             device=args.device)
     return 0
 
 
 def _add_thresholds(sub) -> None:
-    p = sub.add_parser("thresholds", help="refit a checkpoint's threshold tables in place (no recalibration)")
+    p = sub.add_parser("thresholds", help="refit a checkpoint's routers, allocation and threshold tables in place "
+                                          "(no recalibration; minutes)")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--uniform", action="store_true",
-                   help="every router reads the budget's bits (default: below 4 bits, 2-bit reads go to the "
-                        "routers where they cost least, measured on calibration text)")
+                   help="every router reads the budget's bits (no sensitivity probe)")
+    p.add_argument("--routing", choices=("token", "static"), default=None,
+                   help="token: refit every router to rank its tokens by their measured sensitivity and split "
+                        "tokens where that is cheaper (router work at run time wherever a router splits); "
+                        "static: per-router widths only, one fractional router per budget (no router work). "
+                        "Default: the recipe's")
+    p.add_argument("--router-fit", choices=("ridge", "mlp"), default=None,
+                   help="token routing: a linear score (ridge) or the router MLP (default: the recipe's)")
     p.add_argument("--quiet", action="store_true", help="no progress")
+    _add_device(p)
     p.set_defaults(func=_run_thresholds)
 
 
 def _run_thresholds(args) -> int:
     from .quantize import refit_thresholds
 
-    refit_thresholds(args.checkpoint, per_router=not args.uniform, progress=not args.quiet)
+    overrides = {k: v for k, v in (("routing", args.routing), ("router_fit", args.router_fit)) if v is not None}
+    refit_thresholds(args.checkpoint, per_router=not args.uniform, progress=not args.quiet, device=args.device,
+                     **overrides)
     return 0
 
 
@@ -67,6 +79,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=40960,
                    help="scored tokens per corpus, rounded up to whole windows (default 40960; 0 = all)")
     p.add_argument("--json", type=Path, default=None, help="write the tables here (one object per corpus, in a list)")
+    _add_device(p)
     p.set_defaults(func=_run_eval)
 
 
@@ -74,8 +87,14 @@ def _run_eval(args) -> int:
     from .evaluate import evaluate_checkpoint
 
     evaluate_checkpoint(args.checkpoint, args.corpus, args.budgets, args.baselines, args.context,
-                        args.max_tokens or None, args.json, rows=args.rows)
+                        args.max_tokens or None, args.json, rows=args.rows, device=args.device)
     return 0
+
+
+def _add_device(p) -> None:
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where calibration, sensitivity, thresholds and evaluation run (default: cuda when present "
+                        "for the paper recipe, cpu for fast)")
 
 
 def _add_onnx(sub) -> None:

@@ -11,8 +11,8 @@ JSON (one object per corpus, in a list)::
     {"model", "corpus", "context", "tokens",
      "rows": [{"name", "target_bits", "avg_bits", "ppl"}, ...]}
 
-Row names: ``fp32``; ``mobiquant`` (one row per budget); ``ptq-b``, ``rtn-b``,
-``sliced8-b``, ``ptq3-read4``, ``random-b`` (see :mod:`.baselines`). ``avg_bits``
+Row names: ``fp32``; ``mobiquant`` and its control ``static-b`` (one row per budget); ``ptq-b``,
+``rtn-b``, ``sliced8-b``, ``ptq3-read4``, ``random-b`` (see :mod:`.baselines`). ``avg_bits``
 is the weight-weighted average bits read by the block linears (the LM head is the
 checkpoint's, at its fixed depth, in every quantized row).
 """
@@ -50,7 +50,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch: int = 4, bos: boo
     """(PPL, scored tokens) of ``model`` on ``windows``."""
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch):
-        ids = windows[i: i + batch]
+        ids = windows[i: i + batch].to(next(model.parameters()).device)
         logits = model(input_ids=ids, use_cache=False).logits
         pred, gold = logits[:, :-1].float(), ids[:, 1:]
         nll += torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), gold.reshape(-1),
@@ -65,12 +65,12 @@ def _row(name: str, target: float | None, avg: float | None, ppl: float) -> dict
 
 def evaluate_checkpoint(path: Path, corpora: list[str], budgets: list[float], baselines: bool = False,
                         context: int = 512, max_tokens: int | None = 40960, json_path: Path | None = None,
-                        rows: list[str] | None = None, log=None) -> list[dict]:
+                        rows: list[str] | None = None, log=None, device: str | None = None) -> list[dict]:
     from transformers import AutoTokenizer
 
     from . import baselines as B
     from . import checkpoint as ckpt
-    from .calibrate import get_recipe
+    from .calibrate import get_recipe, resolve_device
     from .quantize import calibration_tokens
     from .source import load_float_model, resolve
 
@@ -80,6 +80,7 @@ def evaluate_checkpoint(path: Path, corpora: list[str], budgets: list[float], ba
     if source.identity != config.source_identity:
         raise ckpt.CheckpointError(f"[checkpoint] source model expected identity {config.source_identity[:16]}… "
                                    f"({config.model}); got {source.identity[:16]}…")
+    device = resolve_device(device, get_recipe(config.recipe))
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     windows = {c: eval_windows(tokenizer, c, context, max_tokens) for c in corpora}
     tables = {c: {"model": config.model, "corpus": c, "context": context,
@@ -102,11 +103,12 @@ def evaluate_checkpoint(path: Path, corpora: list[str], budgets: list[float], ba
                 _write(json_path, tables)
 
     # fp32 and fixed-width baselines on one float model
-    float_model = load_float_model(source)
+    float_model = load_float_model(source).to(device)
     if baselines:
         measure("fp32", None, float_model)
     # the quantized model (its LM head is reused by the fixed-width rows)
     qmodel, _ = ckpt.load(path, load_float_model(source), config.source_identity)
+    qmodel.model.to(device)
 
     def avg_bits(what, q=qmodel):
         if what == "start":
@@ -117,6 +119,11 @@ def evaluate_checkpoint(path: Path, corpora: list[str], budgets: list[float], ba
     for b in budgets:
         qmodel.set_target_bits(b)
         measure("mobiquant", b, qmodel.model, avg_bits)
+    with B.static_routing(qmodel, seed=0) as sq:
+        for b in budgets:
+            if wanted(f"static-{b:g}"):
+                sq.set_target_bits(b)
+                measure(f"static-{b:g}", b, sq.model, avg_bits)
     if baselines:
         with B.random_routing(qmodel, seed=0) as rq:
             for b in budgets:
@@ -135,8 +142,9 @@ def evaluate_checkpoint(path: Path, corpora: list[str], budgets: list[float], ba
         if need_ptq:
             recipe = get_recipe(config.recipe)
             tokens = calibration_tokens(tokenizer, config.calibration, recipe)
-            calib_model = load_float_model(source)
-            factors = B.load_or_calibrate_ptq(path, calib_model, tokens, recipe, config.group_size, source.identity)
+            calib_model = load_float_model(source).to(device)
+            factors = B.load_or_calibrate_ptq(path, calib_model, tokens.to(device), recipe, config.group_size,
+                                              source.identity)
             del calib_model
             for b in B.PTQ_WIDTHS:
                 with B.swapped_weights(float_model, B.fixed_weights(float_model, config.group_size, "ptq", b, factors)):

@@ -155,7 +155,7 @@ def grid_search_factors(w: torch.Tensor, h: torch.Tensor, group_size: int, read,
 
     one = torch.ones_like(wmin)
     base = errors(one, one)
-    norm = torch.tensor([weights[d] for d in depths]).view(-1, 1, 1) / base.sum((1, 2), keepdim=True).clamp_min(1e-30)
+    norm = torch.tensor([weights[d] for d in depths], device=base.device).view(-1, 1, 1) / base.sum((1, 2), keepdim=True).clamp_min(1e-30)
 
     def objective(f_lo, f_hi):
         return (errors(f_lo, f_hi) * norm).sum(0)

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from onnx import TensorProto, helper
 
 from mobiquant.runtime import format as F
@@ -25,26 +24,11 @@ from .qmodel import BITS_MIN, BITS_STEP, ROUTED_GROUPS, THRESHOLD_GRID, Quantize
 TARGET_BITS, AVG_BITS = "target_bits", "avg_bits"
 
 
-def round_router_weights(router) -> tuple[np.ndarray, np.ndarray]:
-    """The router's hidden weights as int8 per hidden unit (what the op reads), written back
-    rounded into the PyTorch router so that it computes what the graph computes. Done once per router."""
-    if getattr(router, "int8_weights", None) is not None:
-        return router.int8_weights
-    w = router.fc1.weight.detach().numpy().astype(np.float32)  # [H, K]
-    scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
-    scale[scale == 0] = 1.0
-    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
-    with torch.no_grad():
-        router.fc1.weight.copy_(torch.from_numpy(q.astype(np.float32) * scale[:, None]))
-    router.int8_weights = (q, scale)
-    return router.int8_weights
-
-
 class MoBiQuantLinear(LinearKind):
     def __init__(self, qmodel: QuantizedModel, accuracy_level: int = ops.ACCURACY_INT8):
         self.q = qmodel
         self.accuracy_level = accuracy_level
-        self._router_int8 = {name: round_router_weights(r) for name, r in qmodel.routers.items()}
+        self._router_int8 = {name: r.int8() for name, r in qmodel.routers.items()}
         self._row: str | None = None  # threshold-row index for target_bits (built once)
         self._usage: list[tuple[str, int]] = []  # (slice counts [B, S], weights they apply to)
 

@@ -55,11 +55,41 @@ class Router(nn.Module):
                 layer.bias.zero_()
         self.num_slices = num_slices
         self.register_buffer("thresholds", torch.zeros(len(THRESHOLD_GRID), num_slices - 1))
+        # the router's own average bits at each grid row (its allocation; the static control reads it)
+        self.register_buffer("widths", torch.from_numpy(THRESHOLD_GRID.copy()).float())
         self.target_bits = BITS_MAX
         self.record: list[torch.Tensor] | None = None  # collects scores during threshold fitting
+        self.int8_weights: tuple[np.ndarray, np.ndarray] | None = None  # cache of int8()
+
+    @property
+    def hidden(self) -> int:
+        return self.fc1.out_features
+
+    def resize(self, hidden: int) -> None:
+        """New (zeroed) layers with ``hidden`` units, e.g. to load or fit a router of another size."""
+        self.fc1 = nn.Linear(self.fc1.in_features, hidden).to(self.fc1.weight.device)
+        self.fc2 = nn.Linear(hidden, 1).to(self.fc1.weight.device)
+        self.int8_weights = None
+        with torch.no_grad():
+            for layer in (self.fc1, self.fc2):
+                layer.weight.zero_()
+                layer.bias.zero_()
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x))).squeeze(-1)
+
+    def int8(self) -> tuple[np.ndarray, np.ndarray]:
+        """The hidden weights as the op reads them, int8 [H, K] with one scale per hidden unit [H];
+        written back rounded into fc1 (once), so this router computes what the graph computes."""
+        if self.int8_weights is None:
+            w = self.fc1.weight.detach().cpu().numpy().astype(np.float32)
+            scale = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+            scale[scale == 0] = 1.0
+            q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+            with torch.no_grad():
+                self.fc1.weight.copy_(torch.from_numpy(q.astype(np.float32) * scale[:, None]))
+            self.int8_weights = (q, scale)
+        return self.int8_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Slice counts [...] (int64) for activations x [..., K]."""

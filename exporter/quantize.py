@@ -13,15 +13,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mobiquant.runtime import format as F
 
+from mobiquant.runtime import ops
+
 from . import allocation as A
+from . import token_routing as TR
 from . import checkpoint as ckpt
 from .blockwise import WorkDir, calibration_windows
-from .calibrate import Calibrated, Recipe, calibrate_model, get_recipe, recipe_dict
-from .qmodel import QuantizedModel, build_quantized, slice_model
+from .calibrate import Calibrated, Recipe, calibrate_model, get_recipe, recipe_dict, resolve_device
+from .qmodel import THRESHOLD_GRID, QuantizedModel, build_quantized, slice_model
 from .thresholds import fit_thresholds_online
 
 
@@ -53,33 +57,75 @@ def assemble(model: torch.nn.Module, cal: Calibrated, group_size: int, num_slice
 
 
 def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, progress: bool = True,
-                log=None) -> dict | None:
-    """Per-router allocation (when the recipe measures sensitivity), then every threshold table.
+                log=None, cache: Path | None = None) -> dict | None:
+    """Routers, per-router allocation and every threshold table, from ``tokens`` (the threshold windows).
 
-    ``tokens`` are the threshold windows; the first ``recipe.sensitivity_samples`` of them
-    measure sensitivity. Returns what the checkpoint records about the allocation (or None)."""
+    The first ``recipe.sensitivity_samples`` windows probe each router's per-token sensitivity. With
+    ``recipe.routing == "token"`` every router is refitted to rank its tokens by it and the allocation
+    follows the routers' held-out cost curves; with ``"static"`` the allocation uses each router's mean
+    (one fractional router per budget). Each router's width at every grid row is recorded in the router.
+    ``cache``: a file keeping the probe's per-token KL for these slices and tokens (a refit then skips it).
+    Returns what the checkpoint records about the allocation (or None when nothing is probed)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if recipe.routing not in ("token", "static"):
+        raise ValueError(f"[quantize] routing expected 'token' or 'static'; got {recipe.routing!r}")
     allocation, record = None, None
     if recipe.sensitivity_samples:
         t = time.time()
-        sensitivity = A.router_sensitivity(qmodel, tokens[: recipe.sensitivity_samples], progress=progress)
+        token = recipe.routing == "token"
+        probe = A.cached_token_sensitivity(qmodel, tokens[: recipe.sensitivity_samples], cache, inputs=token,
+                                           progress=progress)
+        sensitivity = {name: float(kl.mean()) for name, kl in probe.kl.items()}
         sizes = A.router_sizes(qmodel)
-        order = A.allocation_order(sensitivity, sizes)
+        log(f"[quantize] per-token sensitivity of {len(sensitivity)} routers on {len(probe.positions)} tokens "
+            f"in {time.time() - t:.0f}s")
+        record = {"base_bits": A.BASE_BITS, "routing": recipe.routing, "sensitivity": sensitivity,
+                  "order": A.allocation_order(sensitivity, sizes)}
+        if token:
+            t = time.time()
+            fits = TR.fit_routers(qmodel.routers, probe, recipe.router_fit, recipe.router_hidden,
+                                  device=next(qmodel.model.parameters()).device)
+            curves = {name: f.curve for name, f in fits.items()}
+            rho = np.array([f.spearman for f in fits.values()])
+            half = np.array([f.half_ratio for f in fits.values()])
+            record.update(router_fit=recipe.router_fit, spearman={n: f.spearman for n, f in fits.items()},
+                          half_ratio={n: f.half_ratio for n, f in fits.items()})
+            log(f"[quantize] {len(fits)} {recipe.router_fit} routers fitted in {time.time() - t:.0f}s; held-out "
+                f"rank correlation with per-token KL median {np.median(rho):.2f} (range {rho.min():.2f}..{rho.max():.2f}); "
+                f"KL of the half each sends to 2 bits / a fixed half: median {np.median(half):.2f}")
+        else:
+            curves = {name: A.CostCurve.static(v) for name, v in sensitivity.items()}
         max_bits = F.SLICE_BITS * next(iter(qmodel.routers.values())).num_slices
-        allocation = (lambda bits: A.allocate(sensitivity, sizes, bits, max_bits=max_bits))
-        record = {"base_bits": A.BASE_BITS, "order": order, "sensitivity": sensitivity}
-        log(f"[quantize] router sensitivity measured in {time.time() - t:.0f}s; first to read 2 bits: "
-            + ", ".join(order[:4]))
+        allocation = (lambda bits: A.allocate(curves, sizes, bits, max_bits=max_bits))
     t = time.time()
     measured = fit_thresholds_online(qmodel, tokens, recipe.threshold_anchors, allocation)
+    record_widths(qmodel, allocation)
     log(f"[quantize] thresholds fitted in {time.time() - t:.0f}s; average bits at the anchors: "
         + ", ".join(f"{a:g}->{b:.3f}" for a, b in measured.items()))
+    if record is not None:
+        record["token_dependent"] = token_dependent_fraction(qmodel)
     return record
+
+
+def record_widths(qmodel: QuantizedModel, allocation) -> None:
+    """Each router's own average bits at every grid row (the budget's bits without an allocation)."""
+    rows = [allocation(float(b)) if allocation else None for b in THRESHOLD_GRID]
+    for name, router in qmodel.routers.items():
+        router.widths.copy_(torch.tensor([row[name] if row else b for row, b in zip(rows, THRESHOLD_GRID)]))
+
+
+def token_dependent_fraction(qmodel: QuantizedModel) -> dict[str, float]:
+    """Per grid row ("bits"): the fraction of routers whose row has a threshold tokens can cross."""
+    never = ops.THRESHOLD_NEVER / 10
+    tables = torch.stack([r.thresholds for r in qmodel.routers.values()])  # [R, G, S-1]
+    dependent = (tables.abs() < never).any(-1).float().mean(0)
+    return {f"{b:g}": round(float(v), 4) for b, v in zip(THRESHOLD_GRID, dependent)}
 
 
 def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "austen-train",
              num_slices: int = F.DEFAULT_NUM_SLICES, group_size: int | None = None, progress: bool = True,
-             recipe_overrides: dict | None = None, log=None) -> tuple[QuantizedModel, ckpt.CheckpointConfig]:
+             recipe_overrides: dict | None = None, log=None,
+             device: str | None = None) -> tuple[QuantizedModel, ckpt.CheckpointConfig]:
     from transformers import AutoTokenizer
 
     from .source import load_float_model, resolve
@@ -91,7 +137,7 @@ def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "aus
     recipe = get_recipe(recipe_name, **(recipe_overrides or {}))
     if recipe.depth_weights and len(recipe.depth_weights) != num_slices:
         recipe = get_recipe(recipe_name, **{**(recipe_overrides or {}), "depth_weights": (1.0,) * num_slices})
-    torch.set_num_threads(min(torch.get_num_threads(), 2)) if recipe.device == "cpu" else None
+    device = resolve_device(device, recipe)
     float_model = load_float_model(source)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     # refuse layers the format cannot take before spending any time on calibration
@@ -110,16 +156,18 @@ def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "aus
                                f"{', '.join(bad[:6])}{' …' if len(bad) > 6 else ''} (sizes that fit: {fits})")
     tokens = calibration_tokens(tokenizer, calib, recipe)
     log(f"[quantize] {source.name}: {len(decoder_layers(float_model))} blocks, group size {group_size}, "
-        f"{num_slices} slices, recipe {recipe.name}, calibration {calib} ({tokens.shape[0]} x {tokens.shape[1]} tokens)")
+        f"{num_slices} slices, recipe {recipe.name}, calibration {calib} ({tokens.shape[0]} x {tokens.shape[1]} tokens), "
+        f"device {device}")
     work = WorkDir(out.parent / (out.name + ".work"),
                    {"source": source.identity, "recipe": recipe_dict(recipe), "calib": calib,
                     "group_size": group_size, "num_slices": num_slices})
-    device = torch.device(recipe.device)
     float_model.to(device)
     cal = calibrate_model(float_model, tokens.to(device), recipe, group_size, num_slices, work, progress)
     float_model.to("cpu")
     qmodel = assemble(float_model, cal, group_size, num_slices)
-    allocation = fit_budgets(qmodel, threshold_tokens(tokenizer, calib, recipe), recipe, progress, log)
+    qmodel.model.to(device)
+    allocation = fit_budgets(qmodel, threshold_tokens(tokenizer, calib, recipe).to(device), recipe, progress, log)
+    qmodel.model.to("cpu")
     config = ckpt.CheckpointConfig(model=source.name, source_identity=source.identity,
                                    architecture=source.architecture, num_slices=num_slices, group_size=group_size,
                                    lm_head_slices=num_slices, recipe=recipe.name, calibration=calib)
@@ -129,8 +177,10 @@ def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "aus
     return qmodel, config
 
 
-def refit_thresholds(path: Path, per_router: bool = True, progress: bool = True, log=None) -> None:
-    """Refit the threshold tables of the checkpoint at ``path`` in place (its recipe and calibration text).
+def refit_thresholds(path: Path, per_router: bool = True, progress: bool = True, log=None,
+                     device: str | None = None, **overrides) -> None:
+    """Refit routers (token routing), allocation and threshold tables of the checkpoint at ``path`` in
+    place (its recipe and calibration text; ``overrides`` change recipe fields, e.g. routing="static").
 
     ``per_router``: the sensitivity allocation (the recipe's windows); False: every router reads b bits."""
     from transformers import AutoTokenizer
@@ -140,7 +190,10 @@ def refit_thresholds(path: Path, per_router: bool = True, progress: bool = True,
     _, config = ckpt.read_meta(path)
     source = resolve(config.model)
     qmodel, _ = ckpt.load(path, load_float_model(source), source.identity)
-    recipe = get_recipe(config.recipe, **({} if per_router else {"sensitivity_samples": 0}))
+    recipe = get_recipe(config.recipe, **overrides, **({} if per_router else {"sensitivity_samples": 0}))
+    device = resolve_device(device, recipe)
     tokens = threshold_tokens(AutoTokenizer.from_pretrained(source.folder), config.calibration, recipe)
-    allocation = fit_budgets(qmodel, tokens, recipe, progress, log)
+    qmodel.model.to(device)
+    allocation = fit_budgets(qmodel, tokens.to(device), recipe, progress, log, cache=path / A.PROBE_CACHE)
+    qmodel.model.to("cpu")
     ckpt.save(qmodel, config, path, allocation)

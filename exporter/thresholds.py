@@ -54,7 +54,7 @@ def fit_thresholds(qmodel, token_batches: list[torch.Tensor], record_bits: float
         for ids in token_batches:
             qmodel.model(input_ids=ids)
         for r in qmodel.routers.values():
-            fit_router(r, torch.cat(r.record).numpy())
+            fit_router(r, torch.cat(r.record).cpu().numpy())
     finally:
         for r in qmodel.routers.values():
             r.record = None
@@ -90,7 +90,7 @@ def fit_thresholds_online(qmodel, tokens: torch.Tensor, anchors: tuple[float, ..
             def hook(module, args, name=name):
                 if name in scores:  # q/k/v call their shared router with the same input
                     return
-                s = module.score(args[0]).reshape(-1).numpy()
+                s = module.score(args[0]).reshape(-1).cpu().numpy()
                 scores[name] = s
                 module.thresholds[row] = torch.from_numpy(
                     threshold_rows(s, module.num_slices, np.array([own[name]]))[0]).float()

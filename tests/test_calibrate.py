@@ -237,25 +237,26 @@ def test_sensitivity_allocation_spends_two_bit_reads_where_they_cost_least():
     sens = A.router_sensitivity(qmodel, calib, progress=False)
     assert max(sens[k] for k in free) < 1e-7 < 1e-2 * min(v for k, v in sens.items() if k not in free)
     sizes = A.router_sizes(qmodel)
+    curves = {name: A.CostCurve.static(v) for name, v in sens.items()}
     assert sizes["layers.0.mlp_in"] == 2 * 64 * 128 and sizes["layers.0.attn_in"] == 64 * (64 + 2 * 32)
     order = A.allocation_order(sens, sizes)
     assert set(order[:2]) == free
     total = sum(sizes.values())
     previous = None
     for bits in (2.0, 2.3, 2.5, 3.0, 3.5, 3.9, 4.0, 4.4, 5.0, 6.0, 7.1, 8.0):
-        own = A.allocate(sens, sizes, bits)
+        own = A.allocate(curves, sizes, bits)
         assert sum(own[n] * sizes[n] for n in own) / total == pytest.approx(bits)
         assert all((2.0 <= b <= 4.0) if bits < 4.0 else (4.0 <= b <= 8.0) for b in own.values())
         assert sum(b % 2 != 0 for b in own.values()) <= 1  # one fractional router at most
         if previous is not None:  # a larger budget never takes a slice away from any router
             assert all(own[n] >= previous[n] - 1e-12 for n in own)
         previous = own
-    own = A.allocate(sens, sizes, 3.5)
+    own = A.allocate(curves, sizes, 3.5)
     assert own[order[0]] == 2.0 and own[order[-1]] == 4.0
-    own = A.allocate(sens, sizes, 4.5)
+    own = A.allocate(curves, sizes, 4.5)
     assert own[order[0]] == 4.0 and own[order[-1]] == 6.0
 
-    allocate = (lambda b: A.allocate(sens, sizes, b))
+    allocate = (lambda b: A.allocate(curves, sizes, b))
     fit_thresholds_online(qmodel, calib, (2.5, 3.0, 3.5, 5.0, 7.0), allocate)
     held_out = tokens(8, 48, 21)
     for bits in (2.5, 3.0, 3.5, 4.0, 5.0, 8.0):
@@ -264,9 +265,79 @@ def test_sensitivity_allocation_spends_two_bit_reads_where_they_cost_least():
         with torch.no_grad():
             qmodel.model(input_ids=held_out)
         assert abs(qmodel.average_bits() - bits) <= 0.1, (bits, qmodel.average_bits())
-        own = A.allocate(sens, sizes, bits)
+        own = A.allocate(curves, sizes, bits)
         for router, router_bits in own.items():  # routers allocated an even width read exactly that
             for lin_name in qmodel.routed_linears(router):
                 log = qmodel.linears[lin_name].bits_log
                 if router_bits % 2 == 0:
                     assert 2 * sum(t for t, _ in log) / sum(n for _, n in log) == router_bits
+
+
+def test_cost_curves_split_routers_where_tokens_differ():
+    """A router whose ranking finds cheap tokens has a bent curve: the allocation then splits its tokens
+    (several fractional routers), still hits every average exactly and only adds slices as bits grow."""
+    from mobiquant.exporter import allocation as A
+
+    rng = np.random.default_rng(0)
+    kl = rng.lognormal(0.0, 1.5, 4000)
+    perfect = A.CostCurve.from_tokens(kl, kl)  # ranks by the KL itself: the oracle
+    blind = A.CostCurve.from_tokens(rng.standard_normal(4000), kl)
+    assert perfect.costs[0] == 0 and perfect.costs[-1] == pytest.approx(kl.mean()) and perfect.fractions[-1] == 1
+    slopes = np.diff(perfect.costs) / np.diff(perfect.fractions)
+    assert np.all(np.diff(slopes) >= -1e-12)  # convex: pieces cheapest first
+    half = np.interp(0.5, perfect.fractions, perfect.costs)
+    assert half == pytest.approx(np.sort(kl)[:2000].sum() / 4000) and half < 0.3 * 0.5 * kl.mean()
+    assert np.interp(0.5, blind.fractions, blind.costs) < 0.5 * kl.mean()  # the hull of noise: below the line
+    curves = {f"r{i}": A.CostCurve.from_tokens(kl * (i + 1), kl * (i + 1)) for i in range(4)}
+    sizes = {f"r{i}": 1000 * (i + 1) for i in range(4)}
+    total = sum(sizes.values())
+    previous = None
+    for bits in (2.0, 2.7, 3.0, 3.5, 4.0, 4.5, 5.0, 6.5, 8.0):
+        own = A.allocate(curves, sizes, bits)
+        assert sum(own[n] * sizes[n] for n in own) / total == pytest.approx(bits)
+        if previous is not None:
+            assert all(own[n] >= previous[n] - 1e-9 for n in own)
+        previous = own
+    assert sum(b % 2 != 0 for b in A.allocate(curves, sizes, 3.0).values()) >= 2
+
+
+@pytest.mark.parametrize("fit", ["ridge", "mlp"])
+def test_a_fitted_router_ranks_tokens_by_a_planted_sensitivity(fit):
+    """Per-token KL that is a (noisy) function of the input: the held-out ranking recovers it, the half it
+    sends down costs well under a fixed half, and the installed router scores as its fit (int8 weights)."""
+    from mobiquant.exporter import token_routing as TR
+
+    rng = np.random.default_rng(1)
+    n, k = 3000, 48
+    x = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.1, 5, k).astype(np.float32)
+    direction = rng.standard_normal(k) / np.sqrt(k)
+    kl = np.exp(1.5 * (x / x.std(0)) @ direction + 0.3 * rng.standard_normal(n))
+    positions = np.tile(np.arange(100), n // 100)
+    result = TR.fit_router(x, kl, positions, fit, hidden=16)
+    assert result.spearman > 0.8, result.spearman
+    assert result.half_ratio < 0.5, result.half_ratio
+    router = Router(k, 4)
+    TR.install(router, result)
+    q, scale = router.int8()
+    assert q.dtype == np.int8 and q.shape == (result.state["fc1.weight"].shape[0], k)
+    with torch.no_grad():
+        scores = router.score(torch.from_numpy(x)).numpy()
+    assert TR.spearman(scores[positions != 0], np.log(kl)[positions != 0]) > 0.8
+    assert scores[positions == 0].mean() > np.median(scores)  # BOS: the router's most sensitive
+
+
+def test_static_router_splits_a_fractional_width_by_position_alone():
+    """static-b: the router's own width; the extra slice on exactly the fraction of positions, any text."""
+    router = Router(8, 4)
+    from mobiquant.exporter.qmodel import grid_index
+    router.widths[grid_index(3.5)] = 3.5  # 4 bits for 3/4 of the positions, 2 bits for the rest
+    router.widths[grid_index(6.0)] = 6.0
+    static = B.StaticRouter(router, seed=3)
+    static.target_bits = 3.5
+    x = torch.randn(2, 400, 8)
+    counts = static(x)
+    assert counts.shape == (2, 400) and set(counts.unique().tolist()) == {1, 2}
+    assert (counts == 2).float().mean().item() == pytest.approx(0.75, abs=0.01)
+    assert torch.equal(counts, static(torch.randn(2, 400, 8) * 100))  # nothing about the tokens
+    static.target_bits = 6.0
+    assert (static(x) == 3).all()

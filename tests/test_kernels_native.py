@@ -158,27 +158,56 @@ def test_kernels_aarch64_qemu(aarch64_build, cpu, ran, skipped, int8):
 M, K, HIDDEN, N = 5, 128, 192, 40
 
 
-def two_layer_model(rng: np.random.Generator):
-    """Y1 = RSMM_f32(X; W1, bias), Y2 = RSMM_int8(Relu(Y1); W2): weights as initializers."""
+ROUTER_HIDDEN = 16
+
+
+def router_weights(rng: np.random.Generator, x: np.ndarray) -> dict[str, np.ndarray]:
+    """A router over X [M, K] with thresholds (row 1 of 3) halfway between its sorted float64 scores, so
+    its tokens read 1, 2, 3, 3, 4 slices with no ties; rows 0 and 2 are constant."""
+    r = {"router_w1": rng.integers(-127, 128, (K, ROUTER_HIDDEN)).astype(np.int8),
+         "router_w1_scale": rng.uniform(1e-3, 3e-3, ROUTER_HIDDEN).astype(np.float32),
+         "router_b1": (rng.standard_normal(ROUTER_HIDDEN) / 4).astype(np.float32),
+         "router_w2": rng.standard_normal(ROUTER_HIDDEN).astype(np.float32),
+         "router_b2": np.array([0.1], np.float32)}
+    s = np.sort(router_scores(r, x))
+    never = np.float32(ops.THRESHOLD_NEVER)
+    r["router_thresholds"] = np.array([[never] * 3, [(s[0] + s[1]) / 2, (s[1] + s[2]) / 2, (s[3] + s[4]) / 2],
+                                       [-never] * 3], np.float32)
+    r["threshold_row"] = np.array(1, np.int64)
+    return r
+
+
+def router_scores(r: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    f = {k: v.astype(np.float64) for k, v in r.items()}
+    hidden = np.maximum(x.astype(np.float64) @ (f["router_w1"] * f["router_w1_scale"]) + f["router_b1"], 0)
+    return hidden @ f["router_w2"] + f["router_b2"][0]
+
+
+def two_layer_model(rng: np.random.Generator, router: dict[str, np.ndarray]):
+    """Y1 = RSMM_f32(X; W1, bias), Y2 = RSMM_int8(Relu(Y1); W2), Y3 = RSMM_f32(X; W1, router): weights as
+    initializers."""
     w1 = F.quantize(rng.standard_normal((HIDDEN, K)), 64, S)
     w2 = F.quantize(rng.standard_normal((N, HIDDEN)), 64, S)
     bias = rng.standard_normal(HIDDEN).astype(np.float32)
     inits = [onnx.numpy_helper.from_array(a, name) for name, a in [
         ("w1", w1.packed), ("s1", w1.scales), ("z1", w1.zero_points), ("b1", bias),
-        ("w2", w2.packed), ("s2", w2.scales), ("z2", w2.zero_points)]]
+        ("w2", w2.packed), ("s2", w2.scales), ("z2", w2.zero_points), *router.items()]]
     nodes = [
         helper.make_node(ops.OP_TYPE, ["X", "w1", "s1", "z1", "slice_counts", "b1"], ["Y1"], domain=ops.DOMAIN,
                          K=K, N=HIDDEN, group_size=64, num_slices=S, accuracy_level=ops.ACCURACY_F32),
         helper.make_node("Relu", ["Y1"], ["H"]),
         helper.make_node(ops.OP_TYPE, ["H", "w2", "s2", "z2", "slice_counts"], ["Y2"], domain=ops.DOMAIN,
                          K=HIDDEN, N=N, group_size=64, num_slices=S, accuracy_level=ops.ACCURACY_INT8),
+        helper.make_node(ops.OP_TYPE, ["X", "w1", "s1", "z1", "", "", *router], ["Y3"], domain=ops.DOMAIN,
+                         K=K, N=HIDDEN, group_size=64, num_slices=S, accuracy_level=ops.ACCURACY_F32),
     ]
     graph = helper.make_graph(
         nodes, "two_layers",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["tokens", K]),
          helper.make_tensor_value_info("slice_counts", TensorProto.INT32, ["tokens"])],
         [helper.make_tensor_value_info("Y1", TensorProto.FLOAT, ["tokens", HIDDEN]),
-         helper.make_tensor_value_info("Y2", TensorProto.FLOAT, ["tokens", N])],
+         helper.make_tensor_value_info("Y2", TensorProto.FLOAT, ["tokens", N]),
+         helper.make_tensor_value_info("Y3", TensorProto.FLOAT, ["tokens", HIDDEN])],
         initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(ops.DOMAIN, 1)])
     return model, w1, bias, w2
@@ -188,11 +217,12 @@ def two_layer_model(rng: np.random.Generator):
 @pytest.mark.parametrize("cpu", ["max", "cortex-a72"])
 def test_ort_graph_aarch64_qemu(aarch64_build, tmp_path, cpu):
     rng = np.random.default_rng(7)
-    model, w1, bias, w2 = two_layer_model(rng)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    router = router_weights(rng, x)
+    model, w1, bias, w2 = two_layer_model(rng, router)
     ops.register_schema()
     onnx.checker.check_model(model)
     onnx.save(model, tmp_path / "model.onnx")
-    x = rng.standard_normal((M, K)).astype(np.float32)
     counts = np.array([1, 4, 2, 4, 3], np.int32)
     x.tofile(tmp_path / "x.bin")
     counts.tofile(tmp_path / "counts.bin")
@@ -205,7 +235,7 @@ def test_ort_graph_aarch64_qemu(aarch64_build, tmp_path, cpu):
     env = {k: v for k, v in os.environ.items() if k != "MOBIQ_KERNEL"}
     proc = run(cmd, env)
     assert proc.returncode == 0, f"{' '.join(host)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    assert proc.stdout.split() == ["Y1", f"{M}x{HIDDEN}", "Y2", f"{M}x{N}"], proc.stdout
+    assert proc.stdout.split() == ["Y1", f"{M}x{HIDDEN}", "Y2", f"{M}x{N}", "Y3", f"{M}x{HIDDEN}"], proc.stdout
     y1 = np.fromfile(tmp_path / "Y1.bin", np.float32).reshape(M, HIDDEN)
     y2 = np.fromfile(tmp_path / "Y2.bin", np.float32).reshape(M, N)
 
@@ -219,3 +249,10 @@ def test_ort_graph_aarch64_qemu(aarch64_build, tmp_path, cpu):
                          f"max error {err1:.2e} of max |ref| at {worst1}"
     assert err2 <= 2e-2, f"-cpu {cpu} Y2 (accuracy_level=4, M={M} K={HIDDEN} N={N}, counts {counts}): " \
                          f"relative Frobenius {err2:.2e}"
+    # the fused router on aarch64 (NEON): each token reads the slices its score gives
+    y3 = np.fromfile(tmp_path / "Y3.bin", np.float32).reshape(M, HIDDEN)
+    routed = 1 + (router_scores(router, x)[:, None] > router["router_thresholds"][1].astype(np.float64)).sum(-1)
+    assert sorted(routed.tolist()) == [1, 2, 3, 3, 4]
+    ref3 = np.stack([x[t].astype(np.float64) @ w1.dequantize(int(routed[t])).T for t in range(M)])
+    err3 = np.abs(y3 - ref3).max() / np.abs(ref3).max()
+    assert err3 <= 1e-5, f"-cpu {cpu} Y3 (router H={ROUTER_HIDDEN}, counts {routed}): max error {err3:.2e} of max |ref|"

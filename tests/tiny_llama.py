@@ -28,14 +28,14 @@ def write_char_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def write_tiny_llama(folder: Path, seed: int = 0) -> Path:
+def write_tiny_llama(folder: Path, seed: int = 0, layers: int = 2) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     write_char_tokenizer(folder)
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
     model = LlamaForCausalLM(cfg).eval()
