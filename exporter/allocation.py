@@ -1,20 +1,22 @@
-"""Where the slices go: a per-router bit allocation from measured sensitivity.
+"""Where the slices go: a per-router bit allocation from measured per-token sensitivity.
 
 Below 4 bits some weights must be read with slice 1 alone (2 bits), and on a small
 model a 2-bit read costs very different amounts in different places (SmolLM2: the
 last block's MLP or a middle block's attention input ~10-50x a middle block's
-attention output projection). One quantile per router (every router at b bits)
-spends the 2-bit reads evenly; here each router's **sensitivity** is measured once
-on calibration text — the KL divergence of the next-token distribution when that
-router alone reads one slice while all others read the base (4 bits) — and a budget
-b below the base is met by taking routers in order of sensitivity per weight, least
-first, down to one slice until the saved bits cover ``base - b``. Above the base,
-slices are added where they gain most, assuming each slice cuts a router's error
-~16x (SmolLM2 validation PPL at 6 bits: 34.19 against 34.41 for every router at 6;
-the same model below the base lost: 104.9 against 95.8 at 3 bits). Only the router
-at the boundary is fractional: it keeps its top-scoring tokens at the higher width (water-filling over
-its own scores), so the average bits barely depend on the text. The order is fixed,
-so lowering b only ever removes slices.
+attention output projection) and for different tokens (the top 10 % of tokens carry
+~30-60 % of a router's KL). :func:`token_sensitivity` measures, on calibration text,
+the KL divergence of the next-token distribution at every token when one router alone
+reads one slice while all others read the base (4 bits). Each router's
+:class:`CostCurve` says what sending a fraction of its tokens down costs when its
+tokens are taken in its routing order (a straight line for a router without per-token
+information). :func:`allocate` meets a budget b below the base by taking curve pieces
+cheapest KL per weight-bit first; above the base, slices are added where they gain
+most, assuming each slice cuts a router's error ~16x (SmolLM2 validation PPL at 6 bits:
+34.19 against 34.41 for every router at 6). Straight lines give the per-router
+allocation (one fractional router per budget); bent curves split the tokens of many
+routers. A fractional router keeps its top-scoring tokens at the higher width
+(water-filling over its own scores, :mod:`.thresholds`), so the average bits barely
+depend on the text. Lowering b only ever removes slices.
 """
 
 from __future__ import annotations
@@ -58,14 +60,28 @@ class Probe:
     positions: np.ndarray  # [tokens] position in its window (0: the BOS token)
 
 
-def _token_kl(model: torch.nn.Module, reference: torch.Tensor, probed: torch.Tensor, batch: int = 2) -> torch.Tensor:
-    """KL(p_ref || p_probe) per token [n, T] from the last block's hidden states, a few windows at a time
-    (the logits of a 262k vocabulary would not fit at once)."""
-    out = []
-    for i in range(0, len(reference), batch):
-        ref = torch.log_softmax(_logits(model, reference[i: i + batch]), -1)
-        out.append((ref.exp() * (ref - torch.log_softmax(_logits(model, probed[i: i + batch]), -1))).sum(-1))
-    return torch.cat(out)
+REFERENCE_CACHE_BYTES = 1 << 30  # reference log-probabilities kept across routers up to this size
+
+
+class _TokenKL:
+    """KL(p_ref || p_probe) per token [n, T] from the last block's hidden states, a few windows at a
+    time (the logits of a 262k vocabulary would not fit at once); the reference's log-probabilities
+    are computed once when they fit in REFERENCE_CACHE_BYTES."""
+
+    def __init__(self, model: torch.nn.Module, reference: torch.Tensor, batch: int = 2):
+        self.model, self.reference, self.batch = model, reference, batch
+        fits = reference.shape[0] * reference.shape[1] * model.config.vocab_size * 4 <= REFERENCE_CACHE_BYTES
+        self.cached = [self._ref(i) for i in range(0, len(reference), batch)] if fits else None
+
+    def _ref(self, i: int) -> torch.Tensor:
+        return torch.log_softmax(_logits(self.model, self.reference[i: i + self.batch]), -1)
+
+    def __call__(self, probed: torch.Tensor) -> torch.Tensor:
+        out = []
+        for j, i in enumerate(range(0, len(probed), self.batch)):
+            ref = self.cached[j] if self.cached is not None else self._ref(i)
+            out.append((ref.exp() * (ref - torch.log_softmax(_logits(self.model, probed[i: i + self.batch]), -1))).sum(-1))
+        return torch.cat(out)
 
 
 @torch.no_grad()
@@ -85,25 +101,21 @@ def token_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float 
                for name, r in qmodel.routers.items()}  # every token reads base bits (even widths need no scores)
     qmodel.set_target_bits(base)
     kl: dict[str, np.ndarray] = {}
-    captured: dict[str, np.ndarray] = {}
-    handles = []
-    if inputs:
-        for name, router in qmodel.routers.items():
-            def grab(module, args, name=name):
-                captured.setdefault(name, args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu().numpy())
-            handles.append(router.register_forward_pre_hook(grab))
+    captured, handles = {}, []
     t0 = time.time()
     try:
         for name, r in qmodel.routers.items():
             r.thresholds[row] = uniform[name]
-        x, kwargs = capture_block_inputs(model, tokens)
+        x, kwargs = capture_block_inputs(model, tokens)  # (runs a first batch of windows through the model)
+        if inputs:
+            captured, handles = _capture_inputs(qmodel)
         block_inputs = []
         for layer, kw in zip(layers, kwargs):
             block_inputs.append(x)
             x = run_block(layer, x, kw)
         for h in handles:
             h.remove()
-        reference = x
+        token_kl = _TokenKL(model, x)
         for i in range(len(layers)):
             for name in names[i]:
                 router = qmodel.routers[name]
@@ -112,7 +124,7 @@ def token_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float 
                 for layer, kw in zip(layers[i:], kwargs[i:]):
                     x = run_block(layer, x, kw)
                 router.thresholds[row] = uniform[name]
-                kl[name] = _token_kl(model, reference, x).reshape(-1).cpu().numpy()
+                kl[name] = token_kl(x).reshape(-1).cpu().numpy()
                 if progress:
                     print(f"\r[allocation] sensitivity {len(kl)}/{len(qmodel.routers)} {name}: KL "
                           f"{kl[name].mean():.4f} ({time.time() - t0:.0f}s)", end="", file=sys.stderr, flush=True)
@@ -125,6 +137,17 @@ def token_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float 
             print(file=sys.stderr)
     positions = np.tile(np.arange(tokens.shape[1]), tokens.shape[0])
     return Probe(kl, captured if inputs else None, positions)
+
+
+def _capture_inputs(qmodel: QuantizedModel) -> tuple[dict[str, np.ndarray], list]:
+    """Hooks that keep each router's first input of the next forward pass [tokens, K] (float32, CPU)."""
+    captured: dict[str, np.ndarray] = {}
+    handles = []
+    for name, router in qmodel.routers.items():
+        def grab(module, args, name=name):  # q/k/v call their shared router with the same input: keep the first
+            captured.setdefault(name, args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu().numpy())
+        handles.append(router.register_forward_pre_hook(grab))
+    return captured, handles
 
 
 PROBE_CACHE = "sensitivity-probe.npz"  # beside a checkpoint: the per-token KL of its last probe
@@ -161,12 +184,8 @@ def router_inputs(qmodel: QuantizedModel, tokens: torch.Tensor, base: float = BA
     """Every router's input activations [tokens, K] with every router at ``base`` (uniform)."""
     row = grid_index(base)
     saved = {name: r.thresholds[row].clone() for name, r in qmodel.routers.items()}
-    captured: dict[str, np.ndarray] = {}
-    handles = []
-    for name, router in qmodel.routers.items():
-        def grab(module, args, name=name):
-            captured.setdefault(name, args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu().numpy())
-        handles.append(router.register_forward_pre_hook(grab))
+    captured, handles = _capture_inputs(qmodel)
+    for router in qmodel.routers.values():
         router.thresholds[row] = torch.from_numpy(threshold_rows(np.zeros(1), router.num_slices,
                                                                  np.array([base]))[0]).float()
     qmodel.set_target_bits(base)
@@ -254,4 +273,6 @@ def allocate(curves: dict[str, CostCurve], sizes: dict[str, int], bits: float, b
         move = min(to_move, sizes[name] * F.SLICE_BITS * frac)
         out[name] += sign * move / sizes[name]
         to_move -= move
-    return out
+    # a router through all its pieces lands a few ulps off its even width: snap it, so its rows stay constant
+    return {name: float(np.round(w / F.SLICE_BITS) * F.SLICE_BITS) if abs(w / F.SLICE_BITS - np.round(w / F.SLICE_BITS))
+            < 1e-9 else w for name, w in out.items()}

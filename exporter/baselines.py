@@ -14,7 +14,7 @@
   thresholds at the same water-filling fractions: same average bits, no allocation, no routing.
 * ``static-b``: our checkpoint's per-router allocation with no per-token information: each
   router reads its own width at b; a fractional width is split by a token-independent rule
-  (a seeded Weyl sequence of the position: over a window, exactly the fraction). The control
+  (a seeded Weyl sequence of the position: over a window, the fraction to within 1/window). The control
   for what per-token decisions add.
 
 Fixed-width baselines are evaluated as float models whose block linears hold the

@@ -13,7 +13,8 @@ parameters, see :mod:`.blockwise` for inputs and targets):
    8-bit read stays near fp32 while the 2- and 4-bit reads improve. The depth-k loss
    uses as block input the stream of the model read at depth max(k, 2) (a 2-bit-only
    stream is far from anything a routed model feeds a block).
-3. **Stage 2, routers** (one per shared linear input) with all slices, straight-
+3. **Stage 2, routers** (static routing only: token routing refits every router on per-token
+   sensitivity after calibration, :mod:`.token_routing`; one per shared linear input) with all slices, straight-
    through prefix gates: forward ``1[score > tau_j]``, backward ``sigmoid((score -
    tau_j) / T)``, where tau_j is the in-batch quantile that gives the water-filling
    fraction of tokens for a target drawn from ``train_targets`` (so the router learns
@@ -68,10 +69,11 @@ class Recipe:
     threshold_samples: int = 8  # windows used to fit the threshold tables
     threshold_seq_len: int = 512  # their length: the deployment context (scores drift with position)
     threshold_anchors: tuple[float, ...] = (2.5, 3.0, 3.5, 5.0, 7.0)
-    sensitivity_samples: int = 4  # windows probing per-token sensitivity (0: every router reads the budget's bits)
+    sensitivity_samples: int = 2  # windows probing per-token sensitivity (0: every router reads the budget's bits)
     routing: str = "token"  # token: routers fitted to rank tokens by sensitivity (token_routing.py); static: none
     router_fit: str = "mlp"  # token routing: ridge (a linear score) or mlp (the router's MLP)
     router_hidden: int = 16  # hidden units of a fitted MLP router
+    token_above_base: bool = False  # token routing above 4 bits too (measured: no gain there, router work at run time)
     device: str = "cpu"  # cpu | cuda | auto (cuda when present); mobiq-export --device overrides it
     seed: int = 0
 
@@ -116,6 +118,11 @@ class Calibrated:
     routers: dict[str, dict[str, torch.Tensor]]  # router name -> state dict
     block_losses: list[dict]  # per block: losses at start/end of each stage
     resumed_at: int = 0  # first block computed by this call (earlier ones came from the work dir)
+
+
+def stage2_steps(recipe: Recipe) -> int:
+    """Stage 2 trains routers only for static routing: token routing refits every router afterwards."""
+    return recipe.router_steps if recipe.routing == "static" else 0
 
 
 def water_fill(bits: float, num_slices: int) -> list[float]:
@@ -237,7 +244,7 @@ def calibrate_block(index: int, block: nn.Module, kwargs: dict, x_fp: torch.Tens
                 tls[name].mode, tls[name].reads, tls[name].gate_fn = "routed", reads[name], gate
         ropt = torch.optim.Adam([p for r in routers.values() for p in r.parameters()], lr=recipe.router_lr)
         rnorms: dict[float, float] = {}
-        for step in range(recipe.router_steps):
+        for step in range(stage2_steps(recipe)):
             bits = recipe.train_targets[step % len(recipe.train_targets)]
             idx = torch.tensor(rng.sample(range(n), min(bs, n)))
             for g in gates.values():
@@ -301,7 +308,7 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, grou
     if state is None:
         start = 0
         state = {"fp": x0, "depth": {k: x0 for k in range(2, num_slices + 1)},
-                 "target": {b: x0 for b in recipe.train_targets}}
+                 "target": {b: x0 for b in recipe.train_targets} if stage2_steps(recipe) else {}}
     else:
         rng.seed(recipe.seed + start)
     blocks = [work.load_block(i) for i in range(start)] if work is not None else []
@@ -319,7 +326,9 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, grou
         if work is not None:
             work.save_block(i, bp, state)
         bar.update(1)
-        bar.set_postfix_str(f"block {i} clip {bp['losses']['clip_end']:.3f} router {bp['losses']['router_end']:.3f} "
+        router_loss = bp['losses']['router_end']
+        bar.set_postfix_str(f"block {i} clip {bp['losses']['clip_end']:.3f} "
+                            f"{'' if router_loss is None else f'router {router_loss:.3f} '}"
                             f"elapsed {time.time() - t0:.0f}s")
     bar.close()
     params, routers = {}, {}

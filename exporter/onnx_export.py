@@ -31,6 +31,8 @@ from . import checkpoint as ckpt
 from .budgets import measure_named_budgets
 from .graph import DecoderSpec, Fp32Linear, LinearKind, build_decoder
 from .linears import MatMulNBitsLinear, MoBiQuantLinear
+from .qmodel import THRESHOLD_GRID, grid_index
+from .quantize import token_dependent_fraction
 from .source import Source, load_float_model, resolve
 
 ALIGNMENT = 4096
@@ -77,7 +79,7 @@ def save_model(model: onnx.ModelProto, out_dir: Path) -> Path:
 
 
 def model_metadata(source: Source, config: ckpt.CheckpointConfig | None, kind: str, context: int,
-                   tokenizer_dir: Path) -> dict:
+                   tokenizer_dir: Path, routing: str | None = None) -> dict:
     """What the runtime needs besides the graph (also stored as metadata_props)."""
     gen = {}
     if (tokenizer_dir / "generation_config.json").is_file():
@@ -91,7 +93,7 @@ def model_metadata(source: Source, config: ckpt.CheckpointConfig | None, kind: s
         "eos_token_ids": eos if isinstance(eos, list) else [eos],
     }
     if config is not None:
-        meta.update({"layout": F.LAYOUT_VERSION, "num_slices": config.num_slices, "group_size": config.group_size,
+        meta.update({"routing": routing, "layout": F.LAYOUT_VERSION, "num_slices": config.num_slices, "group_size": config.group_size,
                      "slice_bits": F.SLICE_BITS, "lm_head_slices": config.lm_head_slices, "recipe": config.recipe,
                      "named_budgets": NAMED_BUDGETS, "bits_range": [2.0, 2.0 * config.num_slices]})
     return meta
@@ -107,7 +109,8 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
     qmodel, _ = ckpt.load(checkpoint_dir, model, source.identity)
     spec = DecoderSpec.from_hf_config(model.config, context)
     print(f"[export] building graph ({spec.num_layers} layers, context {context})", file=sys.stderr, flush=True)
-    meta = model_metadata(source, config, "mobiquant", context, source.folder)
+    meta = model_metadata(source, config, "mobiquant", context, source.folder,
+                          (meta_raw.get("allocation") or {}).get("routing", "static"))
     path = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, accuracy_level)), meta,
                            source.folder, out_dir)
     print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB); verifying against PyTorch", file=sys.stderr,
@@ -119,9 +122,16 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
                                     source.folder, Path(tmp))
         verify(exact, path, qmodel, verify_tokens)
     named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
-    set_metadata(out_dir, {"named_budgets": named, "validation_ppl": {f"{b:g}": p for b, p in ppl.items()}})
+    dependent = token_dependent_fraction(qmodel)
+    set_metadata(out_dir, {"named_budgets": named, "validation_ppl": {f"{b:g}": p for b, p in ppl.items()},
+                           "token_dependent_routers": {name: dependent[f"{grid_bits(b):g}"] for name, b in named.items()}})
     print(f"[export] named budgets: {named}", file=sys.stderr)
     return path
+
+
+def grid_bits(bits: float) -> float:
+    """The threshold-grid value a budget of ``bits`` uses."""
+    return float(THRESHOLD_GRID[grid_index(bits)])
 
 
 def set_metadata(out_dir: Path, updates: dict) -> None:

@@ -61,9 +61,9 @@ def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, pr
     """Routers, per-router allocation and every threshold table, from ``tokens`` (the threshold windows).
 
     The first ``recipe.sensitivity_samples`` windows probe each router's per-token sensitivity. With
-    ``recipe.routing == "token"`` every router is refitted to rank its tokens by it and the allocation
-    follows the routers' held-out cost curves; with ``"static"`` the allocation uses each router's mean
-    (one fractional router per budget). Each router's width at every grid row is recorded in the router.
+    ``recipe.routing == "token"`` every router is refitted to rank its tokens by it and, below the base
+    (above it too with ``recipe.token_above_base``), the allocation follows the routers' held-out cost
+    curves; otherwise it uses each router's mean (one fractional router per budget). Each router's width at every grid row is recorded in the router.
     ``cache``: a file keeping the probe's per-token KL for these slices and tokens (a refit then skips it).
     Returns what the checkpoint records about the allocation (or None when nothing is probed)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -88,15 +88,19 @@ def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, pr
             curves = {name: f.curve for name, f in fits.items()}
             rho = np.array([f.spearman for f in fits.values()])
             half = np.array([f.half_ratio for f in fits.values()])
-            record.update(router_fit=recipe.router_fit, spearman={n: f.spearman for n, f in fits.items()},
+            record.update(router_fit=recipe.router_fit, token_above_base=recipe.token_above_base,
+                          spearman={n: f.spearman for n, f in fits.items()},
                           half_ratio={n: f.half_ratio for n, f in fits.items()})
             log(f"[quantize] {len(fits)} {recipe.router_fit} routers fitted in {time.time() - t:.0f}s; held-out "
                 f"rank correlation with per-token KL median {np.median(rho):.2f} (range {rho.min():.2f}..{rho.max():.2f}); "
                 f"KL of the half each sends to 2 bits / a fixed half: median {np.median(half):.2f}")
-        else:
-            curves = {name: A.CostCurve.static(v) for name, v in sensitivity.items()}
+        static = {name: A.CostCurve.static(v) for name, v in sensitivity.items()}
+        down = curves if token else static
+        up = curves if token and recipe.token_above_base else static
         max_bits = F.SLICE_BITS * next(iter(qmodel.routers.values())).num_slices
-        allocation = (lambda bits: A.allocate(curves, sizes, bits, max_bits=max_bits))
+        allocation = (lambda bits: A.allocate(down if bits < A.BASE_BITS else up, sizes, bits, max_bits=max_bits))
+    for router in qmodel.routers.values():  # thresholds from the scores the file computes (int8 hidden weights)
+        router.int8()
     t = time.time()
     measured = fit_thresholds_online(qmodel, tokens, recipe.threshold_anchors, allocation)
     record_widths(qmodel, allocation)
@@ -116,7 +120,7 @@ def record_widths(qmodel: QuantizedModel, allocation) -> None:
 
 def token_dependent_fraction(qmodel: QuantizedModel) -> dict[str, float]:
     """Per grid row ("bits"): the fraction of routers whose row has a threshold tokens can cross."""
-    never = ops.THRESHOLD_NEVER / 10
+    never = ops.THRESHOLD_NEVER / 10  # the op's rule: |tau| >= 1e29 is never/always
     tables = torch.stack([r.thresholds for r in qmodel.routers.values()])  # [R, G, S-1]
     dependent = (tables.abs() < never).any(-1).float().mean(0)
     return {f"{b:g}": round(float(v), 4) for b, v in zip(THRESHOLD_GRID, dependent)}

@@ -14,9 +14,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mobiquant.runtime import ops
+
 from .qmodel import THRESHOLD_GRID, Router
 
-NEVER = 1e30  # a threshold no score passes (p_j = 0) — finite, so ONNX and torch agree
+NEVER = ops.THRESHOLD_NEVER  # a threshold no score passes (p_j = 0) — finite, so ONNX and torch agree
 
 
 def fit_router(router: Router, scores: np.ndarray) -> None:
@@ -33,6 +35,7 @@ def threshold_rows(scores: np.ndarray, num_slices: int, bits: np.ndarray) -> np.
         extra = b / 2 - 1
         for j in range(1, num_slices):
             p = float(np.clip(extra - (j - 1), 0.0, 1.0))
+            p = 0.0 if p < 1e-9 else 1.0 if p > 1 - 1e-9 else p  # float noise of an even width: a constant row
             if p <= 0:
                 table[row, j - 1] = NEVER
             elif p >= 1:

@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", default="austen-test", help="austen-test|brown|lee|a text file (default: austen-test)")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help=f"comma-separated (default: {DEFAULT_BUDGETS})")
     p.add_argument("--baselines", action="store_true", help="also fp32 and MatMulNBits-int4 exports (built once)")
+    p.add_argument("--compare", action="append", type=Path, default=[],
+                   help="another MoBiQuant model directory measured at the same budgets, rows named by its routing "
+                        "(e.g. the same checkpoint exported with `mobiq-export thresholds --routing static`: "
+                        "mobiquant-static); repeatable")
     p.add_argument("--context", type=int, default=512, help="window length in tokens (default: 512)")
     p.add_argument("--max-tokens", type=int, default=16384,
                    help="scored tokens per budget, rounded up to whole windows (default: 16384; 0 = whole corpus)")
@@ -184,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--budgets expected names or bits; got auto (evaluate fixed budgets)")
         jobs = [("mobiquant", info.directory, float(b)) for b in budgets] if info.elastic else [
             (info.meta["kind"], info.directory, None)]
+        for other in map(locate, args.compare):
+            if not other.elastic:
+                p.error(f"--compare expected a MoBiQuant model directory; got {other.meta.get('kind')} ({other.directory})")
+            jobs += [(f"mobiquant-{other.meta.get('routing', 'other')}", other.directory, float(b)) for b in budgets]
         if args.baselines:
             jobs += [(kind, baseline_dir(info, kind), None) for kind in ("fp32", "matmulnbits-int4")]
         result = {"model": info.meta.get("source_model"), "corpus": args.corpus, "context": args.context,

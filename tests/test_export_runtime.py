@@ -335,3 +335,45 @@ def test_mobiq_eval_json_schema_and_agreement_with_pytorch(tiny, tmp_path):
         ref = torch_ppl(q, model_dir, text, 64, row["target_bits"])
         assert abs(row["ppl"] / ref - 1) < 0.005, f"{row['target_bits']} bits: ORT PPL {row['ppl']} vs torch {ref}"
     assert (tmp_path / "eval.png").stat().st_size > 1000
+
+
+def test_token_routed_checkpoint_exports_and_routes_in_the_op(tmp_path):
+    """The token-routing path on the tiny model: per-token probe, ridge routers, cost-curve allocation,
+    thresholds; the export verifies the fused op against PyTorch at every named budget (or raises). In
+    the file every router's row is constant at 4 and 8 bits, most routers split tokens at 3.5, and the
+    bits read follow the target on text the thresholds never saw."""
+    import onnx
+    from onnx import numpy_helper
+
+    from mobiquant.exporter.calibrate import get_recipe
+    from mobiquant.exporter.qmodel import grid_index
+    from mobiquant.exporter.quantize import fit_budgets
+    from mobiquant.runtime import ops
+
+    source = resolve(str(write_tiny_llama(tmp_path / "hf")))
+    model = load_float_model(source)
+    q = build_quantized(model, slice_model(model, 64))
+    rng = np.random.default_rng(3)
+    tokens = torch.from_numpy(rng.integers(3, 99, (4, 96)))
+    tokens[:, 0] = 1
+    recipe = get_recipe("fast", sensitivity_samples=2, routing="token", router_fit="ridge")
+    record = fit_budgets(q, tokens, recipe, progress=False, log=lambda msg: None)
+    assert record["routing"] == "token" and set(record["spearman"]) == set(q.routers)
+    assert record["token_dependent"]["4"] == 0 and record["token_dependent"]["8"] == 0
+    assert record["token_dependent"]["3.5"] >= 0.5, record["token_dependent"]
+    config = ckpt.CheckpointConfig(source.name, source.identity, source.architecture, 4, 64, 4, "fast", "random")
+    ckpt.save(q, config, tmp_path / "checkpoint", record)
+    export(tmp_path / "checkpoint", tmp_path / "model", context=128)
+
+    graph = onnx.load(str(tmp_path / "model" / "model.onnx"))
+    tables = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer if ".router.thresholds" in t.name}
+    assert len(tables) == len(q.routers)
+    for bits, constant in ((4.0, True), (8.0, True), (3.5, False)):
+        rows = np.stack([t[grid_index(bits)] for t in tables.values()])
+        rows_constant = (np.abs(rows) >= ops.THRESHOLD_NEVER / 10).all(-1)
+        assert rows_constant.all() if constant else rows_constant.mean() <= 0.5, (bits, rows)
+    session = ModelSession(tmp_path / "model", threads=1)
+    held_out = np.array([[1, *rng.integers(3, 99, 127)]])
+    for bits in (3.0, 3.5, 4.5):
+        session.forward(held_out, session.empty_cache(), bits)
+        assert abs(session.last_avg_bits - bits) <= 0.35, (bits, session.last_avg_bits)

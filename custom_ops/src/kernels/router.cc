@@ -4,11 +4,12 @@
 // The hidden layer is the cost: K x H weights read per token — int8, as they would otherwise be a
 // fifth of a 4-bit model's bytes per token. ResidualSliceMatMul runs it only for threshold rows that
 // tokens decide (a constant row costs nothing). Variants, picked per call from H and once per
-// process from the CPU; all sum in float32 in the same order per hidden unit within a register lane:
+// process from the CPU; all sum in float32 (the order of the sums differs between variants: a score
+// within float rounding of a threshold may land on either side):
 //   portable  plain loops over blocks of up to 4 tokens sharing each row of W1 (any CPU);
-//   avx512    H % 16 == 0, H <= 128: one token's hidden vector in up to 8 zmm, x_t[k] broadcast;
-//   avx2      H % 8 == 0, H <= 64: the same in up to 8 ymm (AVX2 + FMA, e.g. AVX-VNNI client cores);
-//   neon      H % 4 == 0, H <= 64: the same in up to 16 float32x4 (every aarch64 CPU).
+//   avx512    H in {16, 32, 64, 128}: one token's hidden vector in up to 8 zmm, x_t[k] broadcast;
+//   avx2      H in {8, 16, 32, 64}: the same in up to 8 ymm (AVX2 + FMA, e.g. AVX-VNNI client cores);
+//   neon      H in {8, 16, 32, 64}: the same in up to 16 float32x4 (every aarch64 CPU).
 #include <cstddef>
 #include <cstdlib>
 #include <string>
