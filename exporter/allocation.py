@@ -97,8 +97,7 @@ def token_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float 
     layers = decoder_layers(model)
     names = {i: [n for n in qmodel.routers if n.startswith(f"layers.{i}.")] for i in range(len(layers))}
     saved = {name: r.thresholds[row].clone() for name, r in qmodel.routers.items()}
-    uniform = {name: torch.from_numpy(threshold_rows(np.zeros(1), r.num_slices, np.array([base]))[0]).float()
-               for name, r in qmodel.routers.items()}  # every token reads base bits (even widths need no scores)
+    uniform = {name: _uniform_row(r, base) for name, r in qmodel.routers.items()}
     qmodel.set_target_bits(base)
     kl: dict[str, np.ndarray] = {}
     captured, handles = {}, []
@@ -135,8 +134,18 @@ def token_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float 
             r.thresholds[row] = saved[name]
         if progress:
             print(file=sys.stderr)
-    positions = np.tile(np.arange(tokens.shape[1]), tokens.shape[0])
+    positions = _positions(tokens)
     return Probe(kl, captured if inputs else None, positions)
+
+
+def _positions(tokens: torch.Tensor) -> np.ndarray:
+    """Each token's position in its window, flattened window-major as the probe's values."""
+    return np.tile(np.arange(tokens.shape[1]), tokens.shape[0])
+
+
+def _uniform_row(router, base: float) -> torch.Tensor:
+    """The threshold row that gives every token ``base`` bits (an even width: no scores needed)."""
+    return torch.from_numpy(threshold_rows(np.zeros(1), router.num_slices, np.array([base]))[0]).float()
 
 
 def _capture_inputs(qmodel: QuantizedModel) -> tuple[dict[str, np.ndarray], list]:
@@ -170,7 +179,7 @@ def cached_token_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, cache
             captured = router_inputs(qmodel, tokens) if inputs else None
             if progress:
                 print(f"[allocation] per-token sensitivity from {cache}", file=sys.stderr)
-            return Probe(kl, captured, np.tile(np.arange(tokens.shape[1]), tokens.shape[0]))
+            return Probe(kl, captured, _positions(tokens))
     probe = token_sensitivity(qmodel, tokens, inputs=inputs, progress=progress)
     if cache is not None:
         tmp = cache.with_suffix(".partial.npz")
@@ -186,8 +195,7 @@ def router_inputs(qmodel: QuantizedModel, tokens: torch.Tensor, base: float = BA
     saved = {name: r.thresholds[row].clone() for name, r in qmodel.routers.items()}
     captured, handles = _capture_inputs(qmodel)
     for router in qmodel.routers.values():
-        router.thresholds[row] = torch.from_numpy(threshold_rows(np.zeros(1), router.num_slices,
-                                                                 np.array([base]))[0]).float()
+        router.thresholds[row] = _uniform_row(router, base)
     qmodel.set_target_bits(base)
     try:
         qmodel.model.model(input_ids=tokens)
@@ -197,13 +205,6 @@ def router_inputs(qmodel: QuantizedModel, tokens: torch.Tensor, base: float = BA
         for name, r in qmodel.routers.items():
             r.thresholds[row] = saved[name]
     return captured
-
-
-def router_sensitivity(qmodel: QuantizedModel, tokens: torch.Tensor, base: float = BASE_BITS,
-                       progress: bool = True) -> dict[str, float]:
-    """Mean over tokens of :func:`token_sensitivity`, per router."""
-    probe = token_sensitivity(qmodel, tokens, base, inputs=False, progress=progress)
-    return {name: float(v.mean()) for name, v in probe.kl.items()}
 
 
 def allocation_order(sensitivity: dict[str, float], sizes: dict[str, int]) -> list[str]:

@@ -113,15 +113,18 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
                           (meta_raw.get("allocation") or {}).get("routing", "static"))
     path = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, accuracy_level)), meta,
                            source.folder, out_dir)
-    print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB); verifying against PyTorch", file=sys.stderr,
+    print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB); measuring its named budgets", file=sys.stderr,
           flush=True)
+    named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
+    print("[export] verifying against PyTorch", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         exact = path
         if accuracy_level != ops.ACCURACY_F32:  # the same graph with exact float activations, to hold to PyTorch
             exact = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, ops.ACCURACY_F32)), meta,
                                     source.folder, Path(tmp))
-        verify(exact, path, qmodel, verify_tokens)
-    named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
+        # the file's named budgets and the generic grid (3, 4, 6, 8 bits: token-dependent and constant rows)
+        budgets = {**{f"{b:g} bits": b for b in NAMED_BUDGETS.values()}, **named}
+        verify(exact, path, qmodel, verify_tokens, budgets)
     dependent = token_dependent_fraction(qmodel)
     set_metadata(out_dir, {"named_budgets": named, "validation_ppl": {f"{b:g}": p for b, p in ppl.items()},
                            "token_dependent_routers": {name: dependent[f"{grid_bits(b):g}"] for name, b in named.items()}})
@@ -174,8 +177,9 @@ def write_model_dir(graph: onnx.ModelProto, meta: dict, tokenizer_dir: Path, out
 
 
 @torch.no_grad()
-def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32) -> dict:
-    """At every named budget: the exact-float graph against PyTorch (logits within EXACT_TOLERANCE,
+def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32,
+           budgets: dict[str, float] | None = None) -> dict:
+    """At every budget of ``budgets`` (name -> bits; default: the generic named budgets): the exact-float graph against PyTorch (logits within EXACT_TOLERANCE,
     identical greedy continuations) and, when it differs, the written int8-activation file against
     the exact graph (INT8_TOLERANCE, INT8_MIN_TOP1). Raises ExportError listing every mismatch."""
     from mobiquant.runtime.session import ModelSession
@@ -185,7 +189,7 @@ def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32) -> d
     vocab = exact.vocab
     prompt = np.random.default_rng(0).integers(min(3, vocab - 1), min(vocab, 5000), (1, 16)).astype(np.int64)
     problems, report = [], {}
-    for name, bits in NAMED_BUDGETS.items():
+    for name, bits in (budgets or NAMED_BUDGETS).items():
         qmodel.set_target_bits(bits)
         ref = qmodel.model(input_ids=torch.from_numpy(prompt)).logits.numpy()
         got, _ = exact.forward(prompt, exact.empty_cache(), bits)
