@@ -1,4 +1,4 @@
-"""Perplexity tables for a checkpoint (SPEC §6 protocol) with the baselines beside it.
+"""Perplexity tables for a checkpoint (docs/design.md, "Perplexity protocol") with the baselines beside it.
 
 Protocol: the corpus is tokenized once, cut into non-overlapping windows of
 ``context`` tokens, each a BOS token followed by ``context - 1`` text tokens; every

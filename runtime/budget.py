@@ -1,4 +1,4 @@
-"""The budget policy: device signals → ``target_bits`` for ``--budget auto`` (SPEC §5).
+"""The budget policy: device signals → ``target_bits`` for ``--budget auto`` (docs/design.md, "The budget policy").
 
 Levels, lowest first; bits come from the model's named budgets (defaults shown) and
 ``min`` is the floor of the format, slice 1 alone::

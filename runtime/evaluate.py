@@ -1,7 +1,7 @@
 """``mobiq-eval``: quality, speed and memory per budget, through ONNX Runtime (no torch).
 
 For each budget, in its own process (so peak memory is that budget's alone):
-perplexity on a corpus (SPEC §6 protocol: non-overlapping windows of ``context``
+perplexity on a corpus (docs/design.md, "Perplexity protocol": non-overlapping windows of ``context``
 tokens, BOS first, PPL = exp(mean NLL) over the scored tokens), the average bits
 actually read, prefill tokens/s (one window) and decode tokens/s (one token at a
 time with the KV cache), and peak resident memory. ``--baselines`` adds an fp32

@@ -134,7 +134,7 @@ def deb_members(deb: Path, prefix: str, dest: Path) -> Path:
 
 
 # ONNX Runtime C/C++ headers: Debian 13's libonnxruntime-dev 1.21 (stable C ABI with
-# the PyPI runtime), unpacked only — never installed (SPEC §7).
+# the PyPI runtime), unpacked only — never installed (docs/design.md, "Toolchain").
 ORT_HEADERS = Pinned("deb", "libonnxruntime-dev", "1.21.0+dfsg-1", "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                      "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08", suite="trixie")
 
@@ -149,7 +149,7 @@ def ort_headers() -> Path:
 
 
 # ONNX Runtime for aarch64 (Raspberry Pi): the PyPI wheel's libonnxruntime.so, for the
-# cross-built test host that runs under qemu (SPEC §7). Only the library is unpacked.
+# cross-built test host that runs under qemu (docs/design.md, "Toolchain"). Only the library is unpacked.
 ORT_AARCH64 = Pinned("pypi", "onnxruntime", "1.32.0", "onnxruntime-1.32.0-cp311-cp311-manylinux_2_28_aarch64.whl",
                      "2303372a85299b6757b0e11e1cbf13e410ddf7e10c37f4b37e99d1c90e7daf7c")
 

@@ -4,7 +4,7 @@ The Python twin of ``custom_ops/include/mobiq/format.h``; both define packed
 layout version :data:`LAYOUT_VERSION` and must change together.
 
 Quantization of ``W`` [N out, K in], per row and group of ``g`` input columns
-(SPEC §1)::
+(docs/design.md, "The weight format")::
 
     slice 1:  q1 = clamp(floor(W / s1 + z1), 0, 3)       D1 = s1 (q1 - z1 + 1/2)
     slice e:  se = s1 / 4^(e-1)

@@ -1,4 +1,4 @@
-"""MoBiSlice format properties (runtime/format.py) against SPEC §1, in float64."""
+"""MoBiSlice format properties (runtime/format.py) against docs/design.md ("The weight format"), in float64."""
 
 import numpy as np
 import pytest

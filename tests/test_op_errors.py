@@ -1,4 +1,4 @@
-"""Every malformed input of SPEC §3 fails with an ORT error naming the op, what was expected and what came."""
+"""Every malformed input of the op (docs/design.md) fails with an ORT error naming the op, what was expected and what came."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-// route_tokens — the token router of one routed linear input (SPEC §1), fused:
+// route_tokens — the token router of one routed linear input (docs/design.md, "The op"), fused:
 //   score_t  = relu(s1 * (x_t W1) + b1) . w2 + b2    (W1 [K, H] int8, s1 per hidden unit; float32 sums)
 //   count_t  = 1 + #{ j : score_t > tau_j }          (slice 1 always; tau = one threshold-table row)
 // The hidden layer is the cost: K x H weights read per token — int8, as they would otherwise be a

@@ -1,6 +1,6 @@
 // rsmm_f32_reference — the executable spec of ResidualSliceMatMul.
 // Builds each row of W^(k) = D1 + ... + Dk slice by slice in float64, exactly as
-// SPEC §1 defines it (D1 = s1 (q1 - z1 + 1/2), De = s1 4^-(e-1) (qe - 3/2)),
+// docs/design.md ("The weight format") defines it (D1 = s1 (q1 - z1 + 1/2), De = s1 4^-(e-1) (qe - 3/2)),
 // then takes float64 dot products. Slow on purpose; used by tests and
 // MOBIQ_KERNEL=reference.
 #include <vector>
