@@ -123,7 +123,7 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
             exact = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, ops.ACCURACY_F32)), meta,
                                     source.folder, Path(tmp))
         # the file's named budgets and the generic grid (3, 4, 6, 8 bits: token-dependent and constant rows)
-        budgets = {**{f"{b:g} bits": b for b in NAMED_BUDGETS.values()}, **named}
+        budgets = {**{f"{b:g} bits": b for b in NAMED_BUDGETS.values() if b not in named.values()}, **named}
         verify(exact, path, qmodel, verify_tokens, budgets)
     dependent = token_dependent_fraction(qmodel)
     set_metadata(out_dir, {"named_budgets": named, "validation_ppl": {f"{b:g}": p for b, p in ppl.items()},

@@ -165,17 +165,22 @@ def fit_router(x: np.ndarray, kl: np.ndarray, positions: np.ndarray, fit: str = 
     for h in range(2):
         norm = _Standardize(x[halves[h]])
         paths.append((norm, _ridge_path(norm(x[halves[h]]), y[halves[h]], RIDGE_PENALTIES)))
-    quality = []
+    quality, ridge_scores = [], []
     for i in range(len(RIDGE_PENALTIES)):
         scores = np.empty(len(y))
         for h, (norm, path) in enumerate(paths):
             w, c = path[i]
             scores[halves[1 - h]] = norm(x[halves[1 - h]]) @ w + c
         quality.append(spearman(scores[text], y[text]))
-    penalty = RIDGE_PENALTIES[int(np.argmax(quality))]
-    train = ((lambda a, b: _fit_ridge(a, b, penalty)) if fit == "ridge" else
-             (lambda a, b: _fit_mlp(a, b, hidden, penalty, device=device)))
-    scores = held_out(train)
+        ridge_scores.append(scores)
+    best = int(np.argmax(quality))
+    penalty = RIDGE_PENALTIES[best]
+    if fit == "ridge":  # its held-out scores are the sweep's at the chosen penalty
+        train = (lambda a, b: _fit_ridge(a, b, penalty))
+        scores = ridge_scores[best]
+    else:
+        train = (lambda a, b: _fit_mlp(a, b, hidden, penalty, device=device))
+        scores = held_out(train)
     low_half = np.argsort(scores[text], kind="stable")[: text.sum() // 2]
     half_ratio = float(kl[text][low_half].sum() / (0.5 * kl[text].sum()))
     return RouterFit(train(x, y), CostCurve.from_tokens(scores, kl), spearman(scores[text], y[text]), half_ratio)
