@@ -274,6 +274,10 @@ def allocate(curves: dict[str, CostCurve], sizes: dict[str, int], bits: float, b
         move = min(to_move, sizes[name] * F.SLICE_BITS * frac)
         out[name] += sign * move / sizes[name]
         to_move -= move
-    # a router through all its pieces lands a few ulps off its even width: snap it, so its rows stay constant
-    return {name: float(np.round(w / F.SLICE_BITS) * F.SLICE_BITS) if abs(w / F.SLICE_BITS - np.round(w / F.SLICE_BITS))
-            < 1e-9 else w for name, w in out.items()}
+    return {name: _snap_to_width(w) for name, w in out.items()}
+
+
+def _snap_to_width(bits: float) -> float:
+    """A router through all its pieces lands a few ulps off its even width: snap it, so its rows stay constant."""
+    whole = round(bits / F.SLICE_BITS) * F.SLICE_BITS
+    return float(whole) if abs(bits - whole) < 1e-9 else bits
