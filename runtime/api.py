@@ -4,87 +4,275 @@
     model = Model.load("models/smollm2-135m")
     for piece in model.generate("Tell me about Bath.", budget="low"):
         print(piece, end="", flush=True)
-    model.set_budget("max")          # from any thread, also during a generation
+    chat = model.chat(system="You are terse.")
+    for piece in chat.send("Hello!"):             # the history is kept; old turns drop to fit
+        ...
 
-Threading: one generation runs at a time per Model (others wait on a lock); run
-``generate`` on a worker thread and call ``set_budget``/``cancel`` from the UI
-thread — the next token uses the new budget, nothing is reloaded. The last
-generation's keys and values are kept (``Model.prefix``): a prompt that repeats
-its tokens (the chat template's system prompt, earlier turns) computes only the rest.
-``budget="auto"`` follows the device (battery, temperature, throttling); pass
-``signals=`` your own callable returning a ``signals.Snapshot`` (e.g. from the
-desktop's power profile) and ``on_budget_change=`` to hear about changes.
+Threading contract (tested in tests/test_api_threads.py):
+
+- ``set_budget`` (bits, a named budget or ``"auto"``, and switching between them) and ``cancel`` may
+  be called from any thread at any moment; the next token follows them. Nothing is reloaded.
+- With ``"auto"`` the device's signals are read on a background thread every ``every`` tokens, never
+  on the token path; listeners (``on_budget_change``) run there with no lock of the model held, so they
+  may call ``set_budget``/``cancel``.
+- ``cancel()`` ends every generation created before the call: the running one after its current token,
+  and those not yet started (they yield nothing). Generations created after it are unaffected.
+  ``Generation.cancel()`` ends that one only.
+- One generation computes at a time. A generation takes the model at its first ``next()`` (waiting for
+  the one before it, or raising :class:`ModelBusy` after ``timeout`` seconds) and holds it until it
+  ends, is closed, or is garbage collected. A generation whose consumer stops pulling for
+  ``idle_release_s`` seconds (default 2) while another one waits is *released*: it yields nothing more
+  (``stop_reason == "released"``) and the waiting one runs.
+- The last generation's keys and values are kept: a prompt that repeats its tokens (the system prompt,
+  earlier turns of a chat) computes only the rest.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
-from .budget import AutoBudget, Decision, PolicyConfig, parse_budget
-from .generate import BudgetControl, GenerationStats, PrefixCache, fit_context, generate
+from .budget import DEFAULT_REEVALUATE_EVERY, AutoBudget, Decision, PolicyConfig, parse_budget
+from .control import BudgetControl
+from .generate import GenerationStats, PrefixCache, generate
+from .prompt import Message, Prompt, chat_prompt, raw_prompt
 from .sampling import Sampler, SamplingConfig
 from .session import ModelSession
 from .signals import SignalSource, SysfsSource
 from .text import TextCodec
 
+DEFAULT_IDLE_RELEASE_S = 2.0
+
+
+class ModelBusy(TimeoutError):
+    """Another generation held the model for longer than the caller's timeout."""
+
+
+class _Ownership:
+    """Which generation may compute; hands the model over when its holder ends, idles while others wait, or
+    is garbage collected (the holder is held weakly)."""
+
+    def __init__(self, idle_release_s: float):
+        self.idle_release_s = idle_release_s
+        self._cond = threading.Condition()
+        self._holder: weakref.ref | None = None
+        self._in_step = False
+        self._idle_since = 0.0
+
+    def _current(self) -> "Generation | None":
+        return self._holder() if self._holder is not None else None
+
+    def _gone(self, _ref) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def acquire(self, gen: "Generation", timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (holder := self._current()) is not None and holder is not gen:
+                now = time.monotonic()
+                idle_until = self._idle_since + self.idle_release_s
+                if not self._in_step and now >= idle_until:
+                    holder._released = True
+                    break
+                if deadline is not None and now >= deadline:
+                    raise ModelBusy(f"[mobiq] model expected free within {timeout:g} s; another generation holds it")
+                wait = None if self._in_step else idle_until - now
+                if deadline is not None:
+                    wait = deadline - now if wait is None else min(wait, deadline - now)
+                del holder
+                self._cond.wait(wait)
+            self._holder, self._in_step = weakref.ref(gen, self._gone), False
+
+    def begin_step(self, gen: "Generation") -> bool:
+        with self._cond:
+            if self._current() is not gen:
+                return False
+            self._in_step = True
+            return True
+
+    def end_step(self, gen: "Generation") -> None:
+        with self._cond:
+            if self._current() is gen:
+                self._in_step, self._idle_since = False, time.monotonic()
+                self._cond.notify_all()
+
+    def release(self, gen: "Generation") -> None:
+        with self._cond:
+            if self._current() is gen:
+                self._holder, self._in_step = None, False
+                self._cond.notify_all()
+
+
+class Generation:
+    """One reply, streamed: iterate it for text pieces. ``stats``, ``text`` and ``stop_reason`` (stop token,
+    max tokens, cancelled, released, closed, error) describe it; ``cancel()``/``close()`` end it."""
+
+    def __init__(self, model: "Model", prompt: Prompt, max_new: int, sampling: SamplingConfig,
+                 timeout: float | None, on_finish: Callable[["Generation"], None] | None = None):
+        self.model, self.prompt, self.max_new = model, prompt, max_new
+        self.stats = GenerationStats()
+        self.text = ""
+        self.stop_reason: str | None = None
+        self._sampler = Sampler(sampling)
+        self._timeout, self._on_finish = timeout, on_finish
+        self._cancel = threading.Event()
+        self._released = False
+        self._steps = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self) -> str:
+        if self.done:
+            raise StopIteration
+        own = self.model._ownership
+        if self._steps is None:
+            own.acquire(self, self._timeout)
+            self._steps = generate(self.model.session, self.prompt.ids, self.max_new, self._sampler,
+                                   self.model.control, self.model.codec.stop_ids, self.model.codec.decoder().push,
+                                   self.stats, self._cancel, self.model.prefix)
+            if self._cancel.is_set():
+                self._finish("cancelled")
+        if self.done or not own.begin_step(self):
+            self._finish(self.stop_reason or "released")
+            raise StopIteration
+        try:
+            while True:
+                piece = next(self._steps).text
+                if piece:
+                    self.text += piece
+                    return piece
+        except StopIteration:
+            self._finish(self.stats.stop_reason or "max tokens")
+            raise
+        except BaseException:
+            self._finish("error")
+            raise
+        finally:
+            own.end_step(self)
+
+    def close(self) -> None:
+        """End this generation now (its model is free for the next one)."""
+        if not self.done:
+            self._finish("closed")
+
+    def _finish(self, reason: str) -> None:
+        if self.done:
+            return
+        self.stop_reason = "released" if self._released and reason != "error" else reason
+        if self._steps is not None:
+            self._steps.close()
+        self.model._ownership.release(self)
+        self.model.last_stats = self.stats
+        if self._on_finish is not None:
+            self._on_finish(self)
+
+    def __repr__(self) -> str:
+        return f"<Generation {len(self.stats.steps)} tokens, {self.stop_reason or 'running'}>"
+
+
+class Conversation:
+    """A chat that remembers its turns. ``send`` renders every turn that fits the context (the oldest whole
+    turns drop out first; the system message stays) and appends the reply when the generation ends."""
+
+    def __init__(self, model: "Model", system: str | None = None):
+        self.model = model
+        self.messages: list[Message] = [{"role": "system", "content": system}] if system else []
+
+    def send(self, text: str, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
+             timeout: float | None = None) -> Generation:
+        if not text.strip():
+            raise ValueError("[mobiq] message expected non-empty text; got an empty message")
+        prompt = chat_prompt(self.model.codec, self.messages + [{"role": "user", "content": text}], max_new_tokens,
+                             self.model.info.context)
+        return self.model._start(prompt, max_new_tokens, sampling, timeout, self._finished)
+
+    def _finished(self, gen: Generation) -> None:
+        self.messages = gen.prompt.messages + [{"role": "assistant", "content": gen.text}]
+
 
 class Model:
-    def __init__(self, session: ModelSession, codec: TextCodec):
+    def __init__(self, session: ModelSession, codec: TextCodec, idle_release_s: float = DEFAULT_IDLE_RELEASE_S):
         self.session, self.codec = session, codec
         self.info = session.info
-        self._lock = threading.Lock()
-        self._control = BudgetControl(self.info.named_budgets["mid"])
-        self._cancel = threading.Event()
+        self.control = BudgetControl(self.info.named_budgets["mid"])
         self.last_stats = GenerationStats()
         self.prefix = PrefixCache()  # keys and values of the last generation, reused where a prompt repeats them
+        self._ownership = _Ownership(idle_release_s)
+        self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
+        self._live_lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, threads: int | None = None) -> "Model":
+    def load(cls, path: str | Path, threads: int | None = None,
+             idle_release_s: float = DEFAULT_IDLE_RELEASE_S) -> "Model":
         session = ModelSession(path, threads)
-        return cls(session, TextCodec(session.info.directory, session.info.meta))
+        return cls(session, TextCodec(session.info.directory, session.info.meta), idle_release_s)
 
     def set_budget(self, budget: str | float, signals: SignalSource | None = None,
                    policy: PolicyConfig | None = None, signals_root: str | Path | None = None,
-                   on_budget_change: Callable[[Decision | None, Decision], None] | None = None) -> None:
-        """low|mid|high|max, bits in [2, 8], or "auto" (device-driven; the policy's levels map to this
-        model's named budgets unless ``policy`` says otherwise)."""
-        value = parse_budget(str(budget), self.info.named_budgets) if isinstance(budget, str) else float(budget)
-        if value == "auto":
-            auto = AutoBudget(signals or SysfsSource(Path(signals_root or "/")),
-                              policy or PolicyConfig(named=self.info.named_budgets))
-            if on_budget_change:
-                auto.listeners.append(on_budget_change)
-            self._control = BudgetControl(None, auto)
-        else:
-            parse_budget(str(value), self.info.named_budgets)  # range check
-            self._control.set(value)
+                   on_budget_change: Callable[[Decision, Decision], None] | None = None,
+                   every: int = DEFAULT_REEVALUATE_EVERY) -> Decision | None:
+        """low|mid|high|max, bits in [2, 8], or "auto" (device-driven every ``every`` tokens; the policy's levels
+        map to this model's named budgets unless ``policy`` says otherwise). Returns auto's first decision."""
+        value = parse_budget(str(budget), self.info.named_budgets)
+        if value != "auto":
+            self.control.fix(value)
+            return None
+        auto = AutoBudget(signals or SysfsSource(Path(signals_root or "/")),
+                          policy or PolicyConfig(named=self.info.named_budgets))
+        if on_budget_change:
+            auto.listeners.append(on_budget_change)
+        return self.control.follow(auto, every)
+
+    @property
+    def decision(self) -> Decision | None:
+        """What ``auto`` decided last (bits, level, reason, pacing); None with a fixed budget."""
+        auto = self.control.auto
+        return auto.decision if auto else None
+
+    @property
+    def budget_changes(self) -> list[tuple[int, Decision]]:
+        return self.control.changes
 
     def cancel(self) -> None:
-        """Stop the running generation after its current token."""
-        self._cancel.set()
+        """End every generation created before this call (see the module's threading contract)."""
+        with self._live_lock:
+            live = list(self._live)
+        for gen in live:
+            gen.cancel()
 
     def generate(self, prompt: str, budget: str | float | None = None, max_new_tokens: int = 128,
-                 chat: bool | None = None, sampling: SamplingConfig | None = None) -> Iterator[str]:
+                 chat: bool | None = None, sampling: SamplingConfig | None = None,
+                 timeout: float | None = None) -> Generation:
         """Text pieces as they are produced. ``chat`` defaults to the model's chat template when it has one."""
         if not prompt.strip():
             raise ValueError("[mobiq] prompt expected non-empty text; got an empty prompt")
         if budget is not None:
             self.set_budget(budget)
         use_chat = self.codec.chat_template is not None if chat is None else chat
-        text = self.codec.render_chat([{"role": "user", "content": prompt}]) if use_chat else prompt
-        ids = fit_context(self.codec.encode(text, bos=not use_chat), max_new_tokens, self.info.context)
-        decoder = self.codec.decoder()
-        with self._lock:
-            self._cancel.clear()
-            self.last_stats = GenerationStats()
-            for step in generate(self.session, ids, max_new_tokens, Sampler(sampling or SamplingConfig()),
-                                 self._control, self.codec.stop_ids, decoder.push, self.last_stats, self._cancel,
-                                 self.prefix):
-                if step.text:
-                    yield step.text
+        fitted = (chat_prompt(self.codec, [{"role": "user", "content": prompt}], max_new_tokens, self.info.context)
+                  if use_chat else raw_prompt(self.codec, prompt, max_new_tokens, self.info.context))
+        return self._start(fitted, max_new_tokens, sampling, timeout)
 
-    @property
-    def budget_changes(self):
-        return self._control.changes
+    def chat(self, system: str | None = None) -> Conversation:
+        if self.codec.chat_template is None:
+            raise ValueError("[mobiq] this model has no chat template; use generate(..., chat=False)")
+        return Conversation(self, system)
+
+    def _start(self, prompt: Prompt, max_new: int, sampling: SamplingConfig | None, timeout: float | None,
+               on_finish: Callable[[Generation], None] | None = None) -> Generation:
+        gen = Generation(self, prompt, max_new, sampling or SamplingConfig(), timeout, on_finish)
+        with self._live_lock:
+            self._live.add(gen)
+        return gen

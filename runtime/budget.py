@@ -1,7 +1,7 @@
 """The budget policy: device signals → ``target_bits`` for ``--budget auto`` (docs/design.md, "The budget policy").
 
-Levels, lowest first; bits come from the model's named budgets (defaults shown) and
-``min`` is the floor of the format, slice 1 alone::
+Levels, lowest first; bits come from the model's named budgets (defaults shown); ``min`` is the
+format's own floor, slice 1 alone, which the default policy never reads (below)::
 
     min 2 | low 3 | mid 4 | high 6 | max 8
 
@@ -14,16 +14,20 @@ Levels, lowest first; bits come from the model's named budgets (defaults shown) 
     battery < 20 % (battery_low_pct)                  low
     power unknown (no sysfs, no psutil)               default_level = mid
     CPU ≥ 70 °C (hot_c)                               one below the power level, not below low
-    CPU ≥ 78 °C (critical_c; Pi soft limit 80 °C)     low                   yes
-    CPU ≥ 83 °C (emergency_c; Pi hard limit 85 °C)    min                   yes
+    CPU ≥ 78 °C (critical_c; Pi soft limit 80 °C)     low, and pacing       yes
+    CPU ≥ 83 °C (emergency_c; Pi hard limit 85 °C)    low, pacing at most   yes
     Pi under-voltage, capped, throttled or soft
     temperature limit *now*                           throttled_level = low yes
 
 No flapping: a level goes up only if it would still be chosen with every threshold moved
 against it by the hysteresis (3 °C cooler, 5 % more charge); any change waits ``dwell_s``
 = 10 s after the previous one, except a step down that a "skips dwell" signal demands.
-``target_bits`` is the level's bits clamped to ``[floor_bits, ceiling_bits]`` (default
-[2, 8]). CPU load is shown but not used: while generating, the runtime itself keeps the
+``target_bits`` is the level's bits clamped to ``[floor_bits, ceiling_bits]``. The quality
+floor ``floor_bits`` defaults to the model's ``low`` budget — fewer bits make gibberish (SmolLM2 at
+2 bits: PPL > 10,000) — so a device too hot for ``low`` cools by **pacing** instead: from
+``critical_c`` on, every token is followed by a pause of ``pace_s_per_c`` × (°C − critical_c + 1)
+seconds, ``pace_max_s`` from ``emergency_c`` on (defaults: 78 °C 0.05 s, 82 °C 0.25 s, ≥ 83 °C
+1 s); ``Decision.pause_s`` carries it to the generation loop. CPU load is shown but not used: while generating, the runtime itself keeps the
 cores busy, so load would feed back on the budget it sets.
 
 Config file (:func:`load_config`, TOML, every key optional, unknown keys refused)::
@@ -40,8 +44,10 @@ Config file (:func:`load_config`, TOML, every key optional, unknown keys refused
     hysteresis_c = 3.0
     hysteresis_pct = 5.0
     dwell_s = 10.0
-    floor_bits = 2.0
+    floor_bits = 3.0               # default: the model's low
     ceiling_bits = 8.0
+    pace_s_per_c = 0.05
+    pace_max_s = 1.0
     [named]                        # all four, non-decreasing, within [2, 8]
     low = 3.0
     mid = 4.0
@@ -96,17 +102,21 @@ class PolicyConfig:
     hysteresis_c: float = 3.0
     hysteresis_pct: float = 5.0
     dwell_s: float = 10.0
-    floor_bits: float = MIN_BITS
+    floor_bits: float | None = None  # None: the named low budget, the model's quality floor
     ceiling_bits: float = MAX_BITS
+    pace_s_per_c: float = 0.05
+    pace_max_s: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("_level") and value not in LEVELS:
                 raise BudgetError(f"[PolicyConfig] expected {f.name} one of {'|'.join(LEVELS)}; got {value!r}")
-            if f.type == "float":  # annotations are strings here (from __future__)
+            if f.type == "float" or (f.type == "float | None" and value is not None):  # annotations are strings
                 object.__setattr__(self, f.name, _number(f.name, value))
         object.__setattr__(self, "named", MappingProxyType(_check_named(self.named)))
+        if self.floor_bits is None:
+            object.__setattr__(self, "floor_bits", self.named["low"])
         checks = [
             (0 <= self.battery_low_pct < self.battery_high_pct <= 100, "0 <= battery_low_pct < battery_high_pct <= 100",
              (self.battery_low_pct, self.battery_high_pct)),
@@ -114,6 +124,8 @@ class PolicyConfig:
              (self.hot_c, self.critical_c, self.emergency_c)),
             (min(self.hysteresis_c, self.hysteresis_pct, self.dwell_s) >= 0, "hysteresis_c, hysteresis_pct, dwell_s >= 0",
              (self.hysteresis_c, self.hysteresis_pct, self.dwell_s)),
+            (0 <= self.pace_s_per_c and 0 <= self.pace_max_s <= 60, "pace_s_per_c >= 0, 0 <= pace_max_s <= 60",
+             (self.pace_s_per_c, self.pace_max_s)),
             (MIN_BITS <= self.floor_bits <= self.ceiling_bits <= MAX_BITS,
              f"{MIN_BITS:g} <= floor_bits <= ceiling_bits <= {MAX_BITS:g}", (self.floor_bits, self.ceiling_bits)),
         ]
@@ -123,6 +135,14 @@ class PolicyConfig:
 
     def bits(self, level: str) -> float:
         return MIN_BITS if level == "min" else self.named[level]
+
+    def pause(self, celsius: float | None) -> float:
+        """Seconds to pause after each token at ``celsius`` (0 below critical_c)."""
+        if celsius is None or celsius < self.critical_c:
+            return 0.0
+        if celsius >= self.emergency_c:
+            return self.pace_max_s
+        return min(self.pace_max_s, self.pace_s_per_c * (celsius - self.critical_c + 1))
 
 
 def _check_named(named: object) -> dict[str, float]:
@@ -169,6 +189,7 @@ class Decision:
     level: str  # one of LEVELS
     reason: str  # human readable, e.g. "on battery 12% → low"
     since: float  # the `now` at which this level was entered
+    pause_s: float = 0.0  # pacing: seconds to wait after each token (a hot device at its quality floor)
 
 
 @dataclass(frozen=True)
@@ -199,7 +220,7 @@ def _evaluate(s: Snapshot, c: PolicyConfig, slack_c: float = 0.0, slack_pct: flo
     limits: list[tuple[int, str, bool]] = []  # (level, why, skips dwell)
     t = s.cpu_celsius
     if t is not None:
-        for threshold, limit, urgent in ((c.emergency_c, MIN, True), (c.critical_c, LOW, True),
+        for threshold, limit, urgent in ((c.emergency_c, LOW, True), (c.critical_c, LOW, True),
                                          (c.hot_c, max(LOW, level - 1), False)):
             if t >= threshold - slack_c:
                 limits.append((limit, f"CPU {t:.0f} °C ≥ {threshold - slack_c:g} °C", urgent))
@@ -214,19 +235,23 @@ def _evaluate(s: Snapshot, c: PolicyConfig, slack_c: float = 0.0, slack_pct: flo
     return _Verdict(level, f"{why}{hyst} → {LEVELS[level]}", urgent)
 
 
-def _decision(c: PolicyConfig, level: int, reason: str, since: float) -> Decision:
+def _decision(c: PolicyConfig, level: int, reason: str, since: float, celsius: float | None) -> Decision:
     bits = c.bits(LEVELS[level])
     target = min(max(bits, c.floor_bits), c.ceiling_bits)
     if target != bits:
         reason += f"; {bits:g} bits clamped to [{c.floor_bits:g}, {c.ceiling_bits:g}]"
-    return Decision(target, LEVELS[level], reason, since)
+    pause = c.pause(celsius)
+    if pause:
+        reason += f"; pacing {pause:.2f} s per token"
+    return Decision(target, LEVELS[level], reason, since, pause)
 
 
 def decide(snapshot: Snapshot, config: PolicyConfig, previous: Decision | None, now: float) -> Decision:
     """The budget for ``snapshot`` at time ``now`` (seconds, any monotonic origin). Pure."""
     raw = _evaluate(snapshot, config)
+    t = snapshot.cpu_celsius
     if previous is None:
-        return _decision(config, raw.level, raw.reason, now)
+        return _decision(config, raw.level, raw.reason, now, t)
     if previous.level not in LEVELS:
         raise BudgetError(f"[decide] expected previous.level one of {'|'.join(LEVELS)}; got {previous.level!r}")
     held = LEVELS.index(previous.level)
@@ -234,23 +259,24 @@ def decide(snapshot: Snapshot, config: PolicyConfig, previous: Decision | None, 
         careful = _evaluate(snapshot, config, config.hysteresis_c, config.hysteresis_pct)
         if careful.level <= held:
             return _decision(config, held, f"{raw.reason}, held at {previous.level} by hysteresis "
-                             f"({config.hysteresis_c:g} °C, {config.hysteresis_pct:g}%)", previous.since)
+                             f"({config.hysteresis_c:g} °C, {config.hysteresis_pct:g}%)", previous.since, t)
         raw = careful
     if raw.level == held:
-        return _decision(config, held, raw.reason, previous.since)
+        return _decision(config, held, raw.reason, previous.since, t)
     waited = now - previous.since
     urgent = raw.urgent is not None and raw.urgent < held
     if waited < config.dwell_s and not urgent:
         return _decision(config, held, f"{raw.reason}, held at {previous.level} for {config.dwell_s - waited:.0f} s "
-                         f"more (dwell {config.dwell_s:g} s)", previous.since)
-    return _decision(config, raw.level, raw.reason, now)
+                         f"more (dwell {config.dwell_s:g} s)", previous.since, t)
+    return _decision(config, raw.level, raw.reason, now, t)
 
 
 class AutoBudget:
     """``--budget auto`` at run time: the generation loop calls :meth:`update` every
     :data:`DEFAULT_REEVALUATE_EVERY` tokens and feeds ``target_bits`` to the session.
-    ``listeners`` are called as ``listener(old, new)`` when the level changes (not on the
-    first decision). Exceptions from the source or a listener propagate."""
+    ``listeners`` are called as ``listener(old, new)`` when the level or the pacing changes (not
+    on the first decision). Exceptions from the source or a listener propagate. The runtime calls
+    :meth:`update` off the token path (runtime/control.py), never holding a lock of its own."""
 
     def __init__(self, source: SignalSource | None = None, config: PolicyConfig | None = None) -> None:
         self.source: SignalSource = source or SysfsSource()
@@ -263,7 +289,7 @@ class AutoBudget:
         snapshot = self.source()
         new = decide(snapshot, self.config, self.decision, time.monotonic() if now is None else now)
         old, self.snapshot, self.decision = self.decision, snapshot, new
-        if old is not None and new.level != old.level:
+        if old is not None and (new.level, new.pause_s) != (old.level, old.pause_s):
             for listener in list(self.listeners):
                 listener(old, new)
         return new
@@ -313,5 +339,6 @@ def describe(snapshot: Snapshot, decision: Decision) -> str:
              f"  load         {load}"]
     if s.notes:
         lines += ["unknown or unreadable:"] + [f"  - {n}" for n in s.notes]
-    lines += [f"budget: {decision.level} = {decision.target_bits:g} bits", f"  because {decision.reason}"]
+    pacing = f", pausing {decision.pause_s:.2f} s after each token" if decision.pause_s else ""
+    lines += [f"budget: {decision.level} = {decision.target_bits:g} bits{pacing}", f"  because {decision.reason}"]
     return "\n".join(lines)

@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 from .budget import DEFAULT_REEVALUATE_EVERY, AutoBudget, BudgetError, PolicyConfig, describe, load_config, parse_budget
-from .generate import BudgetControl, ContextError, GenerationStats, fit_context, generate
+from .generate import GenerationStats
 from .modelfile import ModelFileError, locate
 from .ops import OpLibraryError
-from .sampling import Sampler, SamplingConfig, SamplingError
-from .signals import SysfsSource, read_snapshot
+from .sampling import SamplingConfig, SamplingError
+from .session import ContextError
+from .text import TextFileError
+from .signals import SysfsSource
 
 EPILOG = """\
 budgets: low=3, mid=4, high=6, max=8 average bits (the model file may define its own), any number
@@ -102,16 +104,17 @@ def main(argv: list[str] | None = None) -> int:
             decision = auto.update()
             print(describe(auto.snapshot, decision))
             return 0
-        return _run(args, parser)
+        return _run(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except (ModelFileError, OpLibraryError, BudgetError, SamplingError, ContextError, ValueError, OSError) as e:
+    except (ModelFileError, OpLibraryError, BudgetError, SamplingError, ContextError, TextFileError, ValueError,
+            OSError) as e:
         print(str(e).splitlines()[0] if str(e) else type(e).__name__, file=sys.stderr)
         return 2
 
 
-def _run(args, parser) -> int:
+def _run(args) -> int:
     from .api import Model
 
     started = time.perf_counter()
@@ -119,59 +122,60 @@ def _run(args, parser) -> int:
     model = Model.load(args.model, args.threads)
     budget = parse_budget(args.budget, model.info.named_budgets)
     if budget == "auto":
-        control = BudgetControl(None, AutoBudget(SysfsSource(args.signals_root), _policy(args, model.info.named_budgets)),
-                                args.reevaluate_every)
+        first = model.set_budget("auto", policy=_policy(args, model.info.named_budgets),
+                                 signals_root=args.signals_root, every=args.reevaluate_every)
         if args.verbose or args.stats:
-            first = control.auto.update()
-            print(f"[budget] auto: {first.target_bits:g} bits ({first.reason})", file=sys.stderr)
+            _say(f"[budget] auto: {_describe(first)}")
     else:
-        control = BudgetControl(budget)
+        model.set_budget(budget)
     if not model.session.elastic:
-        print(f"[mobiq-run] note: {model.info.meta.get('kind')} model has a fixed precision; --budget is ignored",
-              file=sys.stderr)
+        _say(f"[mobiq-run] note: {model.info.meta.get('kind')} model has a fixed precision; --budget is ignored")
     chat = model.codec.chat_template is not None if args.chat is None else args.chat
     prompt = _read_prompt(args)
     if prompt is None:
-        return _interactive(model, control, sampling, args, chat)
-    if not prompt.strip():
-        raise ValueError("[mobiq-run] prompt expected non-empty text; got an empty prompt")
-    messages = [{"role": "user", "content": prompt}]
-    stats = _answer(model, control, sampling, args, chat, messages, started)
-    if args.stats:
-        _print_stats(stats, started, control)
+        return _interactive(model, sampling, args, chat)
+    gen = model.generate(prompt, max_new_tokens=args.max_new, chat=chat, sampling=sampling)
+    _stream(model, gen, args, started)
     return 0
 
 
-def _answer(model, control, sampling, args, chat, messages, started=None) -> GenerationStats:
-    text = model.codec.render_chat(messages) if chat else messages[-1]["content"]
-    ids = model.codec.encode(text, bos=not chat)
-    fitted = fit_context(ids, args.max_new, model.info.context)
-    if len(fitted) < len(ids):
-        print(f"[mobiq-run] prompt truncated to its last {len(fitted)} tokens (context {model.info.context})",
-              file=sys.stderr)
-    stats = GenerationStats()
-    decoder = model.codec.decoder()
-    seen_changes = len(control.changes)
-    pieces = []
-    for step in generate(model.session, fitted, args.max_new, Sampler(sampling), control, model.codec.stop_ids,
-                         decoder.push, stats, prefix=model.prefix):
-        if started is not None and len(stats.steps) == 1:
-            stats.first_token_seconds = time.perf_counter() - started
-        if args.verbose and len(control.changes) > seen_changes:
-            for index, decision in control.changes[seen_changes:]:
-                print(f"\n[budget] token {index}: {decision.target_bits:g} bits ({decision.reason})", file=sys.stderr)
-            seen_changes = len(control.changes)
-        pieces.append(step.text)
-        sys.stdout.write(step.text)
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _describe(decision) -> str:
+    pacing = f", pausing {decision.pause_s:.2f} s per token" if decision.pause_s else ""
+    return f"{decision.target_bits:g} bits{pacing} ({decision.reason})"
+
+
+def _stream(model, gen, args, started: float | None = None) -> None:
+    """Print ``gen``'s pieces as they come, budget changes with -v, the stats with --stats."""
+    if gen.prompt.dropped_turns:
+        _say(f"[mobiq-run] the {gen.prompt.dropped_turns} oldest turn(s) left out to fit the context "
+             f"({model.info.context} tokens)")
+    if gen.prompt.cut_tokens:
+        _say(f"[mobiq-run] the first {gen.prompt.cut_tokens} tokens of the prompt left out to fit the context "
+             f"({model.info.context} tokens)")
+    seen = len(model.budget_changes)
+    first_token = None
+    for piece in gen:
+        if first_token is None and started is not None:
+            first_token = time.perf_counter() - started
+        if args.verbose and len(model.budget_changes) > seen:
+            for index, decision in model.budget_changes[seen:]:
+                _say(f"\n[budget] token {index}: {_describe(decision)}")
+            seen = len(model.budget_changes)
+        sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    messages.append({"role": "assistant", "content": "".join(pieces)})
-    return stats
+    sys.stdout.flush()
+    if args.stats:
+        _print_stats(gen.stats, first_token, model.budget_changes)
 
 
-def _interactive(model, control, sampling, args, chat) -> int:
-    print(f"mobiq-run: {model.info.meta.get('source_model')} — empty line or Ctrl-D to quit", file=sys.stderr)
-    messages: list[dict[str, str]] = []
+def _interactive(model, sampling, args, chat) -> int:
+    _say(f"mobiq-run: {model.info.meta.get('source_model')} — empty line or Ctrl-D to quit, Ctrl-C stops a reply")
+    conversation = model.chat() if chat else None
     while True:
         try:
             line = input("> ")
@@ -179,24 +183,27 @@ def _interactive(model, control, sampling, args, chat) -> int:
             return 0
         if not line.strip():
             return 0
-        messages.append({"role": "user", "content": line})
-        stats = _answer(model, control, sampling, args, chat, messages if chat else messages[-1:])
-        if args.stats:
-            _print_stats(stats, None, control)
+        gen = (conversation.send(line, args.max_new, sampling) if conversation is not None else
+               model.generate(line, max_new_tokens=args.max_new, chat=False, sampling=sampling))
+        try:
+            _stream(model, gen, args)
+        except KeyboardInterrupt:
+            gen.close()  # the reply so far stays in the conversation
+            _say("\n[mobiq-run] stopped")
 
 
-def _print_stats(stats: GenerationStats, started: float | None, control: BudgetControl) -> None:
+def _print_stats(stats: GenerationStats, first_token_seconds: float | None, changes) -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     reused = f" ({stats.reused_tokens} kept from the previous turn)" if stats.reused_tokens else ""
     lines = [f"prompt {stats.prompt_tokens} tokens{reused}, prefill {stats.prefill_tokens_per_s:.1f} tok/s",
-             f"generated {len(stats.steps)} tokens, decode {stats.decode_tokens_per_s:.1f} tok/s",
+             f"generated {len(stats.steps)} tokens ({stats.stop_reason}), decode {stats.decode_tokens_per_s:.1f} tok/s",
              f"average bits read {stats.avg_bits:.2f}", f"peak memory {peak_mb:.0f} MB"]
-    first = getattr(stats, "first_token_seconds", None)
-    if first is not None:
-        lines.append(f"time to first token {first:.2f} s (from start)")
-    if control.changes:
-        lines.append("budget changes: " + "; ".join(f"token {i}: {d.target_bits:g} ({d.reason})"
-                                                    for i, d in control.changes))
+    if stats.paused_seconds:
+        lines.append(f"paused {stats.paused_seconds:.2f} s to let the device cool (pacing)")
+    if first_token_seconds is not None:
+        lines.append(f"time to first token {first_token_seconds:.2f} s (from start)")
+    if changes:
+        lines.append("budget changes: " + "; ".join(f"token {i}: {_describe(d)}" for i, d in changes))
     print("[stats] " + "\n[stats] ".join(lines), file=sys.stderr)
 
 

@@ -1,9 +1,11 @@
 """The generation loop: prefill, then one token at a time with the KV cache.
 
-The budget is read from a :class:`BudgetControl` before every step, so another
-thread (a UI) or the device policy (``auto``, re-evaluated every N tokens) can
-change precision mid-generation; the next step simply feeds another
-``target_bits``. Each step reports what it cost and the bits it read.
+The budget is read from a :class:`~.control.BudgetControl` before every step, so
+another thread (a UI) or the device policy (``auto``) can change precision
+mid-generation; the next step simply feeds another ``target_bits``. A hot device
+at its quality floor is paced: the loop waits the budget's pause after a token
+(``cancel`` ends the wait). Each step reports what it cost and the bits it read.
+This is the only decoding loop of the runtime: ``Model`` and ``mobiq-run`` use it.
 
 A :class:`PrefixCache` carries the KV cache from one generation to the next:
 the new prompt's tokens shared with what the cache holds (a chat's earlier
@@ -19,33 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .budget import DEFAULT_REEVALUATE_EVERY, AutoBudget, Decision
+from .control import BudgetControl
 from .sampling import Sampler
 from .session import ContextError, KVCache, ModelSession
-
-
-class BudgetControl:
-    """Current target bits: fixed, or driven by an AutoBudget. Thread-safe to read and set."""
-
-    def __init__(self, bits: float | None = None, auto: AutoBudget | None = None,
-                 every: int = DEFAULT_REEVALUATE_EVERY):
-        self._lock = threading.Lock()
-        self._bits, self.auto, self.every = bits, auto, every
-        self.changes: list[tuple[int, Decision]] = []  # (token index, decision) for auto changes
-
-    def set(self, bits: float) -> None:
-        with self._lock:
-            self._bits, self.auto = float(bits), None
-
-    def bits_for(self, step: int) -> float:
-        with self._lock:
-            if self.auto is not None and (self._bits is None or step % self.every == 0):
-                before = self.auto.decision
-                decision = self.auto.update()
-                if before is None or decision.target_bits != before.target_bits:
-                    self.changes.append((step, decision))
-                self._bits = decision.target_bits
-            return 8.0 if self._bits is None else self._bits
 
 
 @dataclass
@@ -62,7 +40,9 @@ class GenerationStats:
     prompt_tokens: int = 0
     reused_tokens: int = 0  # prompt tokens whose keys and values came from the PrefixCache
     prefill_seconds: float = 0.0
+    paused_seconds: float = 0.0  # pacing waits (not part of any step's seconds)
     steps: list[Step] = field(default_factory=list)
+    stop_reason: str = ""  # stop token | max tokens | cancelled (set when the loop ends)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -78,14 +58,6 @@ class GenerationStats:
     def avg_bits(self) -> float:
         bits = [s.avg_bits for s in self.steps if not np.isnan(s.avg_bits)]
         return float(np.mean(bits)) if bits else float("nan")
-
-
-def fit_context(prompt: list[int], max_new: int, context: int) -> list[int]:
-    """The prompt, left-truncated so that prompt + max_new fits; ContextError if max_new alone does not."""
-    if max_new >= context:
-        raise ContextError(f"[mobiq] max new tokens expected < context {context}; got {max_new}")
-    room = context - max_new
-    return prompt if len(prompt) <= room else prompt[-room:]
 
 
 class PrefixCache:
@@ -119,7 +91,7 @@ def generate(session: ModelSession, prompt: list[int], max_new: int, sampler: Sa
     stats = stats if stats is not None else GenerationStats()
     stats.prompt_tokens = len(prompt)
     history = list(prompt)
-    bits = budget.bits_for(0)
+    bits = budget.read(0).bits
     t = time.perf_counter()
     room = len(prompt) + max_new
     cache = prefix.start(session, prompt, room) if prefix else session.empty_cache(room)
@@ -129,17 +101,28 @@ def generate(session: ModelSession, prompt: list[int], max_new: int, sampler: Sa
     if prefix:
         prefix.keep(history, cache)
     last_seconds = stats.prefill_seconds
+    cancel = cancel or threading.Event()
     for i in range(max_new):
         token = sampler(logits[0, -1], history)
         if token in stop_ids:
+            stats.stop_reason = "stop token"
             return
         step = Step(token, decode(token), bits, session.last_avg_bits, last_seconds)
         stats.steps.append(step)
+        stats.stop_reason = "max tokens"  # until a later step says otherwise
         yield step
         history.append(token)
-        if i + 1 == max_new or (cancel is not None and cancel.is_set()):
+        if i + 1 == max_new:
             return
-        bits = budget.bits_for(i + 1)
+        now = budget.read(i + 1)
+        if now.pause_s:
+            t = time.perf_counter()
+            cancel.wait(now.pause_s)
+            stats.paused_seconds += time.perf_counter() - t
+        if cancel.is_set():
+            stats.stop_reason = "cancelled"
+            return
+        bits = now.bits
         t = time.perf_counter()
         logits, cache = session.forward(np.array([[token]], np.int64), cache, bits)
         last_seconds = time.perf_counter() - t

@@ -2,8 +2,9 @@
 
 Expected levels come from the thresholds documented in runtime/budget.py (PolicyConfig
 defaults): AC/no battery → max, battery >50 % high, 20..50 % mid, <20 % low, unknown → mid;
-CPU ≥70 °C one level down, ≥78 °C low, ≥83 °C min; Pi flags now → low; hysteresis 3 °C / 5 %,
-dwell 10 s except urgent step-downs. Bits: min 2, low 3, mid 4, high 6, max 8.
+CPU ≥70 °C one level down, ≥78 °C low and pacing (0.05 s per °C from 77 °C), ≥83 °C low and 1 s
+pauses; Pi flags now → low; hysteresis 3 °C / 5 %, dwell 10 s except urgent step-downs. Bits: min 2,
+low 3, mid 4, high 6, max 8; the floor is low (never 2 bits unless floor_bits says so).
 """
 
 from __future__ import annotations
@@ -133,16 +134,31 @@ def test_battery_without_status_or_adapter_uses_charge_bands(tmp_path):
 
 # --- Raspberry Pi: temperature and throttling ---------------------------------------------
 
-@pytest.mark.parametrize("celsius,level,bits", [
-    (60.0, "max", 8.0), (69.9, "max", 8.0), (70.0, "high", 6.0), (72.0, "high", 6.0),
-    (78.0, "low", 3.0), (82.9, "low", 3.0), (83.0, "min", 2.0), (84.0, "min", 2.0),
+@pytest.mark.parametrize("celsius,level,bits,pause", [
+    (60.0, "max", 8.0, 0.0), (69.9, "max", 8.0, 0.0), (70.0, "high", 6.0, 0.0), (72.0, "high", 6.0, 0.0),
+    (77.9, "high", 6.0, 0.0), (78.0, "low", 3.0, 0.05), (80.0, "low", 3.0, 0.15), (82.9, "low", 3.0, 0.295),
+    (83.0, "low", 3.0, 1.0), (84.0, "low", 3.0, 1.0), (95.0, "low", 3.0, 1.0),
 ])
-def test_pi5_temperature(tmp_path, celsius, level, bits):
+def test_pi5_temperature(tmp_path, celsius, level, bits, pause):
+    """Hot devices never drop below the quality floor (low); past critical_c they pause between tokens."""
     snap = read_snapshot(pi5(tmp_path, celsius))
     assert snap.zones == (Zone("thermal_zone0", "cpu-thermal", celsius),)
     assert snap.cpu_celsius == celsius and snap.throttle == Throttle(0)
     d = level_of(snap)
     assert (d.level, d.target_bits) == (level, bits), d.reason
+    assert d.pause_s == pytest.approx(pause), d.reason
+    assert ("pacing" in d.reason) == (pause > 0), d.reason
+
+
+def test_pacing_is_configurable_and_follows_the_temperature_without_dwell():
+    config = replace(CFG, pace_s_per_c=0.1, pace_max_s=0.4)
+    assert [level_of(on_ac(t), config).pause_s for t in (77.0, 78.0, 79.0, 81.0, 82.0, 90.0)] == \
+        pytest.approx([0.0, 0.1, 0.2, 0.4, 0.4, 0.4])
+    first = decide(on_ac(80.0), CFG, None, 0.0)
+    hotter = decide(on_ac(82.0), CFG, first, 1.0)  # same level, within the dwell: the pause still follows
+    assert (hotter.level, hotter.since, hotter.pause_s) == ("low", 0.0, pytest.approx(0.25))
+    with pytest.raises(BudgetError, match="pace_max_s <= 60"):
+        PolicyConfig(pace_max_s=120.0)
 
 
 @pytest.mark.parametrize("text,raw,now,since_boot", [
@@ -166,7 +182,8 @@ def test_pi_flags_name_themselves_in_the_reason(tmp_path):
 
 
 def test_pi_hot_and_throttled_takes_the_lower(tmp_path):
-    assert level_of(read_snapshot(pi5(tmp_path, 84.0, "50005"))).level == "min"
+    d = level_of(read_snapshot(pi5(tmp_path, 84.0, "50005")))
+    assert (d.level, d.pause_s) == ("low", 1.0)
 
 
 # --- missing, unreadable and garbage inputs -----------------------------------------------
@@ -336,8 +353,8 @@ def test_oscillation_without_hysteresis_is_limited_by_the_dwell():
 def test_heat_up_steps_down_immediately_for_emergencies():
     trace = [(float(t), on_ac(60.0 + t)) for t in range(31)]  # +1 °C per second, 60 → 90 °C
     # 70 °C at t=10 is not urgent but the dwell since t=0 has passed; 78 °C (t=18) and
-    # 83 °C (t=23) are urgent and come 8 s and 5 s after the previous change
-    assert run(trace) == [(0.0, "max"), (10.0, "high"), (18.0, "low"), (23.0, "min")]
+    # 83 °C (t=23) are urgent; the level stays at the floor (low) from 78 °C on, paced harder
+    assert run(trace) == [(0.0, "max"), (10.0, "high"), (18.0, "low")]
 
 
 def test_non_urgent_step_down_waits_for_the_dwell():
@@ -354,9 +371,9 @@ def test_throttle_now_is_immediate_even_right_after_a_change():
 
 def test_cool_down_needs_hysteresis_and_dwell():
     trace = [(float(t), on_ac(84.0 - t)) for t in range(31)]  # -1 °C per second
-    # min → anything waits 10 s (t=10, 74 °C: below 78-3 so not low; ≥ 70-3 so high, not max);
+    # low → anything waits 10 s (t=10, 74 °C: below 78-3 so not low; ≥ 70-3 so high, not max);
     # high → max needs < 67 °C (t=18) and 10 s after t=10 (t=20)
-    assert run(trace) == [(0.0, "min"), (10.0, "high"), (20.0, "max")]
+    assert run(trace) == [(0.0, "low"), (10.0, "high"), (20.0, "max")]
 
 
 def test_battery_hysteresis():
@@ -390,9 +407,13 @@ def test_unknown_previous_level_is_refused():
 def test_ceiling_and_floor_clamp_the_bits_not_the_level():
     capped = level_of(on_ac(40.0), PolicyConfig(ceiling_bits=5.0))
     assert (capped.level, capped.target_bits) == ("max", 5.0)
-    assert "8 bits clamped to [2, 5]" in capped.reason
+    assert "8 bits clamped to [3, 5]" in capped.reason  # the floor defaults to the named low
     raised = level_of(on_ac(84.0), PolicyConfig(floor_bits=3.5))
-    assert (raised.level, raised.target_bits) == ("min", 3.5)
+    assert (raised.level, raised.target_bits) == ("low", 3.5)
+    two = level_of(on_ac(60.0, throttle=0x1), PolicyConfig(throttled_level="min", floor_bits=2.0))
+    assert (two.level, two.target_bits) == ("min", 2.0)  # 2 bits only when the floor is lowered explicitly
+    floored = level_of(on_ac(60.0, throttle=0x1), PolicyConfig(throttled_level="min"))
+    assert (floored.level, floored.target_bits) == ("min", 3.0)
     low = level_of(Snapshot(on_ac=False, battery_percent=12.0), PolicyConfig(floor_bits=4.0, ceiling_bits=4.0))
     assert (low.level, low.target_bits) == ("low", 4.0)
 
@@ -400,7 +421,7 @@ def test_ceiling_and_floor_clamp_the_bits_not_the_level():
 def test_model_named_budgets_set_the_bits():
     named = {"low": 2.5, "mid": 3.5, "high": 5.0, "max": 7.0}
     assert level_of(Snapshot(on_ac=False, battery_percent=80.0), PolicyConfig(named=named)).target_bits == 5.0
-    assert level_of(on_ac(90.0), PolicyConfig(named=named)).target_bits == 2.0  # min is the format's floor
+    assert level_of(on_ac(90.0), PolicyConfig(named=named)).target_bits == 2.5  # the model's low is the floor
 
 
 # --- --budget parsing -----------------------------------------------------------------------
@@ -511,7 +532,8 @@ def test_auto_budget_on_a_fake_tree_with_the_real_clock(tmp_path):
     first = auto.update()
     assert (first.level, first.target_bits) == ("max", 8.0)
     zone(tmp_path, 0, "cpu-thermal", "84000")
-    assert auto.update().level == "min"  # urgent: no dwell
+    hot = auto.update()
+    assert (hot.level, hot.target_bits, hot.pause_s) == ("low", 3.0, 1.0)  # urgent: no dwell
 
 
 def test_describe_reports_signals_unknowns_and_the_choice(tmp_path):
@@ -521,7 +543,8 @@ def test_describe_reports_signals_unknowns_and_the_choice(tmp_path):
     assert "CPU 84.0 °C  [thermal_zone0 (cpu-thermal) 84.0 °C]" in text
     assert "0x50005: now under-voltage, throttled; since boot under-voltage, throttled" in text
     assert "load         unknown" in text and "  - load: proc/loadavg unreadable" in text
-    assert text.endswith("budget: min = 2 bits\n  because no battery (mains); CPU 84 °C ≥ 83 °C → min")
+    assert text.endswith("budget: low = 3 bits, pausing 1.00 s after each token\n  because no battery (mains); "
+                         "CPU 84 °C ≥ 83 °C → low; pacing 1.00 s per token")
 
 
 def test_describe_empty_root(tmp_path):

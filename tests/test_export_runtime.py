@@ -20,32 +20,10 @@ from mobiquant.exporter import checkpoint as ckpt
 from mobiquant.exporter.onnx_export import export
 from mobiquant.exporter.qmodel import build_quantized, slice_model
 from mobiquant.exporter.source import load_float_model, resolve
-from mobiquant.exporter.thresholds import fit_thresholds
 from mobiquant.runtime.session import ContextError, ModelSession
 from tiny_llama import write_tiny_llama
 
 BUDGETS = (3.0, 4.0, 6.0, 8.0)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(exported model directory, the PyTorch quantized model it was exported from)."""
-    root = tmp_path_factory.mktemp("tiny")
-    source = resolve(str(write_tiny_llama(root / "hf")))
-    model = load_float_model(source)
-    q = build_quantized(model, slice_model(model, 64))
-    rng = np.random.default_rng(0)
-    fit_thresholds(q, [torch.from_numpy(rng.integers(3, 99, (2, 64)))])
-    config = ckpt.CheckpointConfig(source.name, source.identity, source.architecture, 4, 64, 4, "minmax", "random")
-    ckpt.save(q, config, root / "checkpoint")
-    export(root / "checkpoint", root / "model", context=128)  # verifies against PyTorch or raises
-    export(root / "checkpoint", root / "model-exact", context=128, accuracy_level=0)
-    return root / "model", q
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tiny) -> Path:
-    return tiny[0]
 
 
 def recompute(session: ModelSession, ids: list[int], bits: float) -> np.ndarray:
@@ -91,7 +69,8 @@ def test_cache_written_in_place_branches_and_grows(tiny):
 def test_prefix_cache_reuses_a_previous_turn(tiny):
     """A second turn that repeats the first turn's prompt and answer computes only its new tokens,
     and generates what a full recomputation generates (exact file, greedy)."""
-    from mobiquant.runtime.generate import BudgetControl, GenerationStats, PrefixCache, generate
+    from mobiquant.runtime.control import BudgetControl
+    from mobiquant.runtime.generate import GenerationStats, PrefixCache, generate
     from mobiquant.runtime.sampling import Sampler, SamplingConfig
 
     s = ModelSession(tiny[0].parent / "model-exact", threads=1)
@@ -248,45 +227,6 @@ def test_runtime_runs_without_torch(tiny_model_dir):
             "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
-
-
-def test_api_budget_change_during_generation(tiny_model_dir):
-    from mobiquant.runtime import Model
-    from mobiquant.runtime.sampling import SamplingConfig
-
-    m = Model.load(tiny_model_dir, threads=1)
-    pieces = 0
-    for _ in m.generate("hello", budget="max", max_new_tokens=12, chat=False,
-                        sampling=SamplingConfig(repetition_penalty=1.0)):
-        pieces += 1
-        if pieces == 4:
-            m.set_budget(3.0)
-    bits = [s.target_bits for s in m.last_stats.steps]
-    assert bits[0] == 8.0 and bits[-1] == 3.0, bits
-
-
-def test_heat_up_mid_generation_lowers_bits_of_later_tokens(tiny_model_dir):
-    """--budget auto: the policy is re-read every 4 tokens; the device heats past 78 °C at the third read."""
-    from mobiquant.runtime.budget import AutoBudget
-    from mobiquant.runtime.generate import BudgetControl, generate
-    from mobiquant.runtime.sampling import Sampler, SamplingConfig
-    from mobiquant.runtime.signals import Snapshot
-
-    reads = []
-
-    def device() -> Snapshot:
-        reads.append(None)
-        return Snapshot(battery_present=False, on_ac=True, cpu_celsius=55.0 if len(reads) < 3 else 84.0)
-
-    s = ModelSession(tiny_model_dir, threads=1)
-    control = BudgetControl(None, AutoBudget(device), every=4)
-    steps = list(generate(s, [1, 40, 41, 42], 16, Sampler(SamplingConfig(repetition_penalty=1.0)), control,
-                          frozenset(), lambda t: "x"))
-    assert len(steps) == 16
-    early, late = [x.avg_bits for x in steps[:8]], [x.avg_bits for x in steps[9:]]
-    assert steps[0].target_bits == 8.0 and steps[-1].target_bits < 3.0, [x.target_bits for x in steps]
-    assert max(late) < min(early), f"bits read did not drop after the heat-up: {early} -> {late}"
-    assert control.changes and "84" in control.changes[-1][1].reason
 
 
 def test_signals_command_on_a_fake_pi_tree(tmp_path):
