@@ -25,7 +25,8 @@ from onnx import TensorProto
 
 from mobiquant.runtime import format as F
 from mobiquant.runtime import ops
-from mobiquant.runtime.modelfile import FORMAT_NAME, FORMAT_VERSION, NAMED_BUDGETS, MODEL_FILE, DATA_FILE, META_FILE
+from mobiquant.runtime.modelfile import (DATA_FILE, FORMAT_NAME, FORMAT_VERSION, META_FILE, MODEL_FILE, NAMED_BUDGETS,
+                                         record_files)
 
 from . import checkpoint as ckpt
 from .budgets import measure_named_budgets
@@ -140,6 +141,7 @@ def grid_bits(bits: float) -> float:
 def set_metadata(out_dir: Path, updates: dict) -> None:
     """Rewrite mobiq.json and the graph's metadata_props (the graph file is small: tensors are external)."""
     meta = {**json.loads((out_dir / META_FILE).read_text()), **updates}
+    meta.pop("files", None)  # recorded anew below, after model.onnx changes
     model = onnx.load(str(out_dir / MODEL_FILE), load_external_data=False)
     del model.metadata_props[:]
     for key, value in meta.items():
@@ -148,7 +150,7 @@ def set_metadata(out_dir: Path, updates: dict) -> None:
     tmp = out_dir / (MODEL_FILE + ".partial")
     tmp.write_bytes(model.SerializeToString())
     tmp.replace(out_dir / MODEL_FILE)
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+    _write_meta(out_dir, meta)
 
 
 def export_baseline(model_name: str, kind: str, out_dir: Path, context: int = DEFAULT_CONTEXT) -> Path:
@@ -172,8 +174,13 @@ def write_model_dir(graph: onnx.ModelProto, meta: dict, tokenizer_dir: Path, out
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, out_dir / name)
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+    _write_meta(out_dir, meta)
     return path
+
+
+def _write_meta(out_dir: Path, meta: dict) -> None:
+    """mobiq.json, with the sizes and checksums of the files beside it (always the last file written)."""
+    (out_dir / META_FILE).write_text(json.dumps({**meta, "files": record_files(out_dir)}, indent=1))
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .budget import DEFAULT_REEVALUATE_EVERY, AutoBudget, BudgetError, PolicyConfig, describe, load_config, parse_budget
 from .generate import GenerationStats
-from .modelfile import ModelFileError, locate
+from .modelfile import ModelFileError, locate, verify_checksums
 from .ops import OpLibraryError
 from .sampling import SamplingConfig, SamplingError
 from .session import ContextError
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's choice, all cores)")
     p.add_argument("--stats", action="store_true", help="print speed, bits read and peak memory at the end")
     p.add_argument("-v", "--verbose", action="store_true", help="log every budget change with its reason")
+    p.add_argument("--verify", action="store_true", help="check every file of the model against the sha256 "
+                   "recorded at export (reads all of it), print the result and exit: 0 intact, 1 mismatch")
     auto = p.add_argument_group("device-aware budget (--budget auto)")
     auto.add_argument("--signals", action="store_true", help="print the device signals and the budget auto "
                                                              "would choose, then exit")
@@ -98,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reevaluate_every < 1:
         parser.error(f"--reevaluate-every expected >= 1; got {args.reevaluate_every}")
     try:
+        if args.verify:
+            return _verify(args.model)
         if args.signals:
             policy = _policy(args, locate(args.model).named_budgets)
             auto = AutoBudget(SysfsSource(args.signals_root), policy)
@@ -137,6 +141,16 @@ def _run(args) -> int:
     gen = model.generate(prompt, max_new_tokens=args.max_new, chat=chat, sampling=sampling)
     _stream(model, gen, args, started)
     return 0
+
+
+def _verify(model: str) -> int:
+    info = locate(model)  # sizes are checked here
+    lines = verify_checksums(info)
+    print("\n".join(lines))
+    bad = sum(line.startswith("MISMATCH") for line in lines)
+    print(f"{info.directory}: {len(lines) - bad} of {len(lines)} files intact" + (", re-export or copy the model again"
+                                                                                 if bad else ""))
+    return 1 if bad else 0
 
 
 def _say(line: str) -> None:

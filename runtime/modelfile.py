@@ -2,22 +2,29 @@
 
     DIR/model.onnx        decoder graph with KV cache (see exporter/graph.py)
     DIR/model.onnx.data   its tensors, page-aligned
-    DIR/mobiq.json        format name and version, kind, budgets, context, tokens
-    DIR/tokenizer.json    (+ tokenizer_config.json, chat_template.jinja)
+    DIR/mobiq.json        format name and version, kind, budgets, context, tokens, and
+                          "files": {name: {"size": bytes, "sha256": hex}} of every other file
+    DIR/tokenizer.json    (+ tokenizer_config.json, chat_template.jinja, generation_config.json)
 
 Unknown format versions are refused by name; a directory without mobiq.json is
-not a MoBiQuant model.
+not a MoBiQuant model. Every load compares the recorded sizes with the files (a
+truncated or replaced file is one line naming it); :func:`verify_checksums`
+(``mobiq-run MODEL --verify``) reads every byte against the recorded sha256.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT_NAME = "mobiquant-onnx"
 FORMAT_VERSION = 3  # 3: routers fused into ResidualSliceMatMul (2: SliceRouter nodes; refused)
 MODEL_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "mobiq.json"
+RECORDED_FILES = (MODEL_FILE, DATA_FILE, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                  "generation_config.json", "special_tokens_map.json")
 RETIRED_VERSIONS = {1: "layout-1 slices", 2: "routers as separate SliceRouter nodes"}
 NAMED_BUDGETS = {"low": 3.0, "mid": 4.0, "high": 6.0, "max": 8.0}
 
@@ -78,4 +85,63 @@ def locate(path: str | Path) -> ModelInfo:
                              f"{meta.get('format_version')!r} (update mobiquant or re-export the model)")
     if p.is_dir() and not (directory / MODEL_FILE).is_file():
         raise ModelFileError(f"[mobiq] {directory / MODEL_FILE} expected; got no such file")
+    check_sizes(directory, meta)
     return ModelInfo(directory, meta, MODEL_FILE if p.is_dir() else p.name)
+
+
+def _sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return digest.hexdigest()
+
+
+def record_files(directory: Path) -> dict[str, dict]:
+    """The "files" entry of mobiq.json for what ``directory`` holds now (the exporter's last step)."""
+    return {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+            for name in RECORDED_FILES if (directory / name).is_file()}
+
+
+def _recorded(directory: Path, meta: dict) -> dict[str, dict]:
+    files = meta.get("files")
+    if files is None:
+        return {}
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            and "/" not in k and k not in ("", ".", "..") for k, v in files.items()):
+        raise ModelFileError(f"[mobiq] {directory / META_FILE}: \"files\" expected {{name: {{size, sha256}}}}; "
+                             f"got a malformed entry")
+    return files
+
+
+def check_sizes(directory: Path, meta: dict) -> None:
+    """ModelFileError naming the first recorded file that is missing or has another size."""
+    for name, entry in _recorded(directory, meta).items():
+        path = directory / name
+        if not path.is_file():
+            raise ModelFileError(f"[mobiq] {path} expected (recorded in {META_FILE}); got no such file")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise ModelFileError(f"[mobiq] {path}: expected {entry['size']:,} bytes as recorded in {META_FILE}; got "
+                                 f"{size:,} (truncated or replaced: copy it again or re-export)")
+
+
+def verify_checksums(info: ModelInfo, progress: Callable[[int], None] | None = None) -> list[str]:
+    """One line per recorded file: "ok NAME" or "MISMATCH NAME ..."; raises ModelFileError when nothing is recorded."""
+    files = _recorded(info.directory, info.meta)
+    if not files:
+        raise ModelFileError(f"[mobiq] {info.directory / META_FILE}: no checksums recorded (exported before they "
+                             f"were); re-export with `mobiq-export onnx` to record them")
+    lines = []
+    for name, entry in files.items():
+        got = _sha256(info.directory / name, progress)
+        lines.append(f"ok       {name}" if got == entry["sha256"] else
+                     f"MISMATCH {name}: sha256 {got[:16]}…, recorded {entry['sha256'][:16]}…")
+    return lines
+
+
+def total_recorded_bytes(info: ModelInfo) -> int:
+    return sum(e["size"] for e in _recorded(info.directory, info.meta).values())

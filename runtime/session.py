@@ -48,7 +48,7 @@ class ModelSession:
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: its errors reach the user as our one-line exceptions
         try:
             options.register_custom_ops_library(ops.library_path())
         except ops.OpLibraryError:
@@ -111,7 +111,11 @@ class ModelSession:
         if self.elastic:
             binding.bind_cpu_input("target_bits", np.array(8.0 if bits is None else bits, np.float32))
             binding.bind_output("avg_bits")
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:  # noqa: BLE001 — ORT raises its own generic errors (e.g. a corrupt tensor, a bad scale)
+            raise ModelFileError(f"[mobiq] {self.info.onnx_path}: ONNX Runtime failed running it "
+                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
         out = binding.get_outputs()
         if self.elastic:
             self.last_avg_bits = float(out[-1].numpy())

@@ -152,8 +152,9 @@ def test_cli_reads_piped_stdin(tiny_model_dir):
 
 
 @pytest.mark.parametrize("case", ["missing", "not-mobiquant", "not-onnx", "unknown-version", "retired-version",
-                                  "budget-name",
-                                  "bits-range", "empty-prompt", "bad-utf8"])
+                                  "budget-name", "bits-range", "empty-prompt", "bad-utf8", "no-tokenizer",
+                                  "garbage-tokenizer", "garbage-tokenizer-config", "bad-template", "template-raises",
+                                  "truncated-data", "missing-data", "malformed-files-record", "max-new-too-large"])
 def test_cli_bad_input_is_one_line_error(tiny_model_dir, tmp_path, case):
     import json
     import shutil
@@ -184,12 +185,63 @@ def test_cli_bad_input_is_one_line_error(tiny_model_dir, tmp_path, case):
         args = ["-p", "   "]
     elif case == "bad-utf8":
         args, stdin = ["-n", "2"], b"\xff\xfe hello"
+    elif case == "max-new-too-large":
+        args = ["-p", "hi", "-n", "100000"]
+    else:  # a damaged copy of the model directory
+        model = tmp_path / "copy"
+        shutil.copytree(tiny_model_dir, model)
+        damage = {"no-tokenizer": lambda: (model / "tokenizer.json").unlink(),
+                  "garbage-tokenizer": lambda: (model / "tokenizer.json").write_bytes(b"\x00garbage{"),
+                  "garbage-tokenizer-config": lambda: (model / "tokenizer_config.json").write_text("[1, 2"),
+                  "bad-template": lambda: (model / "chat_template.jinja").write_text("{% for %}"),
+                  "template-raises": lambda: (model / "chat_template.jinja").write_text(
+                      "{{ raise_exception('roles must alternate') }}"),
+                  "truncated-data": lambda: os.truncate(model / "model.onnx.data", 4096),
+                  "missing-data": lambda: (model / "model.onnx.data").unlink(),
+                  "malformed-files-record": lambda: (model / "mobiq.json").write_text(json.dumps(
+                      {**json.loads((model / "mobiq.json").read_text()), "files": {"../x": 1}}))}
+        damage[case]()
+        if case in ("no-tokenizer", "garbage-tokenizer", "garbage-tokenizer-config", "bad-template", "template-raises"):
+            from mobiquant.runtime.modelfile import record_files  # as if exported so: the text loaders must say it
+
+            meta = json.loads((model / "mobiq.json").read_text())
+            (model / "mobiq.json").write_text(json.dumps({**meta, "files": record_files(model)}))
     r = run_cli(model, *args, stdin=stdin)
     err = r.stderr.decode().strip()
     assert r.returncode != 0, f"{case}: exit 0"
     assert "Traceback" not in err and len(err.splitlines()) == 1, f"{case}: {err}"
     if case == "retired-version":
         assert "version 2 (routers as separate SliceRouter nodes)" in err and "re-export" in err, err
+    named = {"no-tokenizer": "tokenizer.json", "garbage-tokenizer": "tokenizer.json",
+             "garbage-tokenizer-config": "tokenizer_config.json", "bad-template": "chat template",
+             "template-raises": "roles must alternate", "truncated-data": "model.onnx.data: expected",
+             "missing-data": "model.onnx.data expected", "malformed-files-record": '"files" expected'}
+    assert named.get(case, "") in err, err
+
+
+def test_verify_finds_a_corrupted_block_that_loading_does_not(tiny_model_dir, tmp_path):
+    """256 KB overwritten in the middle of model.onnx.data (same size): the size check at load cannot see it;
+    --verify names the file and exits 1. An intact copy verifies with exit 0."""
+    import shutil
+
+    model = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, model)
+    r = run_cli(model, "--verify")
+    assert r.returncode == 0 and "files intact" in r.stdout.decode(), r.stdout.decode() + r.stderr.decode()
+    data = model / "model.onnx.data"
+    size = data.stat().st_size
+    n = min(1 << 18, size // 2)  # the tiny model's data is smaller than 512 KB
+    with data.open("r+b") as f:
+        f.seek(size // 2 - n // 2)
+        f.write(np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes())
+    assert data.stat().st_size == size
+    run = run_cli(model, "-p", "hi", "-n", "2", "--raw")  # sizes match: it loads, unless the op's scale checks
+    err = run.stderr.decode().strip()                       # catch the damage (one line then)
+    assert run.returncode == 0 or ("Traceback" not in err and len(err.splitlines()) == 1), err
+    r = run_cli(model, "--verify")
+    out = r.stdout.decode()
+    assert r.returncode == 1 and "MISMATCH model.onnx.data" in out and "ok       tokenizer.json" in out, out
+    assert "Traceback" not in r.stderr.decode()
 
 
 def test_a_named_onnx_file_is_the_one_that_runs(tiny, tmp_path):
