@@ -16,15 +16,16 @@ _TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorP
 
 
 def rsmm_session(feeds: dict[str, np.ndarray], attrs: dict[str, int], threads: int = 1,
-                 constants: tuple[str, ...] = (), counts_output: bool = False) -> ort.InferenceSession:
-    """A session running one ResidualSliceMatMul node over ``feeds`` (names from ops.INPUTS); the
-    ``constants`` among them become initializers (as in exported models), so run it with the others.
-    ``counts_output``: the node also returns the slice counts it used (output 1)."""
+                 constants: tuple[str, ...] = (), counts_output: bool = False,
+                 node_name: str = "") -> ort.InferenceSession:
+    """A session running one ResidualSliceMatMul node (named ``node_name``) over ``feeds`` (names from
+    ops.INPUTS); the ``constants`` among them become initializers (as in exported models), so run it with
+    the others. ``counts_output``: the node also returns the slice counts it used (output 1)."""
     names = [n if n in feeds else "" for n in ops.INPUTS]
     while names and not names[-1]:
         names.pop()
     outputs = ["Y", "counts"] if counts_output else ["Y"]
-    node = helper.make_node(ops.OP_TYPE, names, outputs, domain=ops.DOMAIN, **attrs)
+    node = helper.make_node(ops.OP_TYPE, names, outputs, name=node_name or None, domain=ops.DOMAIN, **attrs)
     inputs = [helper.make_tensor_value_info(n, _TYPES[feeds[n].dtype], None) for n in names if n and n not in constants]
     inits = [numpy_helper.from_array(feeds[n], n) for n in constants]
     outs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)]

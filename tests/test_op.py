@@ -1,5 +1,6 @@
 """The ResidualSliceMatMul op in ONNX Runtime against x @ W^(k)^T computed in numpy float64."""
 
+import functools
 import itertools
 
 import numpy as np
@@ -102,6 +103,58 @@ def test_tokens_at_k_never_read_later_slices(accuracy):
         feeds["slices"] = feeds["slices"].copy()
         feeds["slices"][k:] = 0xFF ^ feeds["slices"][k:]
         np.testing.assert_array_equal(run_rsmm(feeds, attrs), clean, err_msg=f"k={k}")
+
+
+# Every kernel the library has, per mode (those this CPU cannot run are skipped; NEON runs under qemu in
+# test_kernels_native.py), and the float64 reference.
+ALL_KERNELS = [(0, "reference")] + [(acc, name) for acc in (0, 4) for name in reversed(ops.KERNELS[acc])]
+
+
+@functools.cache
+def usable(accuracy: int) -> frozenset[str]:
+    return frozenset(ops.usable_kernels(accuracy)) | {"reference"}
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("accuracy,kernel", ALL_KERNELS, ids=[f"acc{a}-{k}" for a, k in ALL_KERNELS])
+@pytest.mark.parametrize("m,bad,counts", [(1, 0, "all-1"), (7, 3, "mixed"), (9, 8, "absent")])
+def test_a_nonfinite_token_gives_a_nan_row(monkeypatch, accuracy, kernel, value, m, bad, counts):
+    """docs/design.md, "The op": a token with a NaN or an infinity gets Y all NaN; every other token's Y is
+    bitwise what it is with that token finite (and matches float64 as the grid test checks)."""
+    if kernel not in usable(accuracy):
+        pytest.skip(f"{kernel} cannot run on this CPU")
+    monkeypatch.setenv("MOBIQ_KERNEL", kernel)
+    feeds, attrs, ref = problem(m, 192, 40, 64, counts, True, seed=m, accuracy=accuracy)
+    clean = run_rsmm(feeds, attrs)
+    for column in (0, 100, 191):
+        x = feeds["X"].copy()
+        x[bad, column] = value
+        y = run_rsmm({**feeds, "X": x}, attrs)
+        context = f"accuracy_level={accuracy} kernel={kernel} X[{bad}, {column}]={value} M={m} counts={counts}"
+        assert np.isnan(y[bad]).all(), f"{context}: row {bad} = {y[bad]}"
+        others = np.arange(m) != bad
+        np.testing.assert_array_equal(y[others], clean[others], err_msg=context)
+        if others.any():
+            check(y[others], ref[others], accuracy, context)
+
+
+@pytest.mark.parametrize("accuracy", [0, 4])
+def test_nonfinite_tokens_anywhere_in_a_prefill(accuracy):
+    """Several bad tokens, each value kind, some wholly non-finite, across 2 threads: exactly those rows are NaN."""
+    feeds, attrs, _ = problem(64, 640, 333, 64, "mixed", True, accuracy=accuracy)
+    clean = run_rsmm(feeds, attrs, 2)
+    x = feeds["X"].copy()
+    bad = {5: np.nan, 17: np.inf, 40: -np.inf, 63: np.nan}
+    for t, v in bad.items():
+        x[t, (t * 37) % 640] = v
+    x[30] = np.inf
+    x[31, ::2], x[31, 1::2] = np.inf, -np.inf
+    y = run_rsmm({**feeds, "X": x}, attrs, 2)
+    rows = sorted([*bad, 30, 31])
+    assert np.isnan(y[rows]).all()
+    others = np.setdiff1d(np.arange(64), rows)
+    assert np.isfinite(y[others]).all()
+    np.testing.assert_array_equal(y[others], clean[others])
 
 
 def test_schema_passes_checker_and_shape_inference():

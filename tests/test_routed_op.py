@@ -97,12 +97,17 @@ def test_int8_mode_routes_on_the_float_activations():
 @pytest.mark.parametrize("row,count", [(0, 1), (1, 2), (G - 1, S)])
 @pytest.mark.parametrize("constant_router", [False, True], ids=["router-as-inputs", "router-as-initializers"])
 def test_a_constant_row_reads_no_router_weight(row, count, constant_router):
-    """Router weights of NaN give every token count 1 if the MLP runs (NaN > tau is false): at a constant
-    row the op must not run it, so every token reads the row's count and Y is finite and exact."""
+    """Poisoned router weights give every token count 1 if the MLP runs: at a constant row the op must
+    not run it, so every token reads the row's count and Y is finite and exact. As graph inputs the poison
+    is NaN (NaN > tau is false); initializers of NaN are refused at load (test_bad_constant_router_value),
+    so there router_b2 = -3e38 puts every score below every threshold, -1e30 included."""
     feeds = make_feeds(np.random.default_rng(5), (1, 40))
     clean = dict(feeds, threshold_row=np.array(row, np.int64))
-    for name in ("router_w1_scale", "router_b1", "router_w2", "router_b2"):
-        feeds[name] = np.full_like(feeds[name], np.nan)
+    if constant_router:
+        feeds["router_b2"] = np.array([-3e38], np.float32)
+    else:
+        for name in ("router_w1_scale", "router_b1", "router_w2", "router_b2"):
+            feeds[name] = np.full_like(feeds[name], np.nan)
     feeds["threshold_row"] = np.array(row, np.int64)
     y, counts = run(feeds, constant_router=constant_router)
     assert (counts == count).all(), f"row {row}: counts {np.unique(counts)}; expected all {count}"
@@ -159,3 +164,61 @@ def test_bad_router_input_is_an_error_naming_the_op(change, message, constant_ro
         attrs = {**attrs_for(K, N, GROUP, S), "accuracy_level": ops.ACCURACY_F32}
         session = rsmm_session(feeds, attrs, 1, constants, counts_output=True)
         session.run(None, {n: v for n, v in feeds.items() if n not in constants})
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "+inf", "-inf"])
+@pytest.mark.parametrize("exact", [True, False], ids=["float32", "int8"])
+@pytest.mark.parametrize("constant_router", [False, True], ids=["router-as-inputs", "router-as-initializers"])
+def test_a_nonfinite_token_reads_one_slice_and_gives_nan(value, exact, constant_router):
+    """docs/design.md, "The op": where the router decides (a token-dependent row), a token with a NaN or an
+    infinity reads 1 slice; at a constant row it reads the row's count. Its Y is NaN; other tokens keep
+    their counts and their Y (float rounding aside: their tiles of tokens may differ)."""
+    feeds = make_feeds(np.random.default_rng(11), (2, 9))
+    bad = (1, 4)
+    clean_y, clean_counts = run(feeds, constant_router=constant_router, exact=exact)
+    x = feeds["X"].copy()
+    x[bad][17] = value
+    y, counts = run({**feeds, "X": x}, constant_router=constant_router, exact=exact)
+    assert counts[bad] == 1 and np.isnan(y[bad]).all(), (counts[bad], y[bad])
+    others = np.ones(counts.shape, bool)
+    others[bad] = False
+    np.testing.assert_array_equal(counts[others], clean_counts[others])
+    np.testing.assert_allclose(y[others], clean_y[others], rtol=1e-6, atol=1e-6 * np.abs(clean_y).max())
+    for row, count in ((0, 1), (1, 2), (G - 1, S)):
+        y, counts = run({**feeds, "X": x, "threshold_row": np.array(row, np.int64)}, constant_router=constant_router,
+                        exact=exact)
+        assert (counts == count).all() and np.isnan(y[bad]).all() and np.isfinite(y[others]).all(), f"row {row}"
+
+
+@pytest.mark.parametrize("name,value,rule,shown", [
+    ("router_w1_scale", 0.0, "finite values > 0", "0"),
+    ("router_w1_scale", -1e-3, "finite values > 0", "-0.001"),
+    ("router_w1_scale", np.inf, "finite values > 0", "inf"),
+    ("router_b1", np.nan, "finite values", "nan"),
+    ("router_w2", -np.inf, "finite values", "-inf"),
+    ("router_b2", np.nan, "finite values", "nan"),
+    ("router_thresholds", np.nan, "no NaN", "nan"),
+])
+def test_bad_constant_router_value_is_refused_at_load(name, value, rule, shown):
+    """Constant router parameters are value-checked once at session creation (thresholds may be infinite)."""
+    feeds = make_feeds(np.random.default_rng(0), (1, 3))
+    feeds[name] = feeds[name].copy()
+    at = (3, 1) if name == "router_thresholds" else (0,)
+    feeds[name][at] = value
+    index = ops.INPUTS.index(name)
+    constants = ("slices", "scales", "zero_points") + ROUTER
+    attrs = {**attrs_for(K, N, GROUP, S), "accuracy_level": ops.ACCURACY_F32}
+    with pytest.raises(Exception) as info:
+        rsmm_session(feeds, attrs, 1, constants, counts_output=True, node_name="layers.3.mlp.gate_up")
+    want = (f"[ResidualSliceMatMul] node 'layers.3.mlp.gate_up': {name} (input {index}, initializer '{name}') "
+            f"expected {rule}; got {shown} at [{', '.join(map(str, at))}]")
+    assert want in str(info.value), str(info.value)
+
+
+def test_infinite_constant_thresholds_are_accepted():
+    feeds = make_feeds(np.random.default_rng(0), (1, 3))
+    feeds["router_thresholds"] = feeds["router_thresholds"].copy()
+    feeds["router_thresholds"][0] = np.inf  # never crossed, as +1e30
+    feeds["threshold_row"] = np.array(0, np.int64)
+    _, counts = run(feeds)
+    assert (counts == 1).all()

@@ -15,7 +15,11 @@
 // output has at least 16 values (over fewer, that norm measures luck: one y
 // near 0 by cancellation makes the int8 rounding error look large).
 // Extremes: all codes 3 (or 2) with activations at +-max, where integer partial
-// sums peak. Prints one line per failure, one per kernel, the automatic choices, and last
+// sums peak; the same over one group of kMaxGroupSize columns, where the int32 sums come
+// within 0.4 % of overflowing.
+// Non-finite activations: a NaN, +Inf or -Inf in one token makes that token's row all NaN in
+// every kernel, the other rows bitwise what they are with the token finite; tiny activations
+// (1e-40) stay finite. Prints one line per failure, one per kernel, the automatic choices, and last
 // "N passed, M failed"; exits 1 on any failure.
 #include <algorithm>
 #include <cmath>
@@ -93,9 +97,9 @@ Problem make_problem(int64_t M, int64_t K, int64_t N, int64_t g, const std::stri
   return p;
 }
 
-// y of `kernel` on `p`, run as rsmm_op.cc runs it.
-std::vector<float> run(const KernelInfo& kernel, const Problem& p) {
-  std::vector<float> y(p.off + static_cast<size_t>(p.M * p.N), NAN);
+// y of `kernel` on `p`, run as rsmm_op.cc runs it (y starts as `fill`: an output never written shows).
+std::vector<float> run(const KernelInfo& kernel, const Problem& p, float fill = NAN) {
+  std::vector<float> y(p.off + static_cast<size_t>(p.M * p.N), fill);
   mobiq::RsmmArgs args{};
   args.slices = p.slices.data() + p.off;
   args.scales = p.scales.data() + p.off;
@@ -215,6 +219,101 @@ void test_kernels_at_extremes() {
   std::printf("extremes: %d cases\n", cases);
 }
 
+// One group of kMaxGroupSize columns (the glue's limit), every code 3, activations where the
+// integer kernels' int32 sums peak: int8 127 (x = +-1), or base-256 digits -128, -128 (exact mode:
+// one column at 1, the others at -32896 / (2^22 - 1)). Float-operand kernels have no integer sums
+// (and float32 sums over 2^16 columns exceed the grid's tolerance): not run here.
+void test_kernels_at_max_group() {
+  const KernelInfo& reference = kernel_named("rsmm_f32_reference");
+  const KernelInfo& portable_i8 = kernel_named("rsmm_i8_1x1__scalar");
+  const int64_t g = mobiq::kMaxGroupSize;
+  int cases = 0;
+  for (int pattern : {1, -1, 2})
+    for (int k = 1; k <= kS; ++k) {
+      Problem p = make_problem(3, g, 16, g, "all-4", false, false, 3000 + static_cast<uint32_t>(k));
+      std::fill(p.slices.begin(), p.slices.end(), uint8_t{0xFF});
+      for (size_t c = 0; c < p.x.size(); ++c)
+        p.x[c] = pattern != 2 ? static_cast<float>(pattern) : c % g == 0 ? 1.0f : -32896.0f / 4194303.0f;
+      std::fill(p.slice_count.begin(), p.slice_count.end(), k);
+      const std::vector<float> ref = run(reference, p), ref_i8 = run(portable_i8, p);
+      for (const KernelInfo& kernel : mobiq::all_kernels()) {
+        if (kernel.operand == mobiq::Operand::kFloat || !kernel.supported() || kS > kernel.max_slices) continue;
+        ++cases;
+        const bool i8 = kernel.mode == Mode::kInt8;
+        const std::string why = compare(run(kernel, p), i8 ? ref_i8 : ref, p.N, false);
+        check(why.empty(), std::string(kernel.name) + " group_size " + std::to_string(g) + " k=" + std::to_string(k) +
+                               " pattern " + std::to_string(pattern) + ": " + why);
+      }
+    }
+  std::printf("max group: %d cases\n", cases);
+}
+
+// ---- non-finite activations -------------------------------------------------------
+
+// Token `bad` of a problem gets `value` at column `col` (and, for `both`, -value at the last
+// column): every kernel (the reference too) gives that row all NaN and the other rows bitwise what
+// it gives on the clean problem; prepare_activations lists that token and no other, for every
+// operand type.
+void test_nonfinite_tokens() {
+  int cases = 0;
+  uint32_t index = 2000;
+  for (float value : {NAN, INFINITY, -INFINITY})
+    for (bool both : {false, true})
+      for (int64_t M : {1, 5, 7})
+        for (int64_t g : {16, 64}) {
+          ++index;
+          if (both && std::isnan(value)) continue;
+          const Problem clean = make_problem(M, 3 * g, 17, g, "mixed", index % 2 == 0, index % 3 == 0, index);
+          Problem p = clean;
+          const int64_t bad = M / 2, col = (index % 3) * (g + 5) % p.K;
+          p.x[p.off + static_cast<size_t>(bad * p.K + col)] = value;
+          if (both) p.x[p.off + static_cast<size_t>(bad * p.K + p.K - 1)] = -value;
+          const std::string what = " value " + std::to_string(value) + (both ? " and its negative" : "") +
+                                   " at token " + std::to_string(bad) + " column " + std::to_string(col) + " " +
+                                   p.describe();
+          for (mobiq::Operand operand : {mobiq::Operand::kFloat, mobiq::Operand::kInt8, mobiq::Operand::kDigits}) {
+            mobiq::ActivationBuffers buffers;
+            mobiq::RsmmArgs args{};
+            mobiq::prepare_activations(operand, p.x.data() + p.off, p.M, p.K, p.g, buffers, args);
+            check(buffers.nonfinite == std::vector<int32_t>{static_cast<int32_t>(bad)},
+                  "prepare_activations operand " + std::to_string(static_cast<int>(operand)) + " lists " +
+                      std::to_string(buffers.nonfinite.size()) + " non-finite tokens;" + what);
+          }
+          for (const KernelInfo& kernel : mobiq::all_kernels()) {
+            if (!kernel.supported() || kS > kernel.max_slices) continue;
+            ++cases;
+            const std::vector<float> want = run(kernel, clean, 1e30f), y = run(kernel, p, 1e30f);
+            std::string why;
+            for (int64_t t = 0; t < M && why.empty(); ++t)
+              for (int64_t n = 0; n < p.N && why.empty(); ++n) {
+                const float got = y[static_cast<size_t>(t * p.N + n)], ok = want[static_cast<size_t>(t * p.N + n)];
+                if (t == bad ? !std::isnan(got) : !(got == ok))
+                  why = "[t=" + std::to_string(t) + ", n=" + std::to_string(n) + "] got " + std::to_string(got) +
+                        "; want " + (t == bad ? std::string("NaN") : std::to_string(ok));
+              }
+            check(why.empty(), std::string(kernel.name) + what + ": " + why);
+          }
+        }
+  // Tiny activations: max |x| of a group below levels / FLT_MAX (no float -> int overflow).
+  const KernelInfo& reference = kernel_named("rsmm_f32_reference");
+  const KernelInfo& portable_i8 = kernel_named("rsmm_i8_1x1__scalar");
+  for (int64_t g : {16, 64}) {
+    Problem p = make_problem(3, 2 * g, 17, g, "mixed", true, false, ++index);
+    for (int64_t c = 0; c < p.K; ++c) p.x[p.off + static_cast<size_t>(p.K + c)] *= 1e-40f;  // token 1
+    const std::vector<float> ref = run(reference, p), ref_i8 = run(portable_i8, p);
+    for (const KernelInfo& kernel : mobiq::all_kernels()) {
+      if (&kernel == &reference || !kernel.supported() || kS > kernel.max_slices) continue;
+      ++cases;
+      const std::vector<float> y = run(kernel, p);
+      std::string why = compare(y, kernel.mode == Mode::kInt8 ? ref_i8 : ref, p.N, false);
+      for (float v : y)
+        if (!std::isfinite(v)) why = "non-finite output " + std::to_string(v);
+      check(why.empty(), std::string(kernel.name) + " tiny activations " + p.describe() + ": " + why);
+    }
+  }
+  std::printf("non-finite: %d cases\n", cases);
+}
+
 // ---- the router ------------------------------------------------------------------
 
 // Every router variant this CPU runs, at every hidden size it takes (8 .. 128, and 24 for the
@@ -315,6 +414,8 @@ void test_select_kernel() {
 int main() {
   test_kernels_on_grid();
   test_kernels_at_extremes();
+  test_kernels_at_max_group();
+  test_nonfinite_tokens();
   test_router();
   test_select_kernel();
   std::printf("%d passed, %d failed\n", passed, failed);

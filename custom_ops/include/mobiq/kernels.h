@@ -15,15 +15,24 @@
 // lanes, the order of the SIMD accumulators); activations prepared once per
 // call by prepare_activations().
 // Preconditions (checked by the ORT glue / select_kernel): K % g == 0,
-// g % 16 == 0, 1 <= k <= min(S, max_slices),
+// g % 16 == 0, g <= kMaxGroupSize, 1 <= k <= min(S, max_slices),
 // 0 <= n0 <= n1 <= N with n0 % 16 == 0, token indices in [0, M).
+// Non-finite activations: a token with a NaN or an infinity in x gets NaN in every output it
+// computes (the reference by definition; the others because prepare_activations makes that
+// token's group operands NaN, see activations.cc); other tokens are unaffected.
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
 namespace mobiq {
+
+// The largest group: the integer kernels sum a group's products of a code byte (<= 255) and a signed
+// activation byte (|.| <= 128) in int32.
+inline constexpr int64_t kMaxGroupSize = 65536;
+static_assert(kMaxGroupSize * 255 * 128 <= std::numeric_limits<int32_t>::max(), "a group's dot must fit int32");
 
 enum class Mode { kF32, kInt8 };
 
@@ -71,10 +80,12 @@ const std::vector<KernelInfo>& all_kernels();
 const KernelInfo& select_kernel(Mode mode, int64_t num_slices);
 
 // Activation buffers for one call: fills x_group_sums (of the activations as the
-// kernel sees them) and xq / xq_scale for integer operands. Storage is owned by `buffers`.
+// kernel sees them) and xq / xq_scale for integer operands. Storage is owned by `buffers`;
+// `nonfinite` lists (ascending) the tokens with a NaN or an infinity in x.
 struct ActivationBuffers {
   std::vector<float> xq_scale, group_sums;
   std::vector<int8_t> xq;
+  std::vector<int32_t> nonfinite;
 };
 void prepare_activations(Operand operand, const float* x, int64_t M, int64_t K, int64_t group_size,
                          ActivationBuffers& buffers, RsmmArgs& args);

@@ -1,8 +1,9 @@
 // rsmm_f32_reference — the executable spec of ResidualSliceMatMul.
 // Builds each row of W^(k) = D1 + ... + Dk slice by slice in float64, exactly as
 // docs/design.md ("The weight format") defines it (D1 = s1 (q1 - z1 + 1/2), De = s1 4^-(e-1) (qe - 3/2)),
-// then takes float64 dot products. Slow on purpose; used by tests and
-// MOBIQ_KERNEL=reference.
+// then takes float64 dot products. A token with a NaN or an infinity in x gets NaN in every row
+// (docs/design.md, "The op"). Slow on purpose; used by tests and MOBIQ_KERNEL=reference.
+#include <cmath>
 #include <vector>
 
 #include "mobiq/format.h"
@@ -30,8 +31,12 @@ void rsmm_f32_reference(const RsmmArgs& a, const int32_t* tokens, int64_t num_to
     for (int64_t i = 0; i < num_tokens; ++i) {
       const float* x = a.x + static_cast<int64_t>(tokens[i]) * a.K;
       double acc = a.bias ? a.bias[n] : 0.0;
-      for (int64_t c = 0; c < a.K; ++c) acc += static_cast<double>(x[c]) * w[static_cast<size_t>(c)];
-      a.y[static_cast<int64_t>(tokens[i]) * a.N + n] = static_cast<float>(acc);
+      bool finite = true;
+      for (int64_t c = 0; c < a.K; ++c) {
+        acc += static_cast<double>(x[c]) * w[static_cast<size_t>(c)];
+        finite = finite && std::isfinite(x[c]);
+      }
+      a.y[static_cast<int64_t>(tokens[i]) * a.N + n] = finite ? static_cast<float>(acc) : NAN;
     }
   }
 }

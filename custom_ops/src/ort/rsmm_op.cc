@@ -1,6 +1,9 @@
 #include "rsmm_op.h"
 
 #include <algorithm>
+#include <cfloat>
+#include <charconv>
+#include <cmath>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -141,6 +144,36 @@ void check_weights(const RsmmKernel& k, const RsmmWeights& w) {
     expect_shape(w.bias, "bias", {k.N}, "N=" + std::to_string(k.N));
 }
 
+// Values of constant initializers, checked once at session creation (docs/design.md, "The op"):
+// the first value of input `index` that `rule` refuses (kFinite: NaN or infinite; kPositive: also
+// <= 0; kNotNaN: NaN) is an error naming the node, the input, its initializer and the value's index.
+enum class Values { kFinite, kPositive, kNotNaN };
+
+void check_values(const OrtKernelInfo* info, size_t index, const Input& in, Values rule) {
+  const float* v = in.value.GetTensorData<float>();
+  size_t i = 0;
+  for (; i < in.count; ++i) {
+    const float a = std::fabs(v[i]);
+    if (!(rule == Values::kNotNaN ? a == a : a <= FLT_MAX && (rule != Values::kPositive || v[i] > 0.0f))) break;
+  }
+  if (i == in.count) return;
+  Ort::ConstKernelInfo kinfo(info);
+  const std::string node = kinfo.GetNodeName();
+  char value[32];
+  *std::to_chars(value, value + sizeof value - 1, v[i]).ptr = '\0';  // shortest text that reads back as v[i]
+  std::ostringstream why;
+  if (!node.empty()) why << "node '" << node << "': ";
+  why << kInputNames[index] << " (input " << index << ", initializer '" << kinfo.GetInputName(index) << "') expected "
+      << (rule == Values::kPositive ? "finite values > 0" : rule == Values::kFinite ? "finite values" : "no NaN")
+      << "; got " << value << " at [";
+  std::vector<int64_t> at(in.shape.size());
+  for (size_t d = at.size(), rest = i; d-- > 0; rest /= static_cast<size_t>(in.shape[d]))
+    at[d] = static_cast<int64_t>(rest % static_cast<size_t>(in.shape[d]));
+  for (size_t d = 0; d < at.size(); ++d) why << (d ? ", " : "") << at[d];
+  why << "]";
+  fail(why.str());
+}
+
 // Inputs 1, 2, 3 and (when the node has it) 5 as constant initializers, type-checked; false when
 // any of them is a graph input (then ComputeV2 reads and checks them on every call).
 bool constant_weights(const OrtKernelInfo* info, RsmmWeights& w) {
@@ -181,6 +214,9 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
       why << "K and N expected > 0; got K=" << k->K << ", N=" << k->N;
     else if (k->group_size <= 0 || k->group_size % kTileCols != 0)
       why << "group_size expected a positive multiple of " << kTileCols << "; got " << k->group_size;
+    else if (k->group_size > kMaxGroupSize)
+      why << "group_size expected <= " << kMaxGroupSize << " (a group's integer dot products must fit int32); got "
+          << k->group_size;
     else if (k->K % k->group_size != 0)
       why << "K % group_size expected 0; got K=" << k->K << ", group_size=" << k->group_size;
     else if (k->num_slices < 1 || k->num_slices > kMaxSlices)
@@ -191,8 +227,12 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
     k->mode = accuracy == 4 ? Mode::kInt8 : Mode::kF32;
     k->kernel = &select_kernel(k->mode, k->num_slices);
     k->constant = constant_weights(info, k->weights);
+    if (k->constant) check_weights(*k, k->weights);
+    const RsmmWeights& w = k->weights;  // each constant one, also beside weights that are graph inputs
+    if (w.scales.value) check_values(info, 2, w.scales, Values::kPositive);
+    if (w.zero_points.value) check_values(info, 3, w.zero_points, Values::kFinite);
+    if (w.bias.value) check_values(info, 5, w.bias, Values::kFinite);
     if (k->constant) {
-      check_weights(*k, k->weights);
       build_tile_params(k->weights.scales.value.GetTensorData<float>(),
                         k->weights.zero_points.value.GetTensorData<float>(), k->N, k->K / k->group_size, k->tile_params);
     }
@@ -211,6 +251,12 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
       });
       if (k->router_constant) {
         check_router(*k, k->router);
+        const RouterWeights& r = k->router;
+        check_values(info, 7, r.w1_scale, Values::kPositive);
+        check_values(info, 8, r.b1, Values::kFinite);
+        check_values(info, 9, r.w2, Values::kFinite);
+        check_values(info, 10, r.b2, Values::kFinite);
+        check_values(info, 11, r.table, Values::kNotNaN);
         k->row_counts = constant_counts(k->router);
       }
     }
@@ -236,6 +282,11 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
     const int64_t M = K ? static_cast<int64_t>(x.count) / K : 0;
     const int64_t groups = K / group_size;
     const float* xf = x.value.GetTensorData<float>();
+
+    // Activations first: their scan also finds the tokens with a NaN or an infinity.
+    thread_local ActivationBuffers buffers;
+    RsmmArgs args{};
+    prepare_activations(kernel->operand, xf, M, K, group_size, buffers, args);
 
     // Per-token slice counts: given, from the router, or S. `uniform` > 0 when every token has that
     // count (then nothing needs grouping or storing). Per-call buffers are kept per thread (a
@@ -272,6 +323,7 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
       if (uniform == 0 && M > 0) {
         routed_counts.resize(static_cast<size_t>(M));
         run_router(ctx, r, xf, tau, M, K, routed_counts.data());
+        for (const int32_t t : buffers.nonfinite) routed_counts[static_cast<size_t>(t)] = 1;  // its Y is NaN
         counts = routed_counts.data();
       }
     }
@@ -279,7 +331,6 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
     // Tokens grouped by slice count (stable): each group runs as one dense block.
     thread_local std::vector<int64_t> starts;
     thread_local std::vector<int32_t> order;
-    thread_local ActivationBuffers buffers;
     starts.assign(static_cast<size_t>(num_slices) + 1, 0);
     order.resize(static_cast<size_t>(M));
     if (counts) {
@@ -303,7 +354,6 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
     auto y = ctx.GetOutput(0, out_shape);
     if (M == 0) return nullptr;
 
-    RsmmArgs args{};
     args.slices = w.slices.value.GetTensorData<uint8_t>();
     args.scales = w.scales.value.GetTensorData<float>();
     args.zero_points = w.zero_points.value.GetTensorData<float>();
@@ -313,7 +363,6 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
     TileParams call_params;
     if (!constant) build_tile_params(args.scales, args.zero_points, N, groups, call_params);
     use_tile_params(constant ? tile_params : call_params, args);
-    prepare_activations(kernel->operand, xf, M, K, group_size, buffers, args);
     // Whole row tiles per task: 4 for large N (fewer calls, pairs of tiles for the kernels), 2 for
     // small N (still >= 18 tasks at N = 576, enough to balance 2-4 threads).
     const int64_t rows_per_block = (N >= 2048 ? 4 : 2) * kTileRows;

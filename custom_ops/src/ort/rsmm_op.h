@@ -16,6 +16,9 @@
 // thresholds[row]. A threshold at or beyond +-1e29 ("never" / "always") is crossed by no / every
 // finite score, so a row made only of those is a constant count: the op then runs no router work
 // and reads none of the router's weights (docs/design.md, "The op").
+// Refused at session creation: group_size > kMaxGroupSize; constant scales / router_w1_scale not
+// finite and > 0, zero_points / bias / router_b1 / router_w2 / router_b2 not finite, NaN thresholds.
+// A token with a NaN or an infinity in X: Y row NaN, and count 1 where the router decides.
 #pragma once
 
 #include <vector>
