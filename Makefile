@@ -14,11 +14,13 @@ OPS_SOURCES := $(shell find custom_ops -type f) pyproject.toml
 
 setup: cross-tools build assets
 
-# The aarch64 cross compiler and qemu-user for the Raspberry Pi tests (tests/test_kernels_native.py).
+# Debian packages the tests need: the aarch64 cross compiler and qemu-user for the Raspberry Pi tests
+# (tests/test_kernels_native.py), Xvfb for the desktop example's test (tests/test_example_app.py).
+SYSTEM_TOOLS := aarch64-linux-gnu-g++:g++-aarch64-linux-gnu qemu-aarch64:qemu-user Xvfb:xvfb
 cross-tools:
-	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || { \
-	  apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends g++-aarch64-linux-gnu qemu-user; }
+	@missing="$$(for t in $(SYSTEM_TOOLS); do command -v $${t%%:*} >/dev/null || echo $${t#*:}; done)"; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
 
 deps: $(VENV)/.deps
 $(VENV)/.deps: requirements.lock
