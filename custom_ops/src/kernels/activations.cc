@@ -56,15 +56,18 @@ void prepare_activations(Operand operand, const float* x, int64_t M, int64_t K, 
 
   if (operand == Operand::kFloat) {
     for (int64_t t = 0; t < M; ++t) {
-      bool finite = true;
+      float* sums = buf.group_sums.data() + t * groups;
       for (int64_t g = 0; g < groups; ++g) {
         const float* xg = x + t * K + g * group_size;
         float s = 0.0f;
         for (int64_t c = 0; c < group_size; ++c) s += xg[c];
-        // A sum is finite when every term is; an infinite one may be an overflow of finite terms.
-        if (!(std::fabs(s) <= FLT_MAX) && max_abs_bits(xg, group_size) >= kNonFiniteBits) s = NAN, finite = false;
-        buf.group_sums[static_cast<size_t>(t * groups + g)] = s;
+        sums[g] = s;
       }
+      if (max_abs_bits(sums, groups) < kNonFiniteBits) continue;
+      // A sum is finite when every term is; an infinite one may also be an overflow of finite terms.
+      bool finite = true;
+      for (int64_t g = 0; g < groups; ++g)
+        if (max_abs_bits(x + t * K + g * group_size, group_size) >= kNonFiniteBits) sums[g] = NAN, finite = false;
       if (!finite) buf.nonfinite.push_back(static_cast<int32_t>(t));
     }
     return;
