@@ -7,6 +7,7 @@ the whole sequence again, at every budget and across budget switches.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -304,6 +305,24 @@ def test_signals_command_on_a_fake_pi_tree(tmp_path):
     assert "79.5" in out and "low = 4.5 bits" in out, out
 
 
+def test_cli_on_a_hot_pi_stays_at_the_floor_and_paces(tiny_model_dir, tmp_path):
+    """86 °C on a fake Pi tree: auto keeps the model's low (never 2 bits) and pauses after each token; -v and
+    --stats say so."""
+    zone = tmp_path / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True)
+    (zone / "type").write_text("cpu-thermal\n")
+    (zone / "temp").write_text("86000\n")
+    policy = tmp_path / "policy.toml"
+    policy.write_text("pace_max_s = 0.05\n")
+    r = run_cli(tiny_model_dir, "--budget", "auto", "--signals-root", tmp_path, "--policy", policy, "-v", "--stats",
+                "-p", "hi", "-n", "6", "--raw", "--threads", "1")
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    low = json.loads((tiny_model_dir / "mobiq.json").read_text())["named_budgets"]["low"]
+    assert f"[budget] auto: {low:g} bits, pausing 0.05 s per token" in err, err
+    assert "to let the device cool (pacing)" in err and f"average bits read" in err, err
+
+
 def test_mobiq_eval_json_schema_and_agreement_with_pytorch(tiny, tmp_path):
     """Two-budget sweep: schema of the JSON, and ONNX Runtime PPL within 0.5% of the PyTorch model's."""
     import json
@@ -369,3 +388,23 @@ def test_token_routed_checkpoint_exports_and_routes_in_the_op(tmp_path):
     for bits in (3.0, 3.5, 4.5):
         session.forward(held_out, session.empty_cache(), bits)
         assert abs(session.last_avg_bits - bits) <= 0.35, (bits, session.last_avg_bits)
+
+
+def test_cli_interactive_chat_drops_old_turns_and_quits_cleanly(tiny_model_dir):
+    """mobiq-run on a terminal: a chat longer than the tiny model's 128-token context keeps going, says which
+    turns it left out, and an empty line quits with 0."""
+    import pty
+
+    master, slave = pty.openpty()
+    lines = "".join(f"question number {i}, tell me more\n" for i in range(5)) + "\n"
+    p = subprocess.Popen([sys.executable, "-m", "mobiquant.runtime.cli", str(tiny_model_dir), "-n", "40",
+                          "--budget", "mid", "--threads", "1"], stdin=slave, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    os.close(slave)
+    os.write(master, lines.encode())
+    out, err = p.communicate(timeout=120)
+    os.close(master)
+    err = err.decode()
+    assert p.returncode == 0, err
+    assert "Traceback" not in err and "oldest turn(s) left out to fit the context" in err, err
+    assert out.decode().count("> ") == 6  # five replies, then the quitting prompt
