@@ -31,12 +31,12 @@ $(VENV)/.deps: requirements.lock
 
 build: $(VENV)/.built
 $(VENV)/.built: $(VENV)/.deps $(OPS_SOURCES)
-	MOBIQ_ORT_INCLUDE_DIR="$$($(BIN)/python runtime/fetch.py ort-headers)" \
+	MOBIQ_ORT_INCLUDE_DIR="$$($(BIN)/python tools/fetch.py ort-headers)" \
 	  $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
 assets: build
-	$(BIN)/python -m mobiquant.runtime.corpora
+	$(BIN)/python -m mobiquant.tools.corpora
 	$(BIN)/python -m mobiquant.exporter.convert $(MODEL)
 
 MODEL_DIR := models/$(MODEL)

@@ -21,7 +21,7 @@ VALIDATION = "austen-validation"
 
 
 def perplexity(session, windows: np.ndarray, bits: float) -> float:
-    from mobiquant.runtime.evaluate import log_softmax_nll
+    from mobiquant.tools.evaluate import log_softmax_nll
 
     nll = 0.0
     for w in windows:
@@ -33,7 +33,7 @@ def perplexity(session, windows: np.ndarray, bits: float) -> float:
 def measure_named_budgets(model_dir, max_bits: float, windows: int = 4, context: int = 512,
                           corpus: str = VALIDATION) -> tuple[dict[str, float], dict[float, float]]:
     """(named budgets, PPL per measured budget) for the exported model in ``model_dir``."""
-    from mobiquant.runtime.evaluate import corpus_ids
+    from mobiquant.tools.evaluate import corpus_ids
     from mobiquant.runtime.session import ModelSession
     from mobiquant.runtime.text import TextCodec
 

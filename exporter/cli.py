@@ -131,12 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+WORKSTATION_MODULES = ("torch", "transformers", "onnx", "onnxscript", "safetensors", "tqdm", "gguf")
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules (blocked) or a broken install
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    missing = [m for m in WORKSTATION_MODULES if not _installed(m)]
+    if missing:
+        print(f"mobiq-export: the exporter needs the workstation extra ({', '.join(missing)} not installed): "
+              f"pip install 'mobiquant[export]'", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     import torch
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    from mobiquant.runtime.models import ModelError
+    from mobiquant.tools.models import ModelError
 
     from .blockwise import CalibrationError
     from .checkpoint import CheckpointError

@@ -13,8 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from mobiquant.runtime.fetch import FetchError
-from mobiquant.runtime.models import ModelEntry, ModelError, load_entry
+from mobiquant.tools.fetch import FetchError
+from mobiquant.tools.models import ModelEntry, ModelError, load_entry
 
 _MARKER = "mobiq-source.json"
 

@@ -31,7 +31,7 @@ from torch import nn
 
 def eval_windows(tokenizer, corpus: str, context: int = 512, max_tokens: int | None = None) -> torch.Tensor:
     """[n, context] windows, BOS first (a model without BOS gets plain windows)."""
-    from mobiquant.runtime.corpora import load_corpus
+    from mobiquant.tools.corpora import load_corpus
 
     ids = tokenizer(load_corpus(corpus))["input_ids"]
     bos = tokenizer.bos_token_id

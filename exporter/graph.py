@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mobiquant.runtime.models import ModelError
+from mobiquant.tools.models import ModelError
 
 OPSET = 23
 MS_DOMAIN = "com.microsoft"

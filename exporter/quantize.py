@@ -31,7 +31,7 @@ from .thresholds import fit_thresholds_online
 
 def calibration_tokens(tokenizer, calib: str, recipe: Recipe) -> torch.Tensor:
     """Windows of the calibration corpus (a name from runtime.corpora or a text file)."""
-    from mobiquant.runtime.corpora import load_corpus
+    from mobiquant.tools.corpora import load_corpus
 
     ids = tokenizer(load_corpus(calib))["input_ids"]
     return calibration_windows(ids, tokenizer.bos_token_id, recipe.samples, recipe.seq_len)
@@ -39,7 +39,7 @@ def calibration_tokens(tokenizer, calib: str, recipe: Recipe) -> torch.Tensor:
 
 def threshold_tokens(tokenizer, calib: str, recipe: Recipe) -> torch.Tensor:
     """Windows for threshold fitting: interleaved with (not equal to) the calibration windows."""
-    from mobiquant.runtime.corpora import load_corpus
+    from mobiquant.tools.corpora import load_corpus
 
     ids = tokenizer(load_corpus(calib))["input_ids"]
     shift = len(ids) // (2 * recipe.samples)

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobiquant.runtime.models import ModelError, known_models, load_entry
+from mobiquant.tools.models import ModelError, known_models, load_entry
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma3ForCausalLM")
 

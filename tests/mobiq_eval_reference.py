@@ -8,7 +8,7 @@ import torch
 
 @torch.no_grad()
 def torch_ppl(qmodel, model_dir, text_path, context: int, bits: float) -> float:
-    from mobiquant.runtime.evaluate import corpus_ids
+    from mobiquant.tools.evaluate import corpus_ids
     from mobiquant.runtime.modelfile import locate
     from mobiquant.runtime.text import TextCodec
 

@@ -13,10 +13,10 @@ from dataclasses import replace
 
 import pytest
 
-from mobiquant.runtime import corpora
-from mobiquant.runtime.corpora import CORPORA, CorpusError, detag_brown, fetch_all, load_corpus
-from mobiquant.runtime.fetch import FetchError, cache_dir
-from mobiquant.runtime.rdata import LazyLoadDB, RDataError, RSymbol, RVector, decompress_entry, read_rds, unserialize
+from mobiquant.tools import corpora
+from mobiquant.tools.corpora import CORPORA, CorpusError, detag_brown, fetch_all, load_corpus
+from mobiquant.tools.fetch import FetchError, cache_dir
+from mobiquant.tools.rdata import LazyLoadDB, RDataError, RSymbol, RVector, decompress_entry, read_rds, unserialize
 
 # --- an independent writer for R's XDR serialization (R Internals §1.8) ----------------------
 

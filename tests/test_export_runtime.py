@@ -271,15 +271,33 @@ def test_a_named_onnx_file_is_the_one_that_runs(tiny, tmp_path):
     np.testing.assert_array_equal(logits(model / "model.onnx"), logits(tiny[0]))
 
 
-def test_runtime_runs_without_torch(tiny_model_dir):
-    """The runtime imports and generates with torch made unimportable."""
-    code = ("import sys; sys.modules['torch'] = None\n"
+BLOCKED_ON_A_DEVICE = ("torch", "onnx", "transformers", "onnxscript", "safetensors", "tqdm", "psutil", "gguf",
+                      "mobiquant.exporter", "mobiquant.tools")
+
+
+def test_runtime_runs_with_only_its_own_dependencies(tiny_model_dir):
+    """The runtime generates with the workstation packages and our own tools package made unimportable, and
+    imports none of them."""
+    code = (f"import sys\nfor name in {BLOCKED_ON_A_DEVICE!r}:\n    sys.modules[name] = None\n"
             "from mobiquant.runtime import Model\n"
+            "from mobiquant.runtime.cli import main\n"
             f"m = Model.load({str(tiny_model_dir)!r}, threads=1)\n"
             "print(''.join(m.generate('hi', budget='low', max_new_tokens=5)))\n"
-            "assert 'torch' not in [k for k, v in sys.modules.items() if v is not None]\n")
+            f"assert main([{str(tiny_model_dir)!r}, '-p', 'hi', '-n', '3', '--budget', 'auto']) == 0\n"
+            "loaded = [k for k, v in sys.modules.items() if v is not None]\n"
+            f"assert not [k for k in loaded if k.split('.')[0] in {BLOCKED_ON_A_DEVICE!r} or "
+            f"k.startswith(('mobiquant.exporter', 'mobiquant.tools'))], loaded\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
+
+
+def test_mobiq_export_without_torch_says_how_to_install_it():
+    code = "import sys; sys.modules['torch'] = None\nfrom mobiquant.exporter.cli import main\nsys.exit(main(['--help']))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    err = r.stderr.decode().strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "torch not installed" in err or "torch," in err
+    assert "pip install 'mobiquant[export]'" in err
 
 
 def test_signals_command_on_a_fake_pi_tree(tmp_path):
@@ -334,7 +352,7 @@ def test_mobiq_eval_json_schema_and_agreement_with_pytorch(tiny, tmp_path):
     text.write_text("It was a truth universally acknowledged, that a single man in possession of a good fortune, "
                     "must be in want of a wife. " * 12)
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "-m", "mobiquant.runtime.evaluate", str(model_dir), "--corpus", str(text),
+    r = subprocess.run([sys.executable, "-m", "mobiquant.tools.evaluate", str(model_dir), "--corpus", str(text),
                         "--budgets", "3,max", "--context", "64", "--max-tokens", "0", "--threads", "1",
                         "--json", str(out), "--plot", str(tmp_path / "eval.png")], capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr.decode()

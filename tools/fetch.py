@@ -4,7 +4,7 @@ Every file is named by registry, package and version and checked against its
 sha256 before use; a mismatch is an error, never a warning. Files land in
 ``$MOBIQ_CACHE`` (default ``~/.cache/mobiquant``), outside the clone, so clean
 clones and CI reuse them. Standard library only: ``make setup`` runs this file
-as a script (``python runtime/fetch.py ort-headers``) before the package exists.
+as a script (``python tools/fetch.py ort-headers``) before the package exists.
 """
 
 from __future__ import annotations
@@ -99,9 +99,19 @@ def _npm_pack(pin: Pinned, dest: Path) -> None:
          f"npm pack {pin.package}")
 
 
+def deb_architecture(filename: str) -> str:
+    """The Debian architecture a pinned .deb names (``pkg_1.0_arm64.deb`` -> ``arm64``)."""
+    arch = filename.rsplit("_", 1)[-1].removesuffix(".deb")
+    if not filename.endswith(".deb") or not arch:
+        raise FetchError(f"[fetch] a .deb file name ending _<arch>.deb expected; got {filename}")
+    return arch
+
+
 def _apt_download(pin: Pinned, dest: Path) -> None:
-    """``apt-get download`` from ``pin.suite`` with a private sources list and state: the system is untouched."""
-    state = cache_dir() / "apt" / pin.suite
+    """``apt-get download`` from ``pin.suite`` for the architecture the pinned file names, with a private
+    sources list and state: the system is untouched, and any host fetches the same file."""
+    arch = deb_architecture(pin.filename)
+    state = cache_dir() / "apt" / f"{pin.suite}-{arch}"
     for sub in ("lists/partial", "archives/partial"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     sources = state / "sources.list"
@@ -111,7 +121,8 @@ def _apt_download(pin: Pinned, dest: Path) -> None:
     sources.write_text(f"deb [signed-by={keyring}] http://deb.debian.org/debian {pin.suite} main\n")
     opts = ["-o", f"Dir::Etc::sourcelist={sources}", "-o", "Dir::Etc::sourceparts=-",
             "-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state}",
-            "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root", "-q"]
+            "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root", "-q",
+            "-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures={arch}"]
     if not any((state / "lists").glob("*Packages*")):
         _run(["apt-get", *opts, "update"], f"apt-get update ({pin.suite})")
     download = ["apt-get", *opts, "download", f"{pin.package}={pin.version}"]
@@ -134,7 +145,9 @@ def deb_members(deb: Path, prefix: str, dest: Path) -> Path:
 
 
 # ONNX Runtime C/C++ headers: Debian 13's libonnxruntime-dev 1.21 (stable C ABI with
-# the PyPI runtime), unpacked only — never installed (docs/design.md, "Toolchain").
+# the PyPI runtime), unpacked only — never installed (docs/design.md, "Toolchain"). The headers are
+# architecture-independent: every host fetches this amd64 package (tests/test_corpora.py compares
+# them with the arm64 package's).
 ORT_HEADERS = Pinned("deb", "libonnxruntime-dev", "1.21.0+dfsg-1", "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                      "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08", suite="trixie")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from .bench import cpu_name, decode_run
-from .budget import BudgetError, parse_budget
-from .modelfile import ModelFileError, locate
+from mobiquant.runtime.budget import BudgetError, parse_budget
+from mobiquant.runtime.modelfile import ModelFileError, locate
 
 DEFAULT_BUDGETS = "low,mid,high,max"
 DECODE_TOKENS = 64
@@ -54,8 +54,8 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> float:
 def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_tokens: int | None,
             threads: int | None, progress: bool = False) -> dict:
     """One row: ppl, avg bits, prefill and decode tok/s, peak RSS (of this process)."""
-    from .session import ModelSession
-    from .text import TextCodec
+    from mobiquant.runtime.session import ModelSession
+    from mobiquant.runtime.text import TextCodec
 
     session = ModelSession(model_dir, threads)
     codec = TextCodec(session.info.directory, session.info.meta)
@@ -63,10 +63,7 @@ def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_
     nll, scored, bits_read, prefill_s = 0.0, 0, [], []
     iterator = range(len(windows))
     if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc=f"{session.info.meta.get('kind')} {bits if bits else ''}", file=sys.stderr,
-                        leave=False)
+        iterator = _progress(iterator, f"{session.info.meta.get('kind')} {bits if bits else ''}")
     for w in iterator:
         t = time.perf_counter()
         logits, _ = session.forward(windows[w:w + 1], session.empty_cache(), bits)
@@ -82,7 +79,7 @@ def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_
 
 
 def _measure_in_subprocess(model_dir: Path, bits: float | None, args) -> dict:
-    cmd = [sys.executable, "-m", "mobiquant.runtime.evaluate", "--worker", str(model_dir), "--corpus", args.corpus,
+    cmd = [sys.executable, "-m", "mobiquant.tools.evaluate", "--worker", str(model_dir), "--corpus", args.corpus,
            "--context", str(args.context), "--max-tokens", str(args.max_tokens or 0)]
     if bits is not None:
         cmd += ["--bits", str(bits)]
@@ -110,6 +107,17 @@ def baseline_dir(info, kind: str) -> Path:
     if subprocess.run(cmd).returncode != 0:
         raise RuntimeError(f"[mobiq-eval] could not build the {kind} baseline (needs `pip install mobiquant[export]`)")
     return out
+
+
+def _progress(items, desc: str):
+    """``items``, with "desc i/n" kept up to date on stderr (a terminal line; nothing but the end otherwise)."""
+    items = list(items)
+    live = sys.stderr.isatty()
+    for i, item in enumerate(items):
+        if live:
+            print(f"\r[{desc}] {i}/{len(items)}", end="", file=sys.stderr, flush=True)
+        yield item
+    print(f"\r[{desc}] {len(items)}/{len(items)}", file=sys.stderr, flush=True)
 
 
 def markdown(result: dict) -> str:
@@ -196,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs += [(kind, baseline_dir(info, kind), None) for kind in ("fp32", "matmulnbits-int4")]
         result = {"model": info.meta.get("source_model"), "corpus": args.corpus, "context": args.context,
                   "tokens": None, "cpu": cpu_name(), "threads": args.threads, "rows": []}
-        from tqdm import tqdm
-
-        for name, directory, bits in tqdm(jobs, desc="mobiq-eval", file=sys.stderr):
+        for name, directory, bits in _progress(jobs, "mobiq-eval"):
             row = _measure_in_subprocess(directory, bits, args)
             result["tokens"] = row.pop("tokens")
             result["rows"].append({"name": name, **row})

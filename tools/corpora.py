@@ -21,7 +21,7 @@ line between novels; ``austen-validation`` is Northanger Abbey;
 
 Every corpus is extracted once into ``cache_dir()/corpora/<name>.txt`` (UTF-8,
 no trailing newline, written atomically) and read from there afterwards.
-``python -m mobiquant.runtime.corpora`` materializes them all (``make setup``).
+``python -m mobiquant.tools.corpora`` materializes them all (``make setup``).
 """
 
 from __future__ import annotations
