@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 OPS_SOURCES := $(shell find custom_ops -type f) pyproject.toml
 
-.PHONY: setup deps cross-tools build assets model demo test clean
+.PHONY: setup deps cross-tools build assets model demo test wheels clean
 
 setup: cross-tools build assets
 
@@ -65,6 +65,10 @@ demo: model
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# dist/: an sdist and py3-none wheels for linux x86_64 and aarch64 (tools/wheels.py says how).
+wheels: deps cross-tools
+	$(BIN)/python -m mobiquant.tools.wheels --out dist
 
 clean:
 	rm -rf build $(VENV)/.built
