@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 OPS_SOURCES := $(shell find custom_ops -type f) pyproject.toml
 
-.PHONY: setup deps cross-tools build assets model demo test wheels clean
+.PHONY: setup deps cross-tools build assets model demo test test-pi wheels clean
 
 setup: cross-tools build assets
 
@@ -65,6 +65,10 @@ demo: model
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The runtime on an emulated Raspberry Pi 4 and 5 (tests/test_pi.py), the default model included.
+test-pi: model
+	MOBIQ_PI_MODEL=$(MODEL_DIR) $(BIN)/python -m pytest tests/test_pi.py $(PYTEST_ARGS)
 
 # dist/: an sdist and py3-none wheels for linux x86_64 and aarch64 (tools/wheels.py says how).
 wheels: deps cross-tools

@@ -39,3 +39,13 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny) -> Path:
     return tiny[0]
+
+
+@pytest.fixture(scope="session")
+def dist(tmp_path_factory) -> dict[str, Path]:
+    """make wheels into a temporary folder: {"sdist" | "x86_64" | "aarch64": path}."""
+    from mobiquant.tools import wheels
+
+    built = wheels.build_all(tmp_path_factory.mktemp("dist"))
+    return {("sdist" if p.name.endswith(".tar.gz") else "aarch64" if p.name.endswith("_aarch64.whl") else "x86_64"
+             if p.name.endswith("_x86_64.whl") else p.name): p for p in built}

@@ -48,14 +48,6 @@ def test_retag_rewrites_the_tag_the_record_and_the_name(tmp_path):
         check_record(z)
 
 
-@pytest.fixture(scope="module")
-def dist(tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("dist")
-    built = wheels.build_all(out)
-    return {("sdist" if p.name.endswith(".tar.gz") else "aarch64" if p.name.endswith("_aarch64.whl") else "x86_64"
-             if p.name.endswith("_x86_64.whl") else p.name): p for p in built}
-
-
 @pytest.mark.slow
 def test_make_wheels_writes_an_sdist_and_a_wheel_per_architecture(dist):
     assert set(dist) == {"sdist", "x86_64", "aarch64"}, dist
