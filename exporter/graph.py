@@ -256,9 +256,39 @@ def _gemma3_block(d: _Decoder, i: int, x: str, delta: str | None) -> tuple[str, 
 _BLOCKS = {"llama": _llama_block, "gemma3": _gemma3_block}
 
 
+EMBEDDING_BLOCK = 32  # columns per scale of the 8-bit token embedding
+
+
+def embedding_rows(weights: dict[str, np.ndarray], spec: DecoderSpec) -> np.ndarray:
+    """The rows the graph looks up, float32 (Gemma 3 scales them by sqrt(hidden) as HF does, in float32)."""
+    embed = weights["model.embed_tokens.weight"].astype(np.float32)
+    return embed * np.float32(spec.hidden ** 0.5) if spec.family == "gemma3" else embed
+
+
+def quantize_rows(rows: np.ndarray, block: int = EMBEDDING_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """8-bit asymmetric blocks along each row: (codes uint8 [V, K], scales float32 [V, K/block], zero points
+    uint8 [V, K/block]), as GatherBlockQuantized (com.microsoft, bits=8) dequantizes: (code - zero) * scale."""
+    v, k = rows.shape
+    if k % block:
+        raise ValueError(f"[graph] embedding width expected a multiple of {block}; got {k}")
+    g = rows.reshape(v, k // block, block).astype(np.float64)
+    lo, hi = np.minimum(g.min(-1), 0.0), np.maximum(g.max(-1), 0.0)  # 0 stays exact
+    scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+    zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
+    codes = np.clip(np.round(g / scale[..., None]) + zero[..., None], 0, 255).astype(np.uint8)
+    return codes.reshape(v, k), scale, zero
+
+
+def dequantize_rows(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    v, k = codes.shape
+    g = codes.reshape(v, scale.shape[1], -1).astype(np.float32) - zero[..., None].astype(np.float32)
+    return (g * scale[..., None]).reshape(v, k)
+
+
 def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: LinearKind,
-                  lm_head: LinearKind | None = None) -> onnx.ModelProto:
-    """The decoder graph. ``weights`` holds HF-named float tensors (embeddings, norms, linears)."""
+                  lm_head: LinearKind | None = None, embedding_bits: int = 32) -> onnx.ModelProto:
+    """The decoder graph. ``weights`` holds HF-named float tensors (embeddings, norms, linears). The token
+    embedding is float32 (``embedding_bits`` 32) or 8-bit blocks read by GatherBlockQuantized (8)."""
     g = GraphBuilder()
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])]
@@ -275,10 +305,16 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: Linea
               for theta in dict.fromkeys(spec.rope_thetas)}  # one table per distinct rope base
     d = _Decoder(g, spec, weights, kind, seqlens_k, total_len, rotary, inputs, outputs)
 
-    embed = weights["model.embed_tokens.weight"].astype(np.float32)
-    if spec.family == "gemma3":  # HF multiplies the looked-up rows by sqrt(hidden) in float32: the same products
-        embed = embed * np.float32(spec.hidden ** 0.5)
-    x = g.op("Gather", [g.const(embed, "embed_tokens"), "input_ids"], "embeddings")
+    embed = embedding_rows(weights, spec)
+    if embedding_bits == 8:
+        codes, scale, zero = quantize_rows(embed)
+        x = g.op("GatherBlockQuantized", [g.const(codes, "embed_tokens.codes"), "input_ids",
+                                          g.const(scale, "embed_tokens.scales"), g.const(zero, "embed_tokens.zero")],
+                 "embeddings", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=EMBEDDING_BLOCK, bits=8)
+    elif embedding_bits == 32:
+        x = g.op("Gather", [g.const(embed, "embed_tokens"), "input_ids"], "embeddings")
+    else:
+        raise ValueError(f"[graph] embedding_bits expected 8 or 32; got {embedding_bits}")
     delta = None
     for i in range(spec.num_layers):
         x, delta = _BLOCKS[spec.family](d, i, x, delta)

@@ -30,7 +30,8 @@ from mobiquant.runtime.modelfile import (DATA_FILE, FORMAT_NAME, FORMAT_VERSION,
 
 from . import checkpoint as ckpt
 from .budgets import measure_named_budgets
-from .graph import DecoderSpec, Fp32Linear, LinearKind, build_decoder
+from .graph import (DecoderSpec, Fp32Linear, LinearKind, build_decoder, dequantize_rows, embedding_rows,
+                    quantize_rows)
 from .linears import MatMulNBitsLinear, MoBiQuantLinear
 from .qmodel import THRESHOLD_GRID, grid_index
 from .quantize import token_dependent_fraction
@@ -112,8 +113,9 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
     print(f"[export] building graph ({spec.num_layers} layers, context {context})", file=sys.stderr, flush=True)
     meta = model_metadata(source, config, "mobiquant", context, source.folder,
                           (meta_raw.get("allocation") or {}).get("routing", "static"))
-    path = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, accuracy_level)), meta,
-                           source.folder, out_dir)
+    use_quantized_embedding(model, floats, spec)
+    path = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, accuracy_level), embedding_bits=8),
+                           meta, source.folder, out_dir)
     print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB); measuring its named budgets", file=sys.stderr,
           flush=True)
     named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
@@ -121,8 +123,8 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
     with tempfile.TemporaryDirectory() as tmp:
         exact = path
         if accuracy_level != ops.ACCURACY_F32:  # the same graph with exact float activations, to hold to PyTorch
-            exact = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, ops.ACCURACY_F32)), meta,
-                                    source.folder, Path(tmp))
+            exact = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, ops.ACCURACY_F32),
+                                                  embedding_bits=8), meta, source.folder, Path(tmp))
         # the file's named budgets and the generic grid (3, 4, 6, 8 bits: token-dependent and constant rows)
         budgets = {**{f"{b:g} bits": b for b in NAMED_BUDGETS.values() if b not in named.values()}, **named}
         verify(exact, path, qmodel, verify_tokens, budgets)
@@ -131,6 +133,15 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
                            "token_dependent_routers": {name: dependent[f"{grid_bits(b):g}"] for name, b in named.items()}})
     print(f"[export] named budgets: {named}", file=sys.stderr)
     return path
+
+
+def use_quantized_embedding(model, floats: dict[str, np.ndarray], spec: DecoderSpec) -> None:
+    """Give the PyTorch model the token embedding the file stores (8-bit blocks, graph.quantize_rows), so that
+    verification holds the graph to the same weights. The LM head is already its own sliced copy."""
+    rows = dequantize_rows(*quantize_rows(embedding_rows(floats, spec)))
+    if spec.family == "gemma3":  # the module multiplies by sqrt(hidden) itself
+        rows = rows / np.float32(spec.hidden ** 0.5)
+    model.get_input_embeddings().weight.data = torch.from_numpy(rows.astype(np.float32))
 
 
 def grid_bits(bits: float) -> float:

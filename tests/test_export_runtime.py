@@ -426,3 +426,37 @@ def test_cli_interactive_chat_drops_old_turns_and_quits_cleanly(tiny_model_dir):
     assert p.returncode == 0, err
     assert "Traceback" not in err and "oldest turn(s) left out to fit the context" in err, err
     assert out.decode().count("> ") == 6  # five replies, then the quitting prompt
+
+
+def test_the_token_embedding_is_stored_in_8_bit_blocks_that_gather_block_quantized_reads(tiny_model_dir):
+    """The exporter's 8-bit embedding: ONNX Runtime's GatherBlockQuantized returns exactly dequantize_rows, each
+    value within half a step of the float row; the file holds no float32 embedding table."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mobiquant.exporter.graph import EMBEDDING_BLOCK, MS_DOMAIN, dequantize_rows, quantize_rows
+
+    rows = np.random.default_rng(0).standard_normal((50, 4 * EMBEDDING_BLOCK)).astype(np.float32)
+    rows[3] = 0.0  # a constant block: scale 1, exact zeros
+    rows[7, :EMBEDDING_BLOCK] = 2.5  # one value in a block
+    codes, scale, zero = quantize_rows(rows)
+    node = helper.make_node("GatherBlockQuantized", ["codes", "ids", "scale", "zero"], ["out"], domain=MS_DOMAIN,
+                            gather_axis=0, quantize_axis=1, block_size=EMBEDDING_BLOCK, bits=8)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, None])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scale, "scale"),
+                               numpy_helper.from_array(zero, "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)])
+    ids = np.array([[0, 3, 7, 49, 7]])
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0][0]
+    want = dequantize_rows(codes, scale, zero)[ids[0]]
+    np.testing.assert_array_equal(got, want)
+    step = np.repeat(scale, EMBEDDING_BLOCK, axis=1)[ids[0]]
+    assert (np.abs(want - rows[ids[0]]) <= step / 2 + 1e-6).all()
+    assert (want[1] == 0).all() and np.allclose(want[2, :EMBEDDING_BLOCK], 2.5, rtol=1e-6)
+
+    graph = onnx.load(str(tiny_model_dir / "model.onnx"), load_external_data=False).graph
+    kinds = {t.name.rsplit("_", 1)[0]: t.data_type for t in graph.initializer if t.name.startswith("embed_tokens")}
+    assert kinds == {"embed_tokens.codes": TensorProto.UINT8, "embed_tokens.scales": TensorProto.FLOAT,
+                     "embed_tokens.zero": TensorProto.UINT8}, kinds
