@@ -67,8 +67,12 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The runtime on an emulated Raspberry Pi 4 and 5 (tests/test_pi.py), the default model included.
-test-pi: model
-	MOBIQ_PI_MODEL=$(MODEL_DIR) $(BIN)/python -m pytest tests/test_pi.py $(PYTEST_ARGS)
+test-pi: model $(MODEL_DIR)-exact/model.onnx
+	MOBIQ_PI_MODEL=$(MODEL_DIR) MOBIQ_PI_EXACT_MODEL=$(MODEL_DIR)-exact $(BIN)/python -m pytest tests/test_pi.py $(PYTEST_ARGS)
+
+# The default model with exact (float) activations: the Pi test's bit-for-bit reference.
+$(MODEL_DIR)-exact/model.onnx: $(MODEL_DIR)/model.onnx
+	$(BIN)/mobiq-export onnx $(CHECKPOINT) -o $(MODEL_DIR)-exact --exact
 
 # dist/: an sdist and py3-none wheels for linux x86_64 and aarch64 (tools/wheels.py says how).
 wheels: deps cross-tools

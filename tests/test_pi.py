@@ -1,10 +1,15 @@
 """The runtime end to end on an emulated Raspberry Pi 4 and 5 (tools/pi.py): Debian 12's arm64 CPython, the
 PyPI aarch64 wheels of numpy/onnxruntime/tokenizers/jinja2 and our aarch64 wheel, under qemu-aarch64.
 
-The reference is the same model on this x86 machine: at each budget the greedy continuation must be the same
-tokens, and the last position's logits of a fixed prompt must agree to PI_LOGIT_TOLERANCE (relative to the
-largest logit: integer dot products are exact on both, the float scaling and summation order differ).
-`make test` runs the tiny model; `make test-pi` adds the default model (MOBIQ_PI_MODEL=models/smollm2-135m).
+The reference is the same file on this x86 machine, at the budgets low and max:
+- an exact-activation file (``mobiq-export onnx --exact``) gives the same greedy tokens, and the last
+  position's logits of a fixed prompt agree to EXACT_PI_TOLERANCE of the largest logit (only the float
+  summation order of ONNX Runtime's own kernels differs between the machines);
+- an int8-activation file (the default) quantizes every activation to 8 bits, so a last-bit difference
+  upstream can move a code by one step: its logits agree to the exporter's own int8 tolerance
+  (INT8_TOLERANCE, the int8 file against the exact one) and its greedy tokens are reported (equal on SmolLM2).
+`make test` runs the tiny model's two files; `make test-pi` adds the default model
+(MOBIQ_PI_MODEL=models/smollm2-135m, MOBIQ_PI_EXACT_MODEL=its --exact export).
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mobiquant.exporter.onnx_export import INT8_TOLERANCE
 from mobiquant.tools import pi
 
-PI_LOGIT_TOLERANCE = 1e-3
+EXACT_PI_TOLERANCE = 1e-3
 PROMPT = "The sea was calm that evening, and"
 NEW_TOKENS = 16
 
@@ -46,9 +52,13 @@ print(json.dumps(out))
 """
 
 
-def models() -> list[str]:
-    extra = os.environ.get("MOBIQ_PI_MODEL")
-    return ["tiny"] + ([extra] if extra else [])
+def models() -> list[tuple[str, bool]]:
+    """(model, exact activations?): the tiny model's two files, and the default model's when asked for."""
+    chosen = [("tiny", False), ("tiny-exact", True)]
+    for variable, exact in (("MOBIQ_PI_MODEL", False), ("MOBIQ_PI_EXACT_MODEL", True)):
+        if os.environ.get(variable):
+            chosen.append((os.environ[variable], exact))
+    return chosen
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +73,13 @@ def on_pi(board: str, package: Path, argv: list[str], timeout: int = 900) -> sub
 
 
 def model_dir(name: str, tiny_model_dir: Path) -> Path:
-    return tiny_model_dir if name == "tiny" else Path(name).resolve()
+    return {"tiny": tiny_model_dir, "tiny-exact": tiny_model_dir.parent / "model-exact"}.get(name) or Path(name).resolve()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("board", ["pi4", "pi5"])
-@pytest.mark.parametrize("name", models())
-def test_the_pi_generates_what_x86_generates(board, name, tiny_model_dir, pi_package):
+@pytest.mark.parametrize("name,exact", models(), ids=[m for m, _ in models()])
+def test_the_pi_generates_what_x86_generates(board, name, exact, tiny_model_dir, pi_package):
     model = model_dir(name, tiny_model_dir)
     args = ["-c", PROBE, str(model), PROMPT, str(NEW_TOKENS)]
     here = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
@@ -80,9 +90,13 @@ def test_the_pi_generates_what_x86_generates(board, name, tiny_model_dir, pi_pac
     for budget in ("low", "max"):
         a, b = np.array(ours[budget]["logits"]), np.array(theirs[budget]["logits"])
         rel = np.abs(a - b).max() / np.abs(a).max()
-        assert rel <= PI_LOGIT_TOLERANCE, f"{board} {budget}: logits differ by {rel:.2e} of the largest"
-        assert theirs[budget]["tokens"] == ours[budget]["tokens"], (board, budget, theirs[budget], ours[budget])
-        assert theirs[budget]["avg_bits"] == pytest.approx(ours[budget]["avg_bits"], abs=1e-6)
+        same = theirs[budget]["tokens"] == ours[budget]["tokens"]
+        print(f"{name} {board} {budget}: logits {rel:.2e} of the largest apart; greedy tokens "
+              f"{'equal' if same else 'differ'}: {theirs[budget]['text']!r}")
+        assert rel <= (EXACT_PI_TOLERANCE if exact else INT8_TOLERANCE), f"{board} {budget}: logits {rel:.2e} apart"
+        if exact:
+            assert same, (board, budget, theirs[budget]["text"], ours[budget]["text"])
+        assert theirs[budget]["avg_bits"] == pytest.approx(ours[budget]["avg_bits"], abs=0.02)
     assert ours["low"]["avg_bits"] < ours["max"]["avg_bits"]
 
 

@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             package = unpack_wheel(args.wheel, Path(tmp))
-            argv = ["-c", args.code] if args.code else ["-m", *module]
+            argv = ["-c", args.code, *module] if args.code else ["-m", *module]
             return subprocess.run(command(args.board, argv), env=environment(package)).returncode
     except (FetchError, OSError, zipfile.BadZipFile) as e:
         print(str(e).splitlines()[0], file=sys.stderr)
