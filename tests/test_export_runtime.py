@@ -460,3 +460,22 @@ def test_the_token_embedding_is_stored_in_8_bit_blocks_that_gather_block_quantiz
     kinds = {t.name.rsplit("_", 1)[0]: t.data_type for t in graph.initializer if t.name.startswith("embed_tokens")}
     assert kinds == {"embed_tokens.codes": TensorProto.UINT8, "embed_tokens.scales": TensorProto.FLOAT,
                      "embed_tokens.zero": TensorProto.UINT8}, kinds
+
+
+def test_footprint_counts_every_weight_byte_once_when_all_slices_are_read(tiny_model_dir):
+    """Reading every slice of every linear (and one embedding row) is the whole file's linear weights plus a row;
+    reading none of the routed slices leaves only scales, zero points, the head and the row."""
+    import onnx
+
+    from mobiquant.tools.footprint import bytes_per_token
+
+    graph = onnx.load(str(tiny_model_dir / "model.onnx")).graph
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    linears = [n for n in graph.node if n.op_type == "ResidualSliceMatMul"]
+    weights = sum(init[n.input[i]].nbytes for n in linears for i in (1, 2, 3))
+    row = sum(init[n.input[i]].nbytes for n in graph.node if n.op_type == "GatherBlockQuantized"
+              for i in (0, 2, 3)) / init[next(n.input[0] for n in graph.node if n.op_type == "GatherBlockQuantized")].shape[0]
+    slices = int(json.loads((tiny_model_dir / "mobiq.json").read_text())["num_slices"])
+    assert bytes_per_token(tiny_model_dir, 2.0 * slices, slices) == pytest.approx(weights + row)
+    routed = sum(init[n.input[1]].nbytes for n in linears if "lm_head" not in n.input[1])
+    assert bytes_per_token(tiny_model_dir, 0.0, slices) == pytest.approx(weights + row - routed)

@@ -3,6 +3,7 @@
     mobiq-bench kernel [--threads 1,2] [--shapes ...] [--json FILE]
     mobiq-bench layer [MODEL] [--layer NAME] [--threads N] [--json FILE]
     mobiq-bench decode MODEL_DIR [--baseline DIR ...] [--bits B ...] [--threads N] [--json FILE]
+    mobiq-bench footprint MODEL_DIR [--threads N] [--json FILE]
 
 ``kernel`` times, in one process on identical inputs, ResidualSliceMatMul at
 k = 1..4 slices (int8-activation mode: rsmm_k; exact float mode: rsmm_f32_k),
@@ -393,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     kernel.add_argument("--kernel", help="int8 kernel to time instead of the fastest usable one "
                                          "(e.g. rsmm_i8_16x4__avx2 on a CPU that has better)")
     kernel.add_argument("--json", help="also write the results to this JSON file")
+    footprint = sub.add_parser("footprint", help="per named budget: file size, weight bytes read per token, "
+                                                 "peak RSS of mobiq-run, decode ceiling at a Pi's bandwidth")
+    footprint.add_argument("model", help="exported model directory")
+    footprint.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
+    footprint.add_argument("--json", help="also write the results to this JSON file")
     layer = sub.add_parser("layer", help="format error and op cost per depth on real weights")
     layer.add_argument("model", nargs="?", default="smollm2-135m", help="registry model (default: smollm2-135m)")
     layer.add_argument("--layer", action="append", help=f"weight name (repeatable; default: {', '.join(DEFAULT_LAYERS)})")
@@ -401,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "decode":
         return _decode_command(args)
+    if args.command == "footprint":
+        from .footprint import run
+
+        return run(args)
     if args.command == "kernel":
         try:
             args.threads = [int(t) for t in args.threads.split(",")]
