@@ -20,13 +20,17 @@ from .signals import SysfsSource
 EPILOG = """\
 budgets: low=3, mid=4, high=6, max=8 average bits (the model file may define its own), any number
 in [2, 8], or auto: battery, temperature and Raspberry Pi throttling pick the budget, re-evaluated
-every --reevaluate-every tokens without reloading (no battery = mains power = max).
+every --reevaluate-every tokens without reloading (no battery = mains power = max). auto never goes
+below the model's low (its quality floor); a device still too hot there pauses after each token.
 Fewer bits read fewer weight bytes per token: faster and cooler, at some cost in quality.
+Interactive chat keeps its turns, drops the oldest whole ones when the context is full; Ctrl-C stops
+a reply, an empty line or Ctrl-D quits.
 
 examples:
   mobiq-run models/smollm2-135m --budget low -p "Write a haiku about rain."
   echo "Summarise Persuasion in one line." | mobiq-run models/smollm2-135m --stats
   mobiq-run models/smollm2-135m --signals          # what auto would choose here, and why
+  mobiq-run models/smollm2-135m --verify           # every file against the checksums of the export
 """
 
 
@@ -57,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--signals-root", type=Path, default=Path("/"), help="read sysfs below DIR (default: /)")
     auto.add_argument("--policy", type=Path, help="policy TOML file (thresholds, hysteresis, dwell)")
     auto.add_argument("--max-bits", type=float, help="never read more than this many bits")
-    auto.add_argument("--min-bits", type=float, help="never read fewer than this many bits")
+    auto.add_argument("--min-bits", type=float, help="never read fewer than this many bits (default: the model's low, "
+                                                                 "its quality floor)")
     auto.add_argument("--reevaluate-every", type=int, default=DEFAULT_REEVALUATE_EVERY,
                       help=f"tokens between two reads of the signals (default: {DEFAULT_REEVALUATE_EVERY})")
     return p
