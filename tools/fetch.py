@@ -107,24 +107,29 @@ def deb_architecture(filename: str) -> str:
     return arch
 
 
-def _apt_download(pin: Pinned, dest: Path) -> None:
-    """``apt-get download`` from ``pin.suite`` for the architecture the pinned file names, with a private
-    sources list and state: the system is untouched, and any host fetches the same file."""
-    arch = deb_architecture(pin.filename)
-    state = cache_dir() / "apt" / f"{pin.suite}-{arch}"
+def apt_options(suite: str, arch: str) -> list[str]:
+    """apt-get/apt-cache options for Debian ``suite`` and ``arch`` with a private sources list and state in the
+    cache: the system is untouched, and any host sees the same packages."""
+    state = cache_dir() / "apt" / f"{suite}-{arch}"
     for sub in ("lists/partial", "archives/partial"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     sources = state / "sources.list"
-    keyring = f"/usr/share/keyrings/debian-archive-{pin.suite}-stable.gpg"
+    keyring = f"/usr/share/keyrings/debian-archive-{suite}-stable.gpg"
     if not Path(keyring).exists():
         keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
-    sources.write_text(f"deb [signed-by={keyring}] http://deb.debian.org/debian {pin.suite} main\n")
+    sources.write_text(f"deb [signed-by={keyring}] http://deb.debian.org/debian {suite} main\n")
     opts = ["-o", f"Dir::Etc::sourcelist={sources}", "-o", "Dir::Etc::sourceparts=-",
             "-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state}",
             "-o", "Dir::State::status=/dev/null", "-o", "APT::Sandbox::User=root", "-q",
             "-o", f"APT::Architecture={arch}", "-o", f"APT::Architectures={arch}"]
     if not any((state / "lists").glob("*Packages*")):
-        _run(["apt-get", *opts, "update"], f"apt-get update ({pin.suite})")
+        _run(["apt-get", *opts, "update"], f"apt-get update ({suite} {arch})")
+    return opts
+
+
+def _apt_download(pin: Pinned, dest: Path) -> None:
+    """``apt-get download`` from ``pin.suite`` for the architecture the pinned file names."""
+    opts = apt_options(pin.suite, deb_architecture(pin.filename))
     download = ["apt-get", *opts, "download", f"{pin.package}={pin.version}"]
     try:
         _run(download, f"apt-get download {pin.package}", cwd=dest)

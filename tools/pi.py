@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .fetch import ORT_AARCH64, FetchError, Pinned, _run, cache_dir, fetch
+from .fetch import ORT_AARCH64, FetchError, Pinned, _run, apt_options, cache_dir, fetch
 
 DEBS = [Pinned("deb", package, version, f"{package}_{version.replace(':', '%3a')}_arm64.deb", sha, suite="bookworm")
         for package, version, sha in [
@@ -155,15 +155,38 @@ def unpack_wheel(wheel: Path, dest: Path) -> Path:
     return dest
 
 
+def current_pins(suite: str = "bookworm") -> list[tuple[str, str, str]]:
+    """(package, version, sha256) that ``suite`` serves now for every package of :data:`DEBS`, from its signed
+    index (apt verifies it): what to paste into DEBS when Debian has superseded a pinned version."""
+    opts = apt_options(suite, "arm64")
+    _run(["apt-get", *opts, "update"], f"apt-get update ({suite} arm64)")
+    proc = subprocess.run(["apt-cache", *opts, "show", "--no-all-versions", *[p.package for p in DEBS]],
+                          capture_output=True, text=True, check=True)
+    pins = []
+    for block in proc.stdout.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line.startswith(" "))
+        if "Package" in fields:
+            pins.append((fields["Package"], fields["Version"], fields["SHA256"]))
+    return pins
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--wheel", type=Path, required=True, help="our aarch64 wheel (make wheels)")
+    p.add_argument("--wheel", type=Path, help="our aarch64 wheel (make wheels)")
+    p.add_argument("--repin", action="store_true", help="print the DEBS table for the versions Debian serves now "
+                                                        "(when a pinned version has been superseded), then exit")
     p.add_argument("--board", default="pi5", choices=sorted(BOARDS),
                    help="pi4: Cortex-A72, NEON; pi5: qemu's max CPU (a Cortex-A76's dot product included)")
     p.add_argument("module", nargs=argparse.REMAINDER, help="-- then a module and its arguments, e.g. "
                                                             "-- mobiquant.runtime.cli models/smollm2-135m -p hi")
     p.add_argument("-c", dest="code", help="run this Python code instead of a module")
     args = p.parse_args(argv)
+    if args.repin:
+        for package, version, sha in current_pins():
+            print(f'            ("{package}", "{version}", "{sha}"),')
+        return 0
+    if args.wheel is None:
+        p.error("--wheel expected (our aarch64 wheel from `make wheels`)")
     module = args.module[1:] if args.module[:1] == ["--"] else args.module
     try:
         with tempfile.TemporaryDirectory() as tmp:
