@@ -285,10 +285,59 @@ def dequantize_rows(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> n
     return (g * scale[..., None]).reshape(v, k)
 
 
+def head_rows(g: GraphBuilder, ids: str, slices: str, scales: str, zeros: str, num_slices: int, k: int,
+              group_size: int, out: str) -> str:
+    """The rows ``ids`` of a ResidualSliceMatMul weight at full depth, W^(S) (runtime/format.py ``dequantize``),
+    decoded from its packed slices with standard ONNX ops: a tied model's token embedding read from its LM head,
+    no bytes of its own. Per token it touches S x K/4 bytes of slices and one row of scales and zero points."""
+    i64 = lambda a, hint: g.const(np.array(a, np.int64), hint)  # noqa: E731
+    tile = g.op("Div", [ids, i64(16, "sixteen")], "head_tile")
+    row = g.op("Mod", [ids, i64(16, "sixteen")], "head_row_in_tile")
+    tiles = g.op("Gather", [slices, tile], "head_tiles", axis=1)  # [S, B, T, K/16, 64]
+    shape = g.op("Shape", [tiles], "head_tiles_shape")
+    by_row = g.op("Reshape", [tiles, g.op("Concat", [g.op("Slice", [shape, i64([0], "z"), i64([4], "four")]),
+                                                     i64([16, 4], "rows_bytes")], axis=0)], "head_by_row")
+    want = g.op("Reshape", [row, g.op("Concat", [i64([1], "one"), g.op("Shape", [ids]), i64([1, 1, 1], "ones3")],
+                                      axis=0)], "head_row_index")  # [1, B, T, 1, 1, 1]
+    index = g.op("Expand", [want, g.op("Concat", [g.op("Slice", [shape, i64([0], "z"), i64([4], "four")]),
+                                                   i64([1, 4], "one_four")], axis=0)], "head_row_index_full")
+    picked = g.op("GatherElements", [by_row, index], "head_row_bytes", axis=4)  # [S, B, T, K/16, 1, 4]
+    shifts = g.const(np.array([0, 2, 4, 6], np.uint8).reshape(4, 1), "pair_shifts")  # bit pair i: columns 4i + b
+    codes = g.op("BitwiseAnd", [g.op("BitShift", [picked, shifts], direction="RIGHT"),
+                                g.const(np.array(3, np.uint8), "three")], "head_codes")  # [S, B, T, K/16, 4, 4]
+    flat = g.op("Reshape", [g.op("Cast", [codes], to=TensorProto.FLOAT),
+                            g.op("Concat", [g.op("Slice", [shape, i64([0], "z"), i64([3], "three_i")]),
+                                            i64([k // group_size, group_size], "groups")], axis=0)], "head_q")
+    weights = np.array([4.0 ** -e for e in range(num_slices)], np.float32).reshape(num_slices, 1, 1, 1, 1)
+    combo = g.op("ReduceSum", [g.op("Mul", [flat, g.const(weights, "slice_weights")]), i64([0], "z")],
+                 "head_combo", keepdims=0)  # sum_e q_e / 4^e, [B, T, K/g, g]
+    offset = np.float32(0.5 - 1.5 * sum(4.0 ** -e for e in range(1, num_slices)))
+    s1 = g.op("Unsqueeze", [g.op("Gather", [scales, ids], axis=0), i64([-1], "last")])  # [B, T, K/g, 1]
+    z1 = g.op("Unsqueeze", [g.op("Gather", [zeros, ids], axis=0), i64([-1], "last")])
+    level = g.op("Sub", [g.op("Add", [combo, g.const(np.array(offset), "head_offset")]), z1])
+    rows = g.op("Mul", [level, s1], "head_rows_grouped")
+    return g.op("Reshape", [rows, g.op("Concat", [g.op("Shape", [ids]), i64([k], "width")], axis=0)], outputs=[out])
+
+
+def _embedding_from_head(g: GraphBuilder, spec: DecoderSpec, logits: str) -> None:
+    """Prepend the nodes that make "embeddings" from the LM head node's slices (its inputs 1..3)."""
+    head = next(n for n in g.nodes if logits in n.output)
+    if head.op_type != "ResidualSliceMatMul":
+        raise ValueError(f"[graph] an embedding read from the LM head needs a ResidualSliceMatMul head; got {head.op_type}")
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    start = len(g.nodes)
+    rows = head_rows(g, "input_ids", head.input[1], head.input[2], head.input[3], attrs["num_slices"], spec.hidden,
+                     attrs["group_size"], "embeddings" if spec.family != "gemma3" else "head_embedding_rows")
+    if spec.family == "gemma3":  # HF multiplies the looked-up rows by sqrt(hidden) in float32
+        g.op("Mul", [rows, g.const(np.array(spec.hidden ** 0.5, np.float32), "embed_scale")], outputs=["embeddings"])
+    g.nodes[:] = g.nodes[start:] + g.nodes[:start]  # they depend only on input_ids and initializers
+
+
 def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: LinearKind,
                   lm_head: LinearKind | None = None, embedding_bits: int = 32) -> onnx.ModelProto:
     """The decoder graph. ``weights`` holds HF-named float tensors (embeddings, norms, linears). The token
-    embedding is float32 (``embedding_bits`` 32) or 8-bit blocks read by GatherBlockQuantized (8)."""
+    embedding is float32 (``embedding_bits`` 32), or 8-bit blocks read by GatherBlockQuantized (8), or — 0, for
+    a tied model whose LM head is a ResidualSliceMatMul — the head's own slices at full depth (:func:`head_rows`)."""
     g = GraphBuilder()
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])]
@@ -306,7 +355,9 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: Linea
     d = _Decoder(g, spec, weights, kind, seqlens_k, total_len, rotary, inputs, outputs)
 
     embed = embedding_rows(weights, spec)
-    if embedding_bits == 8:
+    if embedding_bits == 0:
+        x = "embeddings"  # made from the LM head's slices once the head exists (below)
+    elif embedding_bits == 8:
         codes, scale, zero = quantize_rows(embed)
         x = g.op("GatherBlockQuantized", [g.const(codes, "embed_tokens.codes"), "input_ids",
                                           g.const(scale, "embed_tokens.scales"), g.const(zero, "embed_tokens.zero")],
@@ -314,13 +365,15 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: Linea
     elif embedding_bits == 32:
         x = g.op("Gather", [g.const(embed, "embed_tokens"), "input_ids"], "embeddings")
     else:
-        raise ValueError(f"[graph] embedding_bits expected 8 or 32; got {embedding_bits}")
+        raise ValueError(f"[graph] embedding_bits expected 0, 8 or 32; got {embedding_bits}")
     delta = None
     for i in range(spec.num_layers):
         x, delta = _BLOCKS[spec.family](d, i, x, delta)
     _, x = d.add_norm(x, delta, "model.norm.weight")
     head_weight = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
     logits = (lm_head or kind).linear(g, x, "lm_head", [head_weight], "lm_head")
+    if embedding_bits == 0:
+        _embedding_from_head(g, spec, logits)
     if spec.final_softcap:
         cap = g.const(np.array(spec.final_softcap, np.float32), "final_softcap")
         logits = g.op("Mul", [g.op("Tanh", [g.op("Div", [logits, cap])]), cap])

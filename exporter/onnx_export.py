@@ -113,9 +113,9 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
     print(f"[export] building graph ({spec.num_layers} layers, context {context})", file=sys.stderr, flush=True)
     meta = model_metadata(source, config, "mobiquant", context, source.folder,
                           (meta_raw.get("allocation") or {}).get("routing", "static"))
-    use_quantized_embedding(model, floats, spec)
-    path = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, accuracy_level), embedding_bits=8),
-                           meta, source.folder, out_dir)
+    embedding_bits = use_stored_embedding(model, floats, spec, qmodel)
+    path = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, accuracy_level),
+                                         embedding_bits=embedding_bits), meta, source.folder, out_dir)
     print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB); measuring its named budgets", file=sys.stderr,
           flush=True)
     named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
@@ -124,7 +124,7 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
         exact = path
         if accuracy_level != ops.ACCURACY_F32:  # the same graph with exact float activations, to hold to PyTorch
             exact = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, ops.ACCURACY_F32),
-                                                  embedding_bits=8), meta, source.folder, Path(tmp))
+                                                  embedding_bits=embedding_bits), meta, source.folder, Path(tmp))
         # the file's named budgets and the generic grid (3, 4, 6, 8 bits: token-dependent and constant rows)
         budgets = {**{f"{b:g} bits": b for b in NAMED_BUDGETS.values() if b not in named.values()}, **named}
         verify(exact, path, qmodel, verify_tokens, budgets)
@@ -135,13 +135,21 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
     return path
 
 
-def use_quantized_embedding(model, floats: dict[str, np.ndarray], spec: DecoderSpec) -> None:
-    """Give the PyTorch model the token embedding the file stores (8-bit blocks, graph.quantize_rows), so that
-    verification holds the graph to the same weights. The LM head is already its own sliced copy."""
-    rows = dequantize_rows(*quantize_rows(embedding_rows(floats, spec)))
-    if spec.family == "gemma3":  # the module multiplies by sqrt(hidden) itself
-        rows = rows / np.float32(spec.hidden ** 0.5)
-    model.get_input_embeddings().weight.data = torch.from_numpy(rows.astype(np.float32))
+def use_stored_embedding(model, floats: dict[str, np.ndarray], spec: DecoderSpec, qmodel) -> int:
+    """How the file stores the token embedding, and the same embedding given to the PyTorch model so that
+    verification holds the graph to it (the LM head is already its own sliced copy). Tied weights: read from the
+    LM head's slices at full depth (embedding_bits 0, no bytes of its own); else 8-bit blocks (8)."""
+    embed = floats["model.embed_tokens.weight"]
+    tied = "lm_head.weight" not in floats or np.array_equal(floats["lm_head.weight"], embed)
+    head = qmodel.linears["lm_head"].sliced
+    if tied:  # unscaled rows: Gemma's module and the graph both multiply by sqrt(hidden) afterwards
+        rows = head.dequantize(head.num_slices).astype(np.float32)
+    else:
+        rows = dequantize_rows(*quantize_rows(embedding_rows(floats, spec)))
+        if spec.family == "gemma3":
+            rows = rows / np.float32(spec.hidden ** 0.5)
+    model.get_input_embeddings().weight.data = torch.from_numpy(np.ascontiguousarray(rows, np.float32))
+    return 0 if tied else 8
 
 
 def grid_bits(bits: float) -> float:

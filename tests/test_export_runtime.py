@@ -428,9 +428,9 @@ def test_cli_interactive_chat_drops_old_turns_and_quits_cleanly(tiny_model_dir):
     assert out.decode().count("> ") == 6  # five replies, then the quitting prompt
 
 
-def test_the_token_embedding_is_stored_in_8_bit_blocks_that_gather_block_quantized_reads(tiny_model_dir):
-    """The exporter's 8-bit embedding: ONNX Runtime's GatherBlockQuantized returns exactly dequantize_rows, each
-    value within half a step of the float row; the file holds no float32 embedding table."""
+def test_an_untied_embedding_is_stored_in_8_bit_blocks_that_gather_block_quantized_reads():
+    """The exporter's 8-bit embedding (untied models): ONNX Runtime's GatherBlockQuantized returns exactly
+    dequantize_rows, each value within half a step of the float row."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -456,15 +456,43 @@ def test_the_token_embedding_is_stored_in_8_bit_blocks_that_gather_block_quantiz
     assert (np.abs(want - rows[ids[0]]) <= step / 2 + 1e-6).all()
     assert (want[1] == 0).all() and np.allclose(want[2, :EMBEDDING_BLOCK], 2.5, rtol=1e-6)
 
+
+
+@pytest.mark.parametrize("n,k,group,slices", [(37, 128, 64, 4), (16, 64, 32, 2), (50, 576, 64, 4)])
+def test_a_tied_embedding_is_read_from_the_lm_head_slices(n, k, group, slices):
+    """head_rows (standard ONNX ops over the head's packed slices) against runtime/format.py's float64 W^(S)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from mobiquant.exporter.graph import OPSET, GraphBuilder, head_rows
+    from mobiquant.runtime import format as F
+
+    sliced = F.quantize(np.random.default_rng(n).standard_normal((n, k)).astype(np.float32), group, slices)
+    g = GraphBuilder()
+    head_rows(g, "ids", g.const(sliced.packed, "slices"), g.const(sliced.scales, "scales"),
+              g.const(sliced.zero_points, "zero"), slices, k, group, "rows")
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "T"])],
+                              [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    ids = np.array([[0, n - 1, 15, min(16, n - 1), 3], [n // 2, 1, 1, n - 1, 0]])
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"ids": ids})[0]
+    want = sliced.dequantize(slices)[ids]
+    assert got.shape == (2, 5, k)
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+
+
+def test_the_tied_tiny_model_stores_no_embedding_of_its_own(tiny_model_dir):
+    import onnx
+
     graph = onnx.load(str(tiny_model_dir / "model.onnx"), load_external_data=False).graph
-    kinds = {t.name.rsplit("_", 1)[0]: t.data_type for t in graph.initializer if t.name.startswith("embed_tokens")}
-    assert kinds == {"embed_tokens.codes": TensorProto.UINT8, "embed_tokens.scales": TensorProto.FLOAT,
-                     "embed_tokens.zero": TensorProto.UINT8}, kinds
+    assert not [t.name for t in graph.initializer if t.name.startswith("embed_tokens")]
+    first = graph.node[0]
+    assert first.input[0] == "input_ids" and any(n.op_type == "GatherElements" for n in graph.node)
 
 
 def test_footprint_counts_every_weight_byte_once_when_all_slices_are_read(tiny_model_dir):
-    """Reading every slice of every linear (and one embedding row) is the whole file's linear weights plus a row;
-    reading none of the routed slices leaves only scales, zero points, the head and the row."""
+    """Reading every slice of every linear is the whole file's linear weights (the tied embedding adds nothing:
+    its rows are the head's); reading none of the routed slices leaves only scales, zero points and the head."""
     import onnx
 
     from mobiquant.tools.footprint import bytes_per_token
@@ -473,8 +501,7 @@ def test_footprint_counts_every_weight_byte_once_when_all_slices_are_read(tiny_m
     init = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     linears = [n for n in graph.node if n.op_type == "ResidualSliceMatMul"]
     weights = sum(init[n.input[i]].nbytes for n in linears for i in (1, 2, 3))
-    row = sum(init[n.input[i]].nbytes for n in graph.node if n.op_type == "GatherBlockQuantized"
-              for i in (0, 2, 3)) / init[next(n.input[0] for n in graph.node if n.op_type == "GatherBlockQuantized")].shape[0]
+    row = 0.0  # read from the head, whose bytes are counted already
     slices = int(json.loads((tiny_model_dir / "mobiq.json").read_text())["num_slices"])
     assert bytes_per_token(tiny_model_dir, 2.0 * slices, slices) == pytest.approx(weights + row)
     routed = sum(init[n.input[1]].nbytes for n in linears if "lm_head" not in n.input[1])

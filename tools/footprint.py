@@ -4,7 +4,8 @@ per token, peak memory of ``mobiq-run``, and the decode ceiling memory bandwidth
 Bytes per token come from the file's own tensors and the bits the graph reports reading: every routed
 ``ResidualSliceMatMul`` reads ``count`` of its S slices (avg_bits / 2 slices on average, weighted by weight
 size as the graph computes avg_bits) plus its group scales and zero points; the LM head reads its fixed
-slices, scales and zero points; the embedding one row (codes, scales, zero points). Activations, the KV cache
+slices, scales and zero points; the embedding one row (codes, scales, zero points) unless a tied model reads it
+from the head's slices, already counted. Activations, the KV cache
 and norms are left out: the ceiling is an upper bound. Peak memory is ``mobiq-run``'s own report (a short
 chat prompt, 32 new tokens) in a fresh process.
 
@@ -41,6 +42,7 @@ def _tensors(model_path: Path) -> tuple[list, dict, dict]:
 def bytes_per_token(model_dir: Path, avg_bits: float, head_slices: int) -> float:
     """Weight bytes one decode step reads at ``avg_bits`` (see the module docstring)."""
     nodes, sizes, dims = _tensors(model_dir / "model.onnx")
+    counted = {name for n in nodes if n.op_type == "ResidualSliceMatMul" for name in n.input[1:4]}
     total = 0.0
     for node in nodes:
         if node.op_type == "ResidualSliceMatMul":
@@ -49,7 +51,7 @@ def bytes_per_token(model_dir: Path, avg_bits: float, head_slices: int) -> float
             total += reads * sizes[node.input[1]] / slices + sizes[node.input[2]] + sizes[node.input[3]]
         elif node.op_type == "GatherBlockQuantized":
             total += sum(sizes[node.input[i]] for i in (0, 2, 3)) / dims[node.input[0]][0]
-        elif node.op_type == "Gather" and node.input[1] == "input_ids":
+        elif node.op_type == "Gather" and node.input[1] == "input_ids" and node.input[0] not in counted:
             total += sizes[node.input[0]] / dims[node.input[0]][0]
     return total
 
