@@ -506,3 +506,29 @@ def test_footprint_counts_every_weight_byte_once_when_all_slices_are_read(tiny_m
     assert bytes_per_token(tiny_model_dir, 2.0 * slices, slices) == pytest.approx(weights + row)
     routed = sum(init[n.input[1]].nbytes for n in linears if "lm_head" not in n.input[1])
     assert bytes_per_token(tiny_model_dir, 0.0, slices) == pytest.approx(weights + row - routed)
+
+
+def test_an_untied_model_exports_its_embedding_in_8_bit_blocks_and_verifies(tmp_path):
+    """Untied weights: the embedding cannot come from the head; the file stores it in 8-bit blocks, the export's
+    verification against PyTorch (same rows) passes, and the runtime generates."""
+    import onnx
+
+    from mobiquant.exporter.thresholds import fit_thresholds
+    from mobiquant.runtime import Model
+
+    source = resolve(str(write_tiny_llama(tmp_path / "hf", seed=3, tied=False)))
+    model = load_float_model(source)
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    q = build_quantized(model, slice_model(model, 64))
+    fit_thresholds(q, [torch.from_numpy(np.random.default_rng(0).integers(3, 99, (2, 64)))])
+    config = ckpt.CheckpointConfig(source.name, source.identity, source.architecture, 4, 64, 4, "minmax", "random")
+    ckpt.save(q, config, tmp_path / "checkpoint")
+    export(tmp_path / "checkpoint", tmp_path / "model", context=128)  # verifies against PyTorch or raises
+    graph = onnx.load(str(tmp_path / "model" / "model.onnx"), load_external_data=False).graph
+    assert any(n.op_type == "GatherBlockQuantized" for n in graph.node)
+    assert not any(n.op_type == "GatherElements" for n in graph.node)
+    runtime = Model.load(tmp_path / "model", threads=1)
+    runtime.codec.stop_ids = frozenset()
+    gen = runtime.generate("hi", max_new_tokens=4, chat=False)
+    list(gen)
+    assert len(gen.stats.steps) == 4 and gen.stop_reason == "max tokens"

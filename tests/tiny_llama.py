@@ -28,7 +28,7 @@ def write_char_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def write_tiny_llama(folder: Path, seed: int = 0, layers: int = 2) -> Path:
+def write_tiny_llama(folder: Path, seed: int = 0, layers: int = 2, tied: bool = True) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -37,7 +37,7 @@ def write_tiny_llama(folder: Path, seed: int = 0, layers: int = 2) -> Path:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(folder)
     return folder
