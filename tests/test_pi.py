@@ -27,6 +27,8 @@ import pytest
 from mobiquant.exporter.onnx_export import INT8_TOLERANCE
 from mobiquant.tools import pi
 
+from fake_sysfs import pi5
+
 EXACT_PI_TOLERANCE = 1e-3
 PROMPT = "The sea was calm that evening, and"
 NEW_TOKENS = 16
@@ -100,25 +102,11 @@ def test_the_pi_generates_what_x86_generates(board, name, exact, tiny_model_dir,
     assert ours["low"]["avg_bits"] < ours["max"]["avg_bits"]
 
 
-def pi5_tree(root: Path, celsius: float, throttled: str) -> Path:
-    """A Pi 5's sysfs as the policy reads it: no battery (an empty power_supply class), its CPU zone, the firmware's
-    get_throttled."""
-    (root / "sys/class/power_supply").mkdir(parents=True)
-    zone = root / "sys/class/thermal/thermal_zone0"
-    zone.mkdir(parents=True)
-    (zone / "type").write_text("cpu-thermal\n")
-    (zone / "temp").write_text(f"{int(celsius * 1000)}\n")
-    firmware = root / "sys/devices/platform/soc/soc:firmware"
-    firmware.mkdir(parents=True)
-    (firmware / "get_throttled").write_text(throttled + "\n")
-    return root
-
-
 @pytest.mark.slow
 def test_auto_on_a_hot_throttled_pi5_reads_fewer_bits_than_on_a_cool_one(tiny_model_dir, pi_package, tmp_path):
     bits = {}
     for state, celsius, flags in (("cool", 52.0, "0"), ("hot", 81.0, "50005")):
-        root = pi5_tree(tmp_path / state, celsius, flags)
+        root = pi5(tmp_path / state, celsius, flags)
         r = on_pi("pi5", pi_package, ["-m", "mobiquant.runtime.cli", str(tiny_model_dir), "--budget", "auto",
                                       "--signals-root", str(root), "-p", "hi", "-n", "4", "--raw", "--stats",
                                       "--threads", "2"])
