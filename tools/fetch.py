@@ -139,12 +139,16 @@ def _apt_download(pin: Pinned, dest: Path) -> None:
 
 
 def deb_members(deb: Path, prefix: str, dest: Path) -> Path:
-    """Unpack the files under ``prefix`` of a .deb's data archive into ``dest`` (no install)."""
+    """Unpack the files under ``prefix`` ("" for all) of a .deb's data archive into ``dest`` (no install);
+    absolute symlinks are made relative, so that they resolve inside ``dest``."""
     with tempfile.TemporaryDirectory() as tmp:
         _run(["ar", "x", str(deb.resolve())], f"unpacking {deb.name}", cwd=tmp)
         data = next(Path(tmp).glob("data.tar.*"))
         with tarfile.open(data) as tar:
             members = [m for m in tar.getmembers() if m.name.lstrip("./").startswith(prefix)]
+            for member in members:
+                if member.issym() and member.linkname.startswith("/"):
+                    member.linkname = os.path.relpath(member.linkname, Path("/" + member.name.lstrip("./")).parent)
             tar.extractall(dest, members=members, filter="data")
     return dest
 

@@ -17,12 +17,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
 
-from .fetch import ORT_AARCH64, FetchError, Pinned, _run, apt_options, cache_dir, fetch
+from .fetch import ORT_AARCH64, FetchError, Pinned, _run, apt_options, cache_dir, deb_members, fetch
 
 DEBS = [Pinned("deb", package, version, f"{package}_{version.replace(':', '%3a')}_arm64.deb", sha, suite="bookworm")
         for package, version, sha in [
@@ -64,18 +63,6 @@ BOARDS = {
 }
 
 
-def _unpack_deb(deb: Path, root: Path) -> None:
-    """Every file of a .deb's data archive under ``root``; absolute symlinks made relative to ``root``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        _run(["ar", "x", str(deb.resolve())], f"unpacking {deb.name}", cwd=tmp)
-        with tarfile.open(next(Path(tmp).glob("data.tar.*"))) as tar:
-            for member in tar.getmembers():
-                if member.issym() and member.linkname.startswith("/"):
-                    here = Path("/" + member.name.lstrip("./")).parent
-                    member.linkname = os.path.relpath(member.linkname, here)
-            tar.extractall(root, filter="tar")
-
-
 def sysroot() -> Path:
     """The arm64 root (CPython 3.11 + libraries) and its ``site`` folder of dependency wheels, made once."""
     key = hashlib.sha256("".join(p.sha256 for p in DEBS + WHEELS).encode()).hexdigest()[:12]
@@ -88,7 +75,7 @@ def sysroot() -> Path:
     shutil.rmtree(part, ignore_errors=True)
     part.mkdir(parents=True)
     for pin in DEBS:
-        _unpack_deb(fetch(pin), part)
+        deb_members(fetch(pin), "", part)
     for pin in WHEELS:
         with zipfile.ZipFile(fetch(pin)) as wheel:
             wheel.extractall(part / "site")
