@@ -291,25 +291,25 @@ def head_rows(g: GraphBuilder, ids: str, slices: str, scales: str, zeros: str, n
     decoded from its packed slices with standard ONNX ops: a tied model's token embedding read from its LM head,
     no bytes of its own. Per token it touches S x K/4 bytes of slices and one row of scales and zero points."""
     i64 = lambda a, hint: g.const(np.array(a, np.int64), hint)  # noqa: E731
-    tile = g.op("Div", [ids, i64(16, "sixteen")], "head_tile")
-    row = g.op("Mod", [ids, i64(16, "sixteen")], "head_row_in_tile")
+    sixteen, first = i64(16, "sixteen"), i64([0], "axis0")
+    tile = g.op("Div", [ids, sixteen], "head_tile")
+    row = g.op("Mod", [ids, sixteen], "head_row_in_tile")
     tiles = g.op("Gather", [slices, tile], "head_tiles", axis=1)  # [S, B, T, K/16, 64]
     shape = g.op("Shape", [tiles], "head_tiles_shape")
-    by_row = g.op("Reshape", [tiles, g.op("Concat", [g.op("Slice", [shape, i64([0], "z"), i64([4], "four")]),
-                                                     i64([16, 4], "rows_bytes")], axis=0)], "head_by_row")
+    lead = g.op("Slice", [shape, first, i64([4], "four")], "head_lead")  # [S, B, T, K/16]
+    by_row = g.op("Reshape", [tiles, g.op("Concat", [lead, i64([16, 4], "rows_bytes")], axis=0)], "head_by_row")
     want = g.op("Reshape", [row, g.op("Concat", [i64([1], "one"), g.op("Shape", [ids]), i64([1, 1, 1], "ones3")],
                                       axis=0)], "head_row_index")  # [1, B, T, 1, 1, 1]
-    index = g.op("Expand", [want, g.op("Concat", [g.op("Slice", [shape, i64([0], "z"), i64([4], "four")]),
-                                                   i64([1, 4], "one_four")], axis=0)], "head_row_index_full")
+    index = g.op("Expand", [want, g.op("Concat", [lead, i64([1, 4], "one_four")], axis=0)], "head_row_index_full")
     picked = g.op("GatherElements", [by_row, index], "head_row_bytes", axis=4)  # [S, B, T, K/16, 1, 4]
     shifts = g.const(np.array([0, 2, 4, 6], np.uint8).reshape(4, 1), "pair_shifts")  # bit pair i: columns 4i + b
     codes = g.op("BitwiseAnd", [g.op("BitShift", [picked, shifts], direction="RIGHT"),
                                 g.const(np.array(3, np.uint8), "three")], "head_codes")  # [S, B, T, K/16, 4, 4]
     flat = g.op("Reshape", [g.op("Cast", [codes], to=TensorProto.FLOAT),
-                            g.op("Concat", [g.op("Slice", [shape, i64([0], "z"), i64([3], "three_i")]),
+                            g.op("Concat", [g.op("Slice", [shape, first, i64([3], "three_i")]),
                                             i64([k // group_size, group_size], "groups")], axis=0)], "head_q")
     weights = np.array([4.0 ** -e for e in range(num_slices)], np.float32).reshape(num_slices, 1, 1, 1, 1)
-    combo = g.op("ReduceSum", [g.op("Mul", [flat, g.const(weights, "slice_weights")]), i64([0], "z")],
+    combo = g.op("ReduceSum", [g.op("Mul", [flat, g.const(weights, "slice_weights")]), first],
                  "head_combo", keepdims=0)  # sum_e q_e / 4^e, [B, T, K/g, g]
     offset = np.float32(0.5 - 1.5 * sum(4.0 ** -e for e in range(1, num_slices)))
     s1 = g.op("Unsqueeze", [g.op("Gather", [scales, ids], axis=0), i64([-1], "last")])  # [B, T, K/g, 1]
