@@ -4,6 +4,7 @@
 #include <mutex>
 #include <string>
 
+#include "attention_op.h"
 #include "rsmm_op.h"
 
 namespace {
@@ -11,12 +12,14 @@ namespace {
 OrtCustomOpDomain* shared_domain(const OrtApi& api, OrtStatus** status) {
   // One domain for the process, alive as long as any session may use it.
   static mobiq::RsmmOp rsmm;
+  static mobiq::AttentionOp attention;
   static OrtCustomOpDomain* domain = nullptr;
   static OrtStatus* error = nullptr;
   static std::once_flag once;
   std::call_once(once, [&] {
     error = api.CreateCustomOpDomain(mobiq::kDomain, &domain);
     if (!error) error = api.CustomOpDomain_Add(domain, &rsmm);
+    if (!error) error = api.CustomOpDomain_Add(domain, &attention);
   });
   *status = error ? api.CreateStatus(api.GetErrorCode(error), api.GetErrorMessage(error)) : nullptr;
   return domain;
