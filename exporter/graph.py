@@ -1,17 +1,19 @@
 """A direct ONNX graph builder for decoder-only LMs with a KV cache (Llama and Gemma 3).
 
-One graph, batch-1 friendly, KV cache in BNSH layout::
+One graph, batch-1 friendly::
 
     inputs : input_ids int64 [B, S], attention_mask int64 [B, T] (T = past + S),
-             past_key_values.{i}.key|value float32 [B, kv_heads, P, head_dim],
+             past_key_values.{i}.key|value   uint8 [B, kv_heads, blocks, block_bytes]  (attention "kv")
+                                             float32 [B, kv_heads, P, head_dim]         (attention "gqa")
              target_bits float32 []                       (MoBiQuant graphs only)
-    outputs: logits float32 [B, S, vocab], present.{i}.key|value [B, kv_heads, T, head_dim],
-             avg_bits float32 []                          (MoBiQuant graphs only)
+    outputs: logits float32 [B, S, vocab], present.{i}.key|value (the past's type; "kv": the same shape,
+             bound to the same buffers), avg_bits float32 []  (MoBiQuant graphs only)
 
-Attention is ONNX Runtime's com.microsoft.GroupQueryAttention with rotary inside
-(one cos/sin table per rope base; sliding-window layers through local_window_size;
-the cache always holds every position; q|k|v packed in one input unless q/k are
-normed first). A residual add and the RMSNorm after it are one
+Attention is ai.mobiquant.KVAttention (the MoBiQuant file: a cache of any precision, chosen by the
+session through the block size, runtime/kvcache.py) or ONNX Runtime's com.microsoft.GroupQueryAttention
+(the baselines, float32 cache); both with rotary inside (one cos/sin table per rope base;
+sliding-window layers through local_window_size; the cache always holds every position; q|k|v packed
+in one input unless q/k are normed first). A residual add and the RMSNorm after it are one
 com.microsoft.SkipSimplifiedLayerNormalization; other RMSNorms are ONNX
 RMSNormalization (opset 23). Fewer nodes: ~5 % faster decode on SmolLM2.
 The block structure is the architecture's (:data:`FAMILIES`). How a linear layer is
@@ -31,6 +33,8 @@ from mobiquant.tools.models import ModelError
 
 OPSET = 23
 MS_DOMAIN = "com.microsoft"
+MOBIQ_DOMAIN = "ai.mobiquant"
+ATTENTION_OPS = ("kv", "gqa")
 FAMILIES = {"llama": "llama", "gemma3_text": "gemma3"}  # HF model_type -> block structure built here
 ACTIVATIONS = {"llama": "silu", "gemma3": "gelu_pytorch_tanh"}  # the MLP activation each family is built with
 
@@ -158,6 +162,7 @@ class _Decoder:
     rotary: dict[float, tuple[str, str]]  # rope base -> (cos, sin) initializers
     inputs: list
     outputs: list
+    attention_op: str  # "kv": ai.mobiquant KVAttention; "gqa": com.microsoft GroupQueryAttention
 
     def _norm_weight(self, name: str) -> str:
         """HF RMSNorm weight ``name``; Gemma 3 scales by (1 + w), computed in float32 as HF does."""
@@ -200,18 +205,29 @@ class _Decoder:
             q, k, v = qkv, "", ""  # packed
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
-        B, T, P = "batch", "total_sequence", "past_sequence"
-        self.inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, spec.kv_heads, P, spec.head_dim])
-                        for n in (past_k, past_v)]
-        self.outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, spec.kv_heads, T, spec.head_dim])
-                         for n in (present_k, present_v)]
         cos, sin = self.rotary[spec.rope_thetas[i]]
         # local_window_size = keys a query sees, its own included: HF's sliding_window as is (checked
         # numerically against HF on prompts and decode steps past the window); "all" (0) is -1 (unused).
-        attn = g.op("GroupQueryAttention", [q, k, v, past_k, past_v, self.seqlens_k, self.total_len, cos, sin],
-                    outputs=[g.name(f"attn{i}"), present_k, present_v], domain=MS_DOMAIN,
-                    num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1, rotary_interleaved=0,
-                    scale=spec.attn_scale, local_window_size=spec.windows[i] or -1)[0]
+        window = spec.windows[i] or -1
+        if self.attention_op == "kv":
+            # uint8 blocks whose size sets the cache precision (runtime/kvcache.py); capacity = blocks * 16
+            dims = ["batch", spec.kv_heads, "kv_blocks", "kv_block_bytes"]
+            self.inputs += [helper.make_tensor_value_info(n, TensorProto.UINT8, dims) for n in (past_k, past_v)]
+            self.outputs += [helper.make_tensor_value_info(n, TensorProto.UINT8, dims) for n in (present_k, present_v)]
+            attn = g.op("KVAttention", [q, k, v, past_k, past_v, self.seqlens_k, cos, sin],
+                        outputs=[g.name(f"attn{i}"), present_k, present_v], domain=MOBIQ_DOMAIN,
+                        num_heads=spec.heads, kv_num_heads=spec.kv_heads, scale=spec.attn_scale,
+                        local_window_size=window)[0]
+        else:
+            B, T, P = "batch", "total_sequence", "past_sequence"
+            self.inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, spec.kv_heads, P, spec.head_dim])
+                            for n in (past_k, past_v)]
+            self.outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, spec.kv_heads, T, spec.head_dim])
+                             for n in (present_k, present_v)]
+            attn = g.op("GroupQueryAttention", [q, k, v, past_k, past_v, self.seqlens_k, self.total_len, cos, sin],
+                        outputs=[g.name(f"attn{i}"), present_k, present_v], domain=MS_DOMAIN,
+                        num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1, rotary_interleaved=0,
+                        scale=spec.attn_scale, local_window_size=window)[0]
         return self.kind.linear(g, attn, f"layers.{i}.o_proj", [self.weights[f"{pre}.o_proj.weight"]],
                                 f"layers.{i}.attn_out")
 
@@ -334,10 +350,14 @@ def _embedding_from_head(g: GraphBuilder, spec: DecoderSpec, logits: str) -> Non
 
 
 def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: LinearKind,
-                  lm_head: LinearKind | None = None, embedding_bits: int = 32) -> onnx.ModelProto:
+                  lm_head: LinearKind | None = None, embedding_bits: int = 32, attention: str = "kv") -> onnx.ModelProto:
     """The decoder graph. ``weights`` holds HF-named float tensors (embeddings, norms, linears). The token
     embedding is float32 (``embedding_bits`` 32), or 8-bit blocks read by GatherBlockQuantized (8), or — 0, for
-    a tied model whose LM head is a ResidualSliceMatMul — the head's own slices at full depth (:func:`head_rows`)."""
+    a tied model whose LM head is a ResidualSliceMatMul — the head's own slices at full depth (:func:`head_rows`).
+    ``attention`` "kv": KVAttention over uint8 cache blocks of any precision (the MoBiQuant file); "gqa": ONNX
+    Runtime's GroupQueryAttention over a float32 cache (the baselines: what ONNX Runtime users run)."""
+    if attention not in ATTENTION_OPS:
+        raise ValueError(f"[graph] attention expected one of {', '.join(ATTENTION_OPS)}; got {attention}")
     g = GraphBuilder()
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])]
@@ -347,12 +367,13 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: Linea
     mask_sum = g.op("ReduceSum", [g.op("Cast", ["attention_mask"], to=TensorProto.INT32),
                                   g.const(np.array([1], np.int64), "axis1")], keepdims=0)
     seqlens_k = g.op("Sub", [mask_sum, g.const(np.array(1, np.int32), "one_i32")], "seqlens_k")
-    total_len = g.op("Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const(np.array(1, np.int64), "idx1")])],
-                     "total_len", to=TensorProto.INT32)
+    total_len = "" if attention == "kv" else g.op(
+        "Cast", [g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const(np.array(1, np.int64), "idx1")])],
+        "total_len", to=TensorProto.INT32)
     rotary = {theta: tuple(g.const(t, f"{n}_cache_{theta:g}") for t, n in zip(rotary_cache(spec, theta),
                                                                                ("cos", "sin")))
               for theta in dict.fromkeys(spec.rope_thetas)}  # one table per distinct rope base
-    d = _Decoder(g, spec, weights, kind, seqlens_k, total_len, rotary, inputs, outputs)
+    d = _Decoder(g, spec, weights, kind, seqlens_k, total_len, rotary, inputs, outputs, attention)
 
     embed = embedding_rows(weights, spec)
     if embedding_bits == 0:
@@ -382,6 +403,6 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: Linea
     graph = helper.make_graph(g.nodes, "mobiquant_decoder", d.inputs + extra_in, d.outputs + extra_out,
                               initializer=g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
-    if any(n.domain == "ai.mobiquant" for n in g.nodes):
-        opsets.append(helper.make_opsetid("ai.mobiquant", 1))
+    if any(n.domain == MOBIQ_DOMAIN for n in g.nodes):
+        opsets.append(helper.make_opsetid(MOBIQ_DOMAIN, 1))
     return helper.make_model(graph, opset_imports=opsets, producer_name="mobiquant")

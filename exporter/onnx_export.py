@@ -24,7 +24,7 @@ import torch
 from onnx import TensorProto
 
 from mobiquant.runtime import format as F
-from mobiquant.runtime import ops
+from mobiquant.runtime import kvcache, ops
 from mobiquant.runtime.modelfile import (DATA_FILE, FORMAT_NAME, FORMAT_VERSION, META_FILE, MODEL_FILE, NAMED_BUDGETS,
                                          record_files)
 
@@ -41,7 +41,7 @@ ALIGNMENT = 4096
 EXTERNAL_MIN_BYTES = 1024
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
-DEFAULT_CONTEXT = 2048
+MAX_DEFAULT_CONTEXT = 8192  # the model's own context, up to this (rotary tables: 64 KB per 1k positions and base)
 EXACT_TOLERANCE = 1e-4  # exact-float graph vs PyTorch: max |difference| / max |logits|
 INT8_TOLERANCE = 0.15  # int8-activation file vs the exact graph: max |difference| / max |logits| (warning)
 INT8_MIN_TOP1 = 0.8  # ... and agreement of the argmax over the prompt's positions (warning)
@@ -81,7 +81,7 @@ def save_model(model: onnx.ModelProto, out_dir: Path) -> Path:
 
 
 def model_metadata(source: Source, config: ckpt.CheckpointConfig | None, kind: str, context: int,
-                   tokenizer_dir: Path, routing: str | None = None) -> dict:
+                   tokenizer_dir: Path, routing: str | None = None, spec: DecoderSpec | None = None) -> dict:
     """What the runtime needs besides the graph (also stored as metadata_props)."""
     gen = {}
     if (tokenizer_dir / "generation_config.json").is_file():
@@ -94,6 +94,9 @@ def model_metadata(source: Source, config: ckpt.CheckpointConfig | None, kind: s
         "bos_token": tok_cfg.get("bos_token"), "eos_tokens": [tok_cfg.get("eos_token")],
         "eos_token_ids": eos if isinstance(eos, list) else [eos],
     }
+    if spec is not None:  # a KVAttention graph: the session sizes its cache blocks from these
+        meta["kv_cache"] = {"head_dim": spec.head_dim, "kv_heads": spec.kv_heads, "layers": spec.num_layers,
+                            "bits": list(kvcache.BITS), "default_bits": kvcache.DEFAULT_BITS}
     if config is not None:
         meta.update({"routing": routing, "layout": F.LAYOUT_VERSION, "num_slices": config.num_slices, "group_size": config.group_size,
                      "slice_bits": F.SLICE_BITS, "lm_head_slices": config.lm_head_slices, "recipe": config.recipe,
@@ -101,7 +104,12 @@ def model_metadata(source: Source, config: ckpt.CheckpointConfig | None, kind: s
     return meta
 
 
-def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, accuracy_level: int = ops.ACCURACY_INT8,
+def default_context(config) -> int:
+    """The context a file is exported for: the model's own, up to MAX_DEFAULT_CONTEXT."""
+    return min(int(config.max_position_embeddings), MAX_DEFAULT_CONTEXT)
+
+
+def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accuracy_level: int = ops.ACCURACY_INT8,
            verify_tokens: int = 32) -> Path:
     """Checkpoint -> verified model directory."""
     meta_raw, config = ckpt.read_meta(checkpoint_dir)
@@ -109,10 +117,11 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int = DEFAULT_CONTEXT, 
     model = load_float_model(source)
     floats = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     qmodel, _ = ckpt.load(checkpoint_dir, model, source.identity)
+    context = context or default_context(model.config)
     spec = DecoderSpec.from_hf_config(model.config, context)
     print(f"[export] building graph ({spec.num_layers} layers, context {context})", file=sys.stderr, flush=True)
     meta = model_metadata(source, config, "mobiquant", context, source.folder,
-                          (meta_raw.get("allocation") or {}).get("routing", "static"))
+                          (meta_raw.get("allocation") or {}).get("routing", "static"), spec)
     embedding_bits = use_stored_embedding(model, floats, spec, qmodel)
     path = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, accuracy_level),
                                          embedding_bits=embedding_bits), meta, source.folder, out_dir)
@@ -172,14 +181,15 @@ def set_metadata(out_dir: Path, updates: dict) -> None:
     _write_meta(out_dir, meta)
 
 
-def export_baseline(model_name: str, kind: str, out_dir: Path, context: int = DEFAULT_CONTEXT) -> Path:
+def export_baseline(model_name: str, kind: str, out_dir: Path, context: int | None = None) -> Path:
     """fp32 or MatMulNBits-int4 export of the same source model, for side-by-side speed/quality."""
     source = resolve(model_name)
     model = load_float_model(source)
     floats = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    context = context or default_context(model.config)
     spec = DecoderSpec.from_hf_config(model.config, context)
     linear: LinearKind = Fp32Linear() if kind == "fp32" else MatMulNBitsLinear(4, source.group_size)
-    graph = build_decoder(spec, floats, linear)
+    graph = build_decoder(spec, floats, linear, attention="gqa")  # ONNX Runtime's own attention and fp32 cache
     return write_model_dir(graph, model_metadata(source, None, kind, context, source.folder), source.folder, out_dir)
 
 
@@ -210,8 +220,9 @@ def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32,
     the exact graph (INT8_TOLERANCE, INT8_MIN_TOP1). Raises ExportError listing every mismatch."""
     from mobiquant.runtime.session import ModelSession
 
-    exact = ModelSession(exact_path.parent, threads=2)
-    written = exact if file_path == exact_path else ModelSession(file_path.parent, threads=2)
+    # A float32 cache: what is verified is the graph (the cache precisions are held to float64 by the op tests).
+    exact = ModelSession(exact_path.parent, threads=2, kv_bits=32)
+    written = exact if file_path == exact_path else ModelSession(file_path.parent, threads=2, kv_bits=32)
     vocab = exact.vocab
     prompt = np.random.default_rng(0).integers(min(3, vocab - 1), min(vocab, 5000), (1, 16)).astype(np.int64)
     problems, report = [], {}
@@ -281,8 +292,9 @@ def add_onnx_command(subparsers) -> None:
     p = subparsers.add_parser("onnx", help="export a checkpoint to a verified ONNX model directory")
     p.add_argument("checkpoint", type=Path, help="checkpoint directory (from `mobiq-export quantize`)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output model directory")
-    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
-                   help=f"longest sequence the runtime will run (rotary table size; default {DEFAULT_CONTEXT})")
+    p.add_argument("--context", type=int, default=None,
+                   help=f"longest sequence the runtime will run (rotary table size; default: the model's own, "
+                        f"up to {MAX_DEFAULT_CONTEXT})")
     p.add_argument("--exact", action="store_true",
                    help="exact float32 activations in the op (default: int8 activations, faster, as MatMulNBits "
                         "accuracy_level=4)")
@@ -291,7 +303,7 @@ def add_onnx_command(subparsers) -> None:
     b.add_argument("model", help="registry name or Hugging Face folder")
     b.add_argument("kind", choices=["fp32", "matmulnbits-int4"])
     b.add_argument("-o", "--out", type=Path, required=True)
-    b.add_argument("--context", type=int, default=DEFAULT_CONTEXT)
+    b.add_argument("--context", type=int, default=None, help="as for onnx")
     b.set_defaults(func=lambda a: export_baseline(a.model, a.kind, a.out, a.context) and 0)
 
 

@@ -25,6 +25,9 @@ Threading contract (tested in tests/test_api_threads.py):
   (``stop_reason == "released"``) and the waiting one runs.
 - The last generation's keys and values are kept: a prompt that repeats its tokens (the system prompt,
   earlier turns of a chat) computes only the rest.
+- ``set_kv_bits`` (32, 16, 8, 4 or ``"auto"``) takes effect when the next generation starts: a cache keeps
+  the precision it was made with (a kept prefix at another precision is recomputed). ``"auto"`` (the
+  default) reads the device's signals once per generation start (runtime/budget.py ``kv_bits_for``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from .budget import DEFAULT_REEVALUATE_EVERY, AutoBudget, Decision, PolicyConfig, parse_budget
+from . import kvcache
+from .budget import DEFAULT_REEVALUATE_EVERY, AutoBudget, Decision, PolicyConfig, kv_bits_for, parse_budget
 from .control import BudgetControl
 from .generate import GenerationStats, PrefixCache, generate
 from .prompt import Message, Prompt, chat_prompt, raw_prompt
@@ -139,6 +143,7 @@ class Generation:
         own = self.model._ownership
         if self._steps is None:
             own.acquire(self, self._timeout)
+            self.stats.kv_bits, self.stats.kv_reason = self.model._choose_kv_bits()
             self._steps = generate(self.model.session, self.prompt.ids, self.max_new, self._sampler,
                                    self.model.control, self.model.codec.stop_ids, self.model.codec.decoder().push,
                                    self.stats, self._cancel, self.model.prefix)
@@ -212,12 +217,47 @@ class Model:
         self._ownership = _Ownership(idle_release_s)
         self._live: weakref.WeakSet[Generation] = weakref.WeakSet()
         self._live_lock = threading.Lock()
+        self._kv: tuple[int | str, SignalSource | None, PolicyConfig | None] = ("auto", None, None)
 
     @classmethod
     def load(cls, path: str | Path, threads: int | None = None,
-             idle_release_s: float = DEFAULT_IDLE_RELEASE_S) -> "Model":
+             idle_release_s: float = DEFAULT_IDLE_RELEASE_S, kv_bits: int | str = "auto") -> "Model":
         session = ModelSession(path, threads)
-        return cls(session, TextCodec(session.info.directory, session.info.meta), idle_release_s)
+        model = cls(session, TextCodec(session.info.directory, session.info.meta), idle_release_s)
+        model.set_kv_bits(kv_bits)
+        return model
+
+    def set_kv_bits(self, bits: int | str, signals: SignalSource | None = None,
+                    policy: PolicyConfig | None = None, signals_root: str | Path | None = None) -> None:
+        """The KV cache precision from the next generation on: 32, 16, 8, 4, or "auto" (8, or 4 under memory
+        pressure or heat; the signals are read once per generation start). Baseline models (a float32 cache)
+        take 32 or auto only."""
+        if bits != "auto":
+            bits = kvcache.check_bits(int(bits))
+            if not self.session.blocked and bits != 32:
+                raise ValueError(f"[mobiq] {self.info.meta.get('kind')} model has a float32 cache; kv_bits "
+                                 f"expected 32 or auto; got {bits}")
+        source = signals or (SysfsSource(Path(signals_root)) if signals_root else None)
+        self._kv = (bits, source, policy)
+
+    def _choose_kv_bits(self) -> tuple[int, str]:
+        """Sets the session's cache precision for a generation starting now; (bits, why)."""
+        bits, source, policy = self._kv
+        if not self.session.blocked:
+            return 32, "float32 cache (baseline model)"
+        if bits == "auto":
+            auto = self.control.auto
+            source = source or (auto.source if auto else SysfsSource())
+            policy = policy or (auto.config if auto else PolicyConfig(named=self.info.named_budgets))
+            mb = {b: self.session.cache_bytes_per_position(b) * self.info.context / 2**20 for b in (8, 4)}
+            try:
+                bits, why = kv_bits_for(source(), policy, mb)
+            except Exception as e:  # noqa: BLE001 — a failing signal source keeps the default precision
+                bits, why = kvcache.DEFAULT_BITS, f"signals unreadable ({e}) → {kvcache.DEFAULT_BITS} bits"
+        else:
+            why = "fixed"
+        self.session.set_kv_bits(bits)
+        return bits, why
 
     def set_budget(self, budget: str | float, signals: SignalSource | None = None,
                    policy: PolicyConfig | None = None, signals_root: str | Path | None = None,

@@ -27,7 +27,9 @@ floor ``floor_bits`` defaults to the model's ``low`` budget — fewer bits make 
 2 bits: PPL > 10,000) — so a device too hot for ``low`` cools by **pacing** instead: from
 ``critical_c`` on, every token is followed by a pause of ``pace_s_per_c`` × (°C − critical_c + 1)
 seconds, ``pace_max_s`` from ``emergency_c`` on (defaults: 78 °C 0.05 s, 82 °C 0.25 s, ≥ 83 °C
-1 s); ``Decision.pause_s`` carries it to the generation loop. CPU load is shown but not used: while generating, the runtime itself keeps the
+1 s); ``Decision.pause_s`` carries it to the generation loop. ``--kv-bits auto`` (:func:`kv_bits_for`) picks the KV cache's precision when a generation starts:
+8 bits, or 4 when the 8-bit cache of the whole context would take more than ``kv_memory_share`` of
+MemAvailable, or the CPU is at ``critical_c``, or the Pi is throttled now. CPU load is shown but not used: while generating, the runtime itself keeps the
 cores busy, so load would feed back on the budget it sets.
 
 Config file (:func:`load_config`, TOML, every key optional, unknown keys refused)::
@@ -48,6 +50,7 @@ Config file (:func:`load_config`, TOML, every key optional, unknown keys refused
     ceiling_bits = 8.0
     pace_s_per_c = 0.05
     pace_max_s = 1.0
+    kv_memory_share = 0.25         # --kv-bits auto: 4 bits when the 8-bit cache would take more
     [named]                        # all four, non-decreasing, within [2, 8]
     low = 3.0
     mid = 4.0
@@ -106,6 +109,7 @@ class PolicyConfig:
     ceiling_bits: float = MAX_BITS
     pace_s_per_c: float = 0.05
     pace_max_s: float = 1.0
+    kv_memory_share: float = 0.25
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -126,6 +130,7 @@ class PolicyConfig:
              (self.hysteresis_c, self.hysteresis_pct, self.dwell_s)),
             (0 <= self.pace_s_per_c and 0 <= self.pace_max_s <= 60, "pace_s_per_c >= 0, 0 <= pace_max_s <= 60",
              (self.pace_s_per_c, self.pace_max_s)),
+            (0 < self.kv_memory_share <= 1, "0 < kv_memory_share <= 1", (self.kv_memory_share,)),
             (MIN_BITS <= self.floor_bits <= self.ceiling_bits <= MAX_BITS,
              f"{MIN_BITS:g} <= floor_bits <= ceiling_bits <= {MAX_BITS:g}", (self.floor_bits, self.ceiling_bits)),
         ]
@@ -293,6 +298,27 @@ class AutoBudget:
             for listener in list(self.listeners):
                 listener(old, new)
         return new
+
+
+KV_BITS_AUTO = (8, 4)  # what --kv-bits auto chooses between
+
+
+def kv_bits_for(s: Snapshot, c: PolicyConfig, cache_mb: Mapping[int, float]) -> tuple[int, str]:
+    """The KV cache precision for a generation that starts now (``--kv-bits auto``) and why. ``cache_mb``:
+    the cache of the model's whole context in MB at 8 and 4 bits. 8 bits (within 1 % of a float cache's
+    perplexity), or 4 bits when the 8-bit cache would take more than ``kv_memory_share`` of the memory
+    available, or when the CPU is at ``critical_c`` or throttled now (the cache is then the bytes a long chat
+    reads per token: 4 bits halve them). Pure; the precision holds for the whole generation."""
+    available = s.mem_available_mb
+    if available is not None and cache_mb[8] > c.kv_memory_share * available:
+        return 4, (f"8-bit cache {cache_mb[8]:.0f} MB > {c.kv_memory_share:.0%} of {available:.0f} MB available "
+                   f"→ 4 bits ({cache_mb[4]:.0f} MB)")
+    if s.cpu_celsius is not None and s.cpu_celsius >= c.critical_c:
+        return 4, f"CPU {s.cpu_celsius:.0f} °C ≥ {c.critical_c:g} °C → 4 bits"
+    if s.throttle is not None and s.throttle.now:
+        return 4, f"Pi {', '.join(s.throttle.now)} now → 4 bits"
+    memory = f"{available:.0f} MB available" if available is not None else "memory unknown"
+    return 8, f"{memory}, {cache_mb[8]:.0f} MB for the context at 8 bits → 8 bits"
 
 
 def parse_budget(text: str, named: Mapping[str, float]) -> float | Literal["auto"]:

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="wrap the prompt in the model's chat template (default when the model has one)")
     mode.add_argument("--raw", dest="chat", action="store_false", help="continue the prompt as plain text")
+    p.add_argument("--kv-bits", default="auto", choices=["auto", "32", "16", "8", "4"],
+                   help="KV cache precision: 8 bits are within 1%% of a float cache's perplexity at 0.27x its memory, "
+                        "4 bits 0.14x (some quality lost); auto = 8, or 4 when memory is short or the device hot "
+                        "(default: auto)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's choice, all cores)")
     p.add_argument("--stats", action="store_true", help="print speed, bits read and peak memory at the end")
     p.add_argument("-v", "--verbose", action="store_true", help="log every budget change with its reason")
@@ -129,6 +133,10 @@ def _run(args) -> int:
     started = time.perf_counter()
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     model = Model.load(args.model, args.threads)
+    if model.session.blocked:
+        model.set_kv_bits(args.kv_bits, signals_root=args.signals_root)
+    elif args.kv_bits not in ("auto", "32"):
+        _say(f"[mobiq-run] note: {model.info.meta.get('kind')} model has a float32 cache; --kv-bits is ignored")
     budget = parse_budget(args.budget, model.info.named_budgets)
     if budget == "auto":
         first = model.set_budget("auto", policy=_policy(args, model.info.named_budgets),
@@ -180,6 +188,8 @@ def _stream(model, gen, args, started: float | None = None) -> None:
     for piece in gen:
         if first_token is None and started is not None:
             first_token = time.perf_counter() - started
+            if args.verbose:
+                _say(f"[kv] cache {gen.stats.kv_bits} bits ({gen.stats.kv_reason})")
         if args.verbose and len(model.budget_changes) > seen:
             for index, decision in model.budget_changes[seen:]:
                 _say(f"\n[budget] token {index}: {_describe(decision)}")
@@ -216,7 +226,8 @@ def _print_stats(stats: GenerationStats, first_token_seconds: float | None, chan
     reused = f" ({stats.reused_tokens} kept from the previous turn)" if stats.reused_tokens else ""
     lines = [f"prompt {stats.prompt_tokens} tokens{reused}, prefill {stats.prefill_tokens_per_s:.1f} tok/s",
              f"generated {len(stats.steps)} tokens ({stats.stop_reason}), decode {stats.decode_tokens_per_s:.1f} tok/s",
-             f"average bits read {stats.avg_bits:.2f}", f"peak memory {peak_mb:.0f} MB"]
+             f"average bits read {stats.avg_bits:.2f}", f"peak memory {peak_mb:.0f} MB",
+             f"KV cache {stats.kv_bits} bits ({stats.kv_reason}), {stats.kv_cache_bytes / 2**20:.1f} MB allocated"]
     if stats.paused_seconds:
         lines.append(f"paused {stats.paused_seconds:.2f} s to let the device cool (pacing)")
     if first_token_seconds is not None:

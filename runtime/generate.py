@@ -43,6 +43,9 @@ class GenerationStats:
     paused_seconds: float = 0.0  # pacing waits (not part of any step's seconds)
     steps: list[Step] = field(default_factory=list)
     stop_reason: str = ""  # stop token | max tokens | cancelled (set when the loop ends)
+    kv_bits: int = 0       # the KV cache's precision, and why it was chosen (api.Model sets them)
+    kv_reason: str = ""
+    kv_cache_bytes: int = 0  # the cache's buffers at the end (their whole capacity)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -75,9 +78,9 @@ class PrefixCache:
             if a != b:
                 break
             shared += 1
-        if self.cache is None or shared == 0:
-            return session.empty_cache(room)
-        return KVCache(self.cache.buffers, shared, self.cache.binding)
+        if self.cache is None or shared == 0 or session.cache_bits(self.cache) != session.kv_bits:
+            return session.empty_cache(room)  # nothing shared, or kept at another precision
+        return KVCache(self.cache.buffers, shared, self.cache.binding, self.cache.positions_per_row)
 
     def keep(self, ids: list[int], cache: KVCache) -> None:
         self.ids, self.cache = ids[:cache.length], cache
@@ -100,6 +103,7 @@ def generate(session: ModelSession, prompt: list[int], max_new: int, sampler: Sa
     stats.prefill_seconds = time.perf_counter() - t
     if prefix:
         prefix.keep(history, cache)
+    stats.kv_cache_bytes = cache.nbytes
     last_seconds = stats.prefill_seconds
     cancel = cancel or threading.Event()
     for i in range(max_new):
@@ -126,5 +130,6 @@ def generate(session: ModelSession, prompt: list[int], max_new: int, sampler: Sa
         t = time.perf_counter()
         logits, cache = session.forward(np.array([[token]], np.int64), cache, bits)
         last_seconds = time.perf_counter() - t
+        stats.kv_cache_bytes = cache.nbytes
         if prefix:
             prefix.keep(history, cache)

@@ -13,6 +13,14 @@ from __future__ import annotations
 
 BLOCK = 16  # positions per block
 BITS = (32, 16, 8, 4)
+DEFAULT_BITS = 8
+
+
+def check_bits(bits: int) -> int:
+    """``bits`` when it is a cache precision, else a one-line ValueError."""
+    if bits not in BITS:
+        raise ValueError(f"[kv] cache bits expected one of {', '.join(map(str, BITS))}; got {bits}")
+    return int(bits)
 
 
 def group(head_dim: int) -> int:
@@ -22,8 +30,7 @@ def group(head_dim: int) -> int:
 
 def block_bytes(bits: int, head_dim: int) -> int:
     """Bytes of one block of ``head_dim``-wide keys (or values) at ``bits``."""
-    if bits not in BITS:
-        raise ValueError(f"[kv] bits expected one of {', '.join(map(str, BITS))}; got {bits}")
+    check_bits(bits)
     if head_dim % 16:
         raise ValueError(f"[kv] head size expected a multiple of 16; got {head_dim}")
     codes = BLOCK * head_dim * bits // 8

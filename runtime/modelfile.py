@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT_NAME = "mobiquant-onnx"
-FORMAT_VERSION = 3  # 3: routers fused into ResidualSliceMatMul (2: SliceRouter nodes; refused)
+FORMAT_VERSION = 4  # 4: KVAttention over a cache of any precision (3: float32 cache; 2: SliceRouter nodes; refused)
 MODEL_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "mobiq.json"
 RECORDED_FILES = (MODEL_FILE, DATA_FILE, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                   "generation_config.json", "special_tokens_map.json")

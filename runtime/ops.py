@@ -82,6 +82,7 @@ def register_schema() -> None:
     if defs.has(OP_TYPE, DOMAIN):
         _schema_registered = True
         return
+    _register_attention_schema()
     P, A = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
     optional = defs.OpSchema.FormalParameterOption.Optional
     ints = defs.OpSchema.AttrType.INT
@@ -140,6 +141,60 @@ def _leading_dims_output(ctx, elem_type: int, last: int | None = None, index: in
         if last is not None:
             out.tensor_type.shape.dim.add().dim_value = last
     ctx.set_output_type(index, out)
+
+
+ATTENTION_OP_TYPE = "KVAttention"
+
+
+def _register_attention_schema() -> None:
+    """KVAttention (custom_ops/src/ort/attention_op.h): attention over a KV cache of uint8 blocks."""
+    from onnx import defs, helper
+
+    P, A = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
+    optional = defs.OpSchema.FormalParameterOption.Optional
+    schema = defs.OpSchema(
+        ATTENTION_OP_TYPE, DOMAIN, OP_VERSION,
+        "Causal grouped-query attention with rotary over a KV cache stored at 32/16/8/4 bits (the precision is "
+        "the cache buffers' block size); stores the new positions, then reads the cache as stored.",
+        inputs=[P("query", "T", "[B, S, H*D], or q|k|v packed when key and value are absent"),
+                P("key", "T", "[B, S, Hkv*D]", param_option=optional),
+                P("value", "T", "[B, S, Hkv*D]", param_option=optional),
+                P("key_cache", "tensor(uint8)", "[B, Hkv, blocks, block_bytes]"),
+                P("value_cache", "tensor(uint8)", "[B, Hkv, blocks, block_bytes]"),
+                P("seqlens_k", "tensor(int32)", "[B] tokens so far - 1"),
+                P("cos_cache", "T", "[positions, D/2]"), P("sin_cache", "T", "[positions, D/2]")],
+        outputs=[P("output", "T", "[B, S, H*D]"), P("present_key", "tensor(uint8)", "key_cache, new positions stored"),
+                 P("present_value", "tensor(uint8)", "value_cache, new positions stored")],
+        type_constraints=[("T", ["tensor(float)"], "float32 only")],
+        attributes=[A("num_heads", defs.OpSchema.AttrType.INT, "query heads"),
+                    A("kv_num_heads", defs.OpSchema.AttrType.INT, "key/value heads"),
+                    A("scale", defs.OpSchema.AttrType.FLOAT, "on q.k (default 1/sqrt(D))", required=False),
+                    A("local_window_size", helper.make_attribute("local_window_size", -1),
+                      "keys a query sees, its own included; -1 = all")])
+    schema.set_type_and_shape_inference_function(_infer_attention)
+    defs.register_schema(schema)
+
+
+def _infer_attention(ctx) -> None:
+    """output: float32 [B, S, H*D] (H*D from the query's width, packed or not); presents: the caches' types."""
+    from onnx import TensorProto, TypeProto, helper
+
+    q = ctx.get_input_type(0).tensor_type
+    out = TypeProto()
+    out.tensor_type.elem_type = TensorProto.FLOAT
+    if q.HasField("shape") and len(q.shape.dim) == 3:
+        heads = helper.get_attribute_value(ctx.get_attribute("num_heads"))
+        kv_heads = helper.get_attribute_value(ctx.get_attribute("kv_num_heads"))
+        packed = ctx.get_num_inputs() < 3 or not ctx.has_input(1)
+        for d in list(q.shape.dim)[:2]:
+            out.tensor_type.shape.dim.add().CopyFrom(d)
+        width = q.shape.dim[2]
+        last = out.tensor_type.shape.dim.add()
+        if width.HasField("dim_value"):
+            last.dim_value = width.dim_value * heads // (heads + 2 * kv_heads) if packed else width.dim_value
+    ctx.set_output_type(0, out)
+    for i in (1, 2):
+        ctx.set_output_type(i, ctx.get_input_type(2 + i))
 
 
 def _infer_output(ctx) -> None:

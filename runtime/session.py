@@ -6,9 +6,12 @@ target_bits input of MoBiQuant graphs: a per-step input, so changing the budget
 never reloads anything. ``last_avg_bits`` is the average bits the step read.
 
 The cache is written in place: each layer's keys and values live in one buffer
-[1, kv_heads, capacity, head_dim] bound as both the past input and the present
-output of the step (GroupQueryAttention then appends the new positions instead
-of copying the whole cache every token). A step writes positions
+bound as both the past input and the present output of the step (the attention
+op then appends the new positions instead of copying the whole cache every
+token). MoBiQuant files (KVAttention) take uint8 buffers [1, kv_heads, blocks,
+block_bytes] whose block size is the cache precision ``kv_bits`` (32, 16, 8 or
+4; runtime/kvcache.py), the session's choice; the baselines (GroupQueryAttention)
+take float32 [1, kv_heads, capacity, head_dim]. A step writes positions
 [length, length + S) only, so an older KVCache of the same buffers stays valid
 up to its own length until a later step writes past it; a cache that runs out
 of capacity moves to buffers twice as large (up to the model's context).
@@ -21,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import ops
+from . import kvcache, ops
 from .modelfile import ModelFileError, ModelInfo, locate
 
 
@@ -31,17 +34,23 @@ class ContextError(ValueError):
 
 @dataclass
 class KVCache:
-    buffers: dict[str, np.ndarray]  # past_key_values.{i}.key|value -> [1, kv_heads, capacity, head_dim]
+    buffers: dict[str, np.ndarray]  # past_key_values.{i}.key|value -> [1, kv_heads, rows, row_size]
     length: int                     # valid positions: [0, length)
     binding: Any = field(default=None, repr=False)  # ORT IOBinding with the buffers bound, made on first use
+    positions_per_row: int = 1      # kvcache.BLOCK for uint8 block buffers, 1 for float32 [.., capacity, head_dim]
 
     @property
     def capacity(self) -> int:
-        return next(iter(self.buffers.values())).shape[2]
+        return next(iter(self.buffers.values())).shape[2] * self.positions_per_row
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache's buffers take (all of their capacity)."""
+        return sum(b.nbytes for b in self.buffers.values())
 
 
 class ModelSession:
-    def __init__(self, path, threads: int | None = None):
+    def __init__(self, path, threads: int | None = None, kv_bits: int | None = None):
         import onnxruntime as ort
 
         self.info: ModelInfo = locate(path)
@@ -64,26 +73,69 @@ class ModelSession:
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.present_names = ["present." + n[len("past_key_values."):] for n in self.past_names]
         self.elastic = "target_bits" in self.inputs
-        shape = self.inputs[self.past_names[0]].shape
-        self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        past = self.inputs[self.past_names[0]]
+        self.kv_heads = int(past.shape[1])
+        self.blocked = past.type == "tensor(uint8)"  # KVAttention's cache blocks, else a float32 cache
+        if self.blocked:
+            self.head_dim = int((self.info.meta.get("kv_cache") or {}).get("head_dim", 0))
+            if not self.head_dim:
+                raise ModelFileError(f"[mobiq] {self.info.directory / 'mobiq.json'}: kv_cache.head_dim expected; "
+                                     f"got none (re-export the model)")
+            self.row_dtype, self.positions_per_row = np.uint8, kvcache.BLOCK
+            self.set_kv_bits(kvcache.DEFAULT_BITS if kv_bits is None else kv_bits)
+        else:
+            if kv_bits not in (None, 32):
+                raise ValueError(f"[mobiq] {self.info.onnx_path}: a float32 cache (GroupQueryAttention); kv_bits "
+                                 f"expected 32; got {kv_bits}")
+            self.head_dim, self.kv_bits = int(past.shape[3]), 32
+            self.row_shape, self.row_dtype, self.positions_per_row = (self.head_dim,), np.float32, 1
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
         self.last_avg_bits = float("nan")
 
     def empty_cache(self, capacity: int = 0) -> KVCache:
         """A cache with room for ``capacity`` positions (zeros are not resident until written)."""
-        return KVCache(self._buffers(capacity), 0)
+        return KVCache(self._buffers(capacity), 0, positions_per_row=self.positions_per_row)
 
-    def _buffers(self, capacity: int) -> dict[str, np.ndarray]:
-        return {n: np.zeros((1, self.kv_heads, capacity, self.head_dim), np.float32) for n in self.past_names}
+    def set_kv_bits(self, bits: int) -> None:
+        """The precision of caches made from now on (``empty_cache``); a cache keeps the one it was made with."""
+        if not self.blocked:
+            if bits != 32:
+                raise ValueError(f"[mobiq] {self.info.onnx_path}: a float32 cache (GroupQueryAttention); kv_bits "
+                                 f"expected 32; got {bits}")
+            return
+        self.kv_bits = kvcache.check_bits(bits)
+        self.row_shape = (kvcache.block_bytes(self.kv_bits, self.head_dim),)
+
+    def cache_bits(self, cache: KVCache) -> int:
+        """The precision ``cache`` was made with."""
+        if not self.blocked:
+            return 32
+        row = next(iter(cache.buffers.values())).shape[3]
+        return next(b for b in kvcache.BITS if kvcache.block_bytes(b, self.head_dim) == row)
+
+    def _buffers(self, capacity: int, like: KVCache | None = None) -> dict[str, np.ndarray]:
+        """Zeroed buffers for ``capacity`` positions, in the format of ``like`` (else this session's kv_bits)."""
+        rows = -(-capacity // self.positions_per_row)
+        row_shape = next(iter(like.buffers.values())).shape[3:] if like else self.row_shape
+        return {n: np.zeros((1, self.kv_heads, rows, *row_shape), self.row_dtype) for n in self.past_names}
+
+    def cache_bytes_per_position(self, bits: int | None = None) -> float:
+        """Cache bytes one position of context costs at ``bits`` (default: this session's; keys and values of
+        every layer)."""
+        if not self.blocked:
+            return len(self.past_names) * self.kv_heads * self.head_dim * 4
+        return len(self.past_names) * self.kv_heads * kvcache.block_bytes(bits or self.kv_bits,
+                                                                          self.head_dim) / kvcache.BLOCK
 
     def _room(self, cache: KVCache, total: int) -> KVCache:
         """``cache`` itself when ``total`` positions fit, else its valid part in larger buffers."""
         if total <= cache.capacity:
             return cache
-        grown = self._buffers(max(total, min(2 * cache.capacity, self.info.context)))
+        grown = self._buffers(max(total, min(2 * cache.capacity, self.info.context)), like=cache)
+        rows = -(-cache.length // self.positions_per_row)
         for name, old in cache.buffers.items():
-            grown[name][:, :, :cache.length] = old[:, :, :cache.length]
-        return KVCache(grown, cache.length)
+            grown[name][:, :, :rows] = old[:, :, :rows]
+        return KVCache(grown, cache.length, positions_per_row=self.positions_per_row)
 
     def _binding(self, cache: KVCache):
         """The cache's IOBinding: logits first, then every buffer as past input and present output."""
@@ -119,4 +171,4 @@ class ModelSession:
         out = binding.get_outputs()
         if self.elastic:
             self.last_avg_bits = float(out[-1].numpy())
-        return out[0].numpy(), KVCache(cache.buffers, total, binding)
+        return out[0].numpy(), KVCache(cache.buffers, total, binding, self.positions_per_row)

@@ -98,6 +98,7 @@ class Snapshot:
     cpu_celsius: float | None = None
     throttle: Throttle | None = None
     load_per_cpu: float | None = None
+    mem_available_mb: float | None = None  # MemAvailable of proc/meminfo (the KV cache policy reads it)
     notes: tuple[str, ...] = ()
 
 
@@ -271,13 +272,28 @@ def read_load(root: Path = ROOT, notes: list[str] | None = None) -> float | None
     return value / (os.cpu_count() or 1)
 
 
+def read_memory(root: Path = ROOT, notes: list[str] | None = None) -> float | None:
+    """MemAvailable in MB (proc/meminfo), or None."""
+    notes = [] if notes is None else notes
+    text = _read_text(root / "proc/meminfo")
+    for line in (text or "").splitlines():
+        if line.startswith("MemAvailable:"):
+            parts = line.split()
+            value = _parse_number(parts[1] if len(parts) > 1 else None)
+            if value is not None and value >= 0:
+                return value / 1024.0
+    notes.append("memory: proc/meminfo " + ("unreadable" if text is None else "has no MemAvailable"))
+    return None
+
+
 def read_snapshot(root: Path = ROOT) -> Snapshot:
     notes: list[str] = []
     power = read_power(root, notes)
     zones = read_thermal(root, notes)
     throttle = read_throttle(root, notes)
     load = read_load(root, notes)
+    memory = read_memory(root, notes)
     return Snapshot(battery_present=power.present, battery_percent=power.percent,
                     battery_status=power.status, on_ac=power.on_ac, zones=zones,
                     cpu_celsius=cpu_celsius(zones), throttle=throttle, load_per_cpu=load,
-                    notes=tuple(notes))
+                    mem_available_mb=memory, notes=tuple(notes))

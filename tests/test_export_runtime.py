@@ -51,12 +51,13 @@ def test_kv_cache_decode_equals_recompute(tiny, bits):
 def test_cache_written_in_place_branches_and_grows(tiny):
     """The cache buffers are the attention's past and present at once: a roomy cache is extended in place,
     a second continuation from the same prefix overwrites the first one's positions and still equals
-    recomputation, and a cache without room moves to larger buffers with its contents."""
+    recomputation, and a cache without room moves to larger buffers with its contents (capacity comes in
+    blocks of 16 positions: 15 fit in one, the 17th needs a second)."""
     s = ModelSession(tiny[0].parent / "model-exact", threads=1)
-    prefix = [1, 40, 41, 42, 43]
+    prefix = [1, *range(40, 54)]
     for capacity in (64, 0):
         _, cache = s.forward(np.array([prefix]), s.empty_cache(capacity), 6.0)
-        assert cache.capacity == max(capacity, len(prefix))
+        assert cache.capacity == max(capacity, 16)
         for branch in (60, 61):
             logits, grown = s.forward(np.array([[branch]]), cache, 6.0)
             logits, grown = s.forward(np.array([[branch + 10]]), grown, 6.0)
@@ -64,7 +65,7 @@ def test_cache_written_in_place_branches_and_grows(tiny):
             err = np.abs(logits[0, -1] - ref).max() / np.abs(ref).max()
             assert err < 1e-4, f"capacity={capacity} branch={branch}: {err:.2e} from recompute"
             assert grown.length == len(prefix) + 2
-            assert (grown.buffers is cache.buffers) == (capacity >= grown.length)
+            assert (grown.buffers is cache.buffers) == (cache.capacity >= grown.length)
 
 
 def test_prefix_cache_reuses_a_previous_turn(tiny):

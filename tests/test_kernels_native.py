@@ -87,6 +87,8 @@ class KernelRun:
     skipped: set[str]
     selected: dict[str, str]  # mode -> kernel select_kernel picks without MOBIQ_KERNEL
     stderr: str
+    attention: set[str] = frozenset()  # attention variants held to the float64 reference
+    attention_selected: str = ""
 
 
 def kernel_test(cmd: list[str], env: dict[str, str] | None = None) -> KernelRun:
@@ -99,9 +101,13 @@ def kernel_test(cmd: list[str], env: dict[str, str] | None = None) -> KernelRun:
         f"{' '.join(cmd)} exited {proc.returncode}, last line {last!r}:\n{failures[-6000:]}\n{proc.stderr[-4000:]}")
     selected = re.search(r"^selected: f32 -> (\S+), int8 -> (\S+)$", out, re.M)
     assert selected, f"no 'selected:' line in:\n{out[-2000:]}"
+    chosen = re.search(r"^attention kernel chosen: (\S+)$", out, re.M)
+    assert chosen, f"no 'attention kernel chosen:' line in:\n{out[-2000:]}"
     return KernelRun(ran=set(re.findall(r"^kernel (\S+): [1-9]\d* grid cases$", out, re.M)),
                      skipped=set(re.findall(r"^kernel (\S+): not supported on this CPU", out, re.M)),
-                     selected={"f32": selected[1], "int8": selected[2]}, stderr=proc.stderr)
+                     selected={"f32": selected[1], "int8": selected[2]}, stderr=proc.stderr,
+                     attention=set(re.findall(r"^attention kernel (\S+): tested$", out, re.M)),
+                     attention_selected=chosen[1])
 
 
 SCALAR = {"rsmm_f32_1x1__scalar", "rsmm_i8_1x1__scalar"}
@@ -123,10 +129,22 @@ def x86_expected() -> tuple[set[str], dict[str, str]]:
     return kernels, selected
 
 
+def x86_attention_expected() -> tuple[set[str], str]:
+    """The attention variants this CPU runs and the one chosen."""
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[1].split())
+    ran = {"attention__portable"}
+    if {"avx2", "fma", "f16c"} <= flags:
+        ran.add("attention__avx2")
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            ran.add("attention__avx512")
+    return ran, max(ran, key=["attention__portable", "attention__avx2", "attention__avx512"].index)
+
+
 def test_kernels_x86_native():
     result = kernel_test([str(build("x86") / "mobiq_kernel_test")])
     kernels, selected = x86_expected()
     assert result.ran == kernels and result.selected == selected
+    assert (result.attention, result.attention_selected) == x86_attention_expected()
 
 
 def test_kernels_x86_sanitizers():
@@ -154,6 +172,8 @@ def test_kernels_aarch64_qemu(aarch64_build, cpu, ran, skipped, int8):
     result = kernel_test([*qemu(cpu), str(aarch64_build / "mobiq_kernel_test")])
     assert result.ran == SCALAR | ran and result.skipped == skipped
     assert result.selected == {"f32": "rsmm_f32_16x4__neon", "int8": int8}
+    assert result.attention == {"attention__portable", "attention__neon"}
+    assert result.attention_selected == "attention__neon"
 
 
 # ---- a whole graph in the aarch64 ONNX Runtime ---------------------------------------------------

@@ -21,6 +21,9 @@
 // every kernel, the other rows bitwise what they are with the token finite; tiny activations
 // (1e-40) stay finite. Prints one line per failure, one per kernel, the automatic choices, and last
 // "N passed, M failed"; exits 1 on any failure.
+// KV cache: kv_store/kv_load within half a quantization step (fp16: 2^-10 relative) for every
+// format; every attention variant within 1e-5 of attention_reference on caches of every format,
+// with NaN stored at the positions no row sees (they must never be read into a sum).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -31,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "mobiq/attention.h"
 #include "mobiq/format.h"
 #include "mobiq/kernels.h"
 #include "mobiq/router.h"
@@ -411,6 +415,99 @@ void test_select_kernel() {
 
 }  // namespace
 
+// ---- KV cache and attention ------------------------------------------------------
+// Every attention variant this CPU runs against attention_reference (float64) on caches of every
+// format: random keys/values stored with kv_store, rows with their own causal/window ranges, a key
+// range that starts and ends inside blocks; positions outside every row's range hold NaN (stale
+// bytes must never reach a sum). Plus kv_store/kv_load round trips against the documented codes.
+void test_kv_store_load() {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (mobiq::KvFormat f : {mobiq::KvFormat::kF32, mobiq::KvFormat::kF16, mobiq::KvFormat::kInt8, mobiq::KvFormat::kInt4})
+    for (int64_t D : {16, 48, 64, 256}) {
+      const mobiq::KvLayout l = mobiq::kv_layout(f, D);
+      std::vector<uint8_t> block(static_cast<size_t>(l.block_bytes), 0);
+      for (bool keys : {true, false}) {
+        double worst = 0.0;
+        for (int64_t lane = 0; lane < mobiq::kKvBlock; ++lane) {
+          std::vector<float> x(static_cast<size_t>(D)), y(static_cast<size_t>(D));
+          for (float& v : x) v = normal(rng);
+          mobiq::kv_store(l, keys, x.data(), block.data(), lane);
+          mobiq::kv_load(l, keys, block.data(), lane, y.data());
+          for (int64_t g = 0; g < D / l.group; ++g) {
+            float amax = 0.0f;
+            for (int64_t i = 0; i < l.group; ++i) amax = std::max(amax, std::fabs(x[static_cast<size_t>(g * l.group + i)]));
+            const double step = f == mobiq::KvFormat::kInt8 ? amax / 127.0 : f == mobiq::KvFormat::kInt4 ? amax / 7.0 : 0.0;
+            for (int64_t i = 0; i < l.group; ++i) {
+              const size_t d = static_cast<size_t>(g * l.group + i);
+              const double err = std::fabs(static_cast<double>(y[d]) - x[d]);
+              const double bound = step > 0 ? 0.5 * step * (1 + 1e-5) : f == mobiq::KvFormat::kF16 ? std::fabs(x[d]) / 1024.0 : 0.0;
+              worst = std::max(worst, err - bound);
+            }
+          }
+        }
+        check(worst <= 0.0, "kv_store/kv_load " + std::to_string(l.bits) + " bits D=" + std::to_string(D) +
+                                (keys ? " keys" : " values") + ": error beyond half a step by " + std::to_string(worst));
+      }
+    }
+}
+
+void test_attention() {
+  std::mt19937 rng(12);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  int64_t count = 0;
+  const mobiq::AttentionKernel* kernels = mobiq::attention_kernels(&count);
+  for (mobiq::KvFormat f : {mobiq::KvFormat::kF32, mobiq::KvFormat::kF16, mobiq::KvFormat::kInt8, mobiq::KvFormat::kInt4})
+    for (int64_t D : {16, 64, 256}) {
+      const mobiq::KvLayout l = mobiq::kv_layout(f, D);
+      const int64_t positions = 70, blocks = (positions + 15) / 16, rows = 5;
+      std::vector<uint8_t> keys(static_cast<size_t>(blocks * l.block_bytes)), values(keys.size());
+      std::vector<float> x(static_cast<size_t>(D));
+      const int64_t key_begin = 3, key_end = 61;
+      const int64_t first[rows] = {3, 0, 20, 40, 5}, last[rows] = {3, 60, 47, 60, 33};
+      for (int64_t t = 0; t < positions; ++t)
+        for (int kv = 0; kv < 2; ++kv) {
+          const bool seen = t >= 3 && t <= 60;  // some row sees it
+          for (float& v : x) v = seen ? normal(rng) : std::nanf("");
+          mobiq::kv_store(l, kv == 0, x.data(), (kv == 0 ? keys : values).data() + (t / 16) * l.block_bytes, t % 16);
+        }
+      std::vector<float> q(static_cast<size_t>(rows * D));
+      for (float& v : q) v = 0.3f * normal(rng);
+      const auto run = [&](mobiq::AttentionFn fn, std::vector<float>& acc, std::vector<float>& m, std::vector<float>& lsum) {
+        acc.assign(static_cast<size_t>(rows * D), 7.0f);
+        m.assign(rows, 7.0f);
+        lsum.assign(rows, 7.0f);
+        mobiq::AttentionArgs a{l, keys.data(), values.data(), q.data(), first, last, rows, key_begin, key_end,
+                               acc.data(), m.data(), lsum.data()};
+        fn(a);
+      };
+      std::vector<float> ra, rm, rl;
+      run(mobiq::attention_reference, ra, rm, rl);
+      for (int64_t k = 0; k < count; ++k) {
+        if (!kernels[k].supported()) continue;
+        std::vector<float> ka, km, kl;
+        run(kernels[k].fn, ka, km, kl);
+        double worst = 0.0;
+        bool finite = true;
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t d = 0; d < D; ++d) {
+            // normalized outputs acc / l (the running max m cancels)
+            const size_t i = static_cast<size_t>(r * D + d);
+            const double got = static_cast<double>(ka[i]) / kl[static_cast<size_t>(r)];
+            const double want = static_cast<double>(ra[i]) / rl[static_cast<size_t>(r)];
+            finite = finite && std::isfinite(got);
+            worst = std::max(worst, std::fabs(got - want));
+          }
+        check(finite && worst <= 1e-5, std::string(kernels[k].name) + " " + std::to_string(l.bits) + " bits D=" +
+                                           std::to_string(D) + ": max |out - float64| " + std::to_string(worst) +
+                                           (finite ? "" : " (non-finite: a stale position was read)"));
+      }
+    }
+  for (int64_t k = 0; k < count; ++k)
+    std::printf("attention kernel %s: %s\n", kernels[k].name, kernels[k].supported() ? "tested" : "not supported here");
+  std::printf("attention kernel chosen: %s\n", mobiq::select_attention_kernel().name);
+}
+
 int main() {
   test_kernels_on_grid();
   test_kernels_at_extremes();
@@ -418,6 +515,8 @@ int main() {
   test_nonfinite_tokens();
   test_router();
   test_select_kernel();
+  test_kv_store_load();
+  test_attention();
   std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
 }
