@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 OPS_SOURCES := $(shell find custom_ops -type f) pyproject.toml
 
-.PHONY: setup deps cross-tools build assets model demo test test-pi wheels clean
+.PHONY: setup deps cross-tools build assets model demo test test-pi wheels llamacpp clean
 
 setup: cross-tools build assets
 
@@ -77,6 +77,11 @@ $(MODEL_DIR)-exact/model.onnx: $(MODEL_DIR)/model.onnx
 # dist/: an sdist and py3-none wheels for linux x86_64 and aarch64 (tools/wheels.py says how).
 wheels: deps cross-tools
 	$(BIN)/python -m mobiquant.tools.wheels --out dist
+
+# Optional: llama.cpp's llama-bench and llama-quantize, the peer to measure beside (tools/llamacpp.py), built
+# once (minutes on 2 cores) from the pinned llama-cpp-python sdist into $(MOBIQ_CACHE)/llamacpp; not part of test.
+llamacpp: build
+	$(BIN)/python -m mobiquant.tools.llamacpp build
 
 clean:
 	rm -rf build $(VENV)/.built
