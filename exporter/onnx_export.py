@@ -110,8 +110,9 @@ def default_context(config) -> int:
 
 
 def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accuracy_level: int = ops.ACCURACY_INT8,
-           verify_tokens: int = 32) -> Path:
-    """Checkpoint -> verified model directory."""
+           verify_tokens: int = 32, attention: str = "kv") -> Path:
+    """Checkpoint -> verified model directory. ``attention`` "gqa" writes the same file with ONNX Runtime's
+    GroupQueryAttention and a float32 cache instead of KVAttention (a control for measurements)."""
     meta_raw, config = ckpt.read_meta(checkpoint_dir)
     source = resolve(config.model)
     model = load_float_model(source)
@@ -121,10 +122,11 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accu
     spec = DecoderSpec.from_hf_config(model.config, context)
     print(f"[export] building graph ({spec.num_layers} layers, context {context})", file=sys.stderr, flush=True)
     meta = model_metadata(source, config, "mobiquant", context, source.folder,
-                          (meta_raw.get("allocation") or {}).get("routing", "static"), spec)
+                          (meta_raw.get("allocation") or {}).get("routing", "static"), spec if attention == "kv" else None)
     embedding_bits = use_stored_embedding(model, floats, spec, qmodel)
     path = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, accuracy_level),
-                                         embedding_bits=embedding_bits), meta, source.folder, out_dir)
+                                         embedding_bits=embedding_bits, attention=attention), meta, source.folder,
+                           out_dir)
     print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB); measuring its named budgets", file=sys.stderr,
           flush=True)
     named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
@@ -133,7 +135,8 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accu
         exact = path
         if accuracy_level != ops.ACCURACY_F32:  # the same graph with exact float activations, to hold to PyTorch
             exact = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, ops.ACCURACY_F32),
-                                                  embedding_bits=embedding_bits), meta, source.folder, Path(tmp))
+                                                  embedding_bits=embedding_bits, attention=attention), meta,
+                                    source.folder, Path(tmp))
         # the file's named budgets and the generic grid (3, 4, 6, 8 bits: token-dependent and constant rows)
         budgets = {**{f"{b:g} bits": b for b in NAMED_BUDGETS.values() if b not in named.values()}, **named}
         verify(exact, path, qmodel, verify_tokens, budgets)
@@ -298,6 +301,9 @@ def add_onnx_command(subparsers) -> None:
     p.add_argument("--exact", action="store_true",
                    help="exact float32 activations in the op (default: int8 activations, faster, as MatMulNBits "
                         "accuracy_level=4)")
+    p.add_argument("--attention", choices=["kv", "gqa"], default="kv",
+                   help="kv: KVAttention, a KV cache whose precision the runtime picks (default); gqa: ONNX Runtime's "
+                        "GroupQueryAttention with a float32 cache (the previous design, kept as a measurement control)")
     p.set_defaults(func=_onnx_command)
     b = subparsers.add_parser("baseline", help="export the fp32 or MatMulNBits-int4 version of a source model")
     b.add_argument("model", help="registry name or Hugging Face folder")
@@ -309,6 +315,7 @@ def add_onnx_command(subparsers) -> None:
 
 def _onnx_command(args) -> int:
     t = time.time()
-    export(args.checkpoint, args.out, args.context, ops.ACCURACY_F32 if args.exact else ops.ACCURACY_INT8)
+    export(args.checkpoint, args.out, args.context, ops.ACCURACY_F32 if args.exact else ops.ACCURACY_INT8,
+           attention=args.attention)
     print(f"[export] done in {time.time() - t:.0f} s: {args.out / MODEL_FILE}", file=sys.stderr)
     return 0

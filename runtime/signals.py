@@ -280,7 +280,7 @@ def read_memory(root: Path = ROOT, notes: list[str] | None = None) -> float | No
         if line.startswith("MemAvailable:"):
             parts = line.split()
             value = _parse_number(parts[1] if len(parts) > 1 else None)
-            if value is not None and value >= 0:
+            if value is not None and 0 <= value < 2**40:  # kB; more than a petabyte is garbage
                 return value / 1024.0
     notes.append("memory: proc/meminfo " + ("unreadable" if text is None else "has no MemAvailable"))
     return None

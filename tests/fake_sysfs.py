@@ -32,6 +32,11 @@ def zone(root: Path, index: int, kind: str, millideg: str) -> None:
     put(root, f"sys/class/thermal/thermal_zone{index}/temp", millideg + "\n")
 
 
+def meminfo(root: Path, available_mb: float, total_mb: float = 8192) -> None:
+    put(root, "proc/meminfo", f"MemTotal:       {round(total_mb * 1024)} kB\nMemFree:          123456 kB\n"
+                              f"MemAvailable:   {round(available_mb * 1024)} kB\nBuffers:           2048 kB\n")
+
+
 def laptop(root: Path, capacity: str, status: str, online: str) -> Path:
     battery(root, capacity, status)
     adapter(root, online)
@@ -41,9 +46,12 @@ def laptop(root: Path, capacity: str, status: str, online: str) -> Path:
     return root
 
 
-def pi5(root: Path, celsius: float, throttled: str = "0") -> Path:
-    """A Raspberry Pi 5: power_supply lists nothing (mains), one cpu-thermal zone."""
+def pi5(root: Path, celsius: float, throttled: str = "0", available_mb: float | None = None) -> Path:
+    """A Raspberry Pi 5: power_supply lists nothing (mains), one cpu-thermal zone; proc/meminfo when
+    ``available_mb`` is given."""
     (root / "sys/class/power_supply").mkdir(parents=True)
     zone(root, 0, "cpu-thermal", str(round(celsius * 1000)))
     put(root, THROTTLE_NODE, throttled + "\n")
+    if available_mb is not None:
+        meminfo(root, available_mb)
     return root

@@ -21,6 +21,7 @@ from mobiquant.runtime import signals
 from mobiquant.runtime.budget import (DEFAULT_NAMED, DEFAULT_REEVALUATE_EVERY, AutoBudget, BudgetError, Decision,
                                       PolicyConfig, decide, describe, load_config, parse_budget)
 from mobiquant.runtime.signals import Snapshot, SysfsSource, Throttle, Zone, read_snapshot
+import fake_sysfs
 from fake_sysfs import THROTTLE_NODE, adapter, battery, laptop, pi5, put, zone
 
 CFG = PolicyConfig()
@@ -145,7 +146,7 @@ def test_pi_hot_and_throttled_takes_the_lower(tmp_path):
 def test_empty_root_knows_nothing_and_falls_back_to_mid(tmp_path):
     snap = read_snapshot(tmp_path)
     assert snap == Snapshot(notes=snap.notes)  # every signal unknown
-    assert {n.split(":")[0] for n in snap.notes} == {"power", "thermal", "pi", "load"}
+    assert {n.split(":")[0] for n in snap.notes} == {"power", "thermal", "pi", "load", "memory"}
     d = level_of(snap)
     assert (d.level, d.target_bits, d.reason) == ("mid", 4.0, "power source unknown → mid")
 
@@ -198,10 +199,13 @@ def test_garbage_is_unknown_not_a_crash(tmp_path, junk):
     put(tmp_path, "sys/class/thermal/thermal_zone0/temp", junk)
     put(tmp_path, THROTTLE_NODE, junk)
     put(tmp_path, "proc/loadavg", junk)
+    put(tmp_path, "proc/meminfo", b"MemAvailable: " + (junk if isinstance(junk, bytes) else junk.encode()) + b" kB\n")
     snap = read_snapshot(tmp_path)
     assert (snap.battery_percent, snap.battery_status, snap.on_ac) == (None, None, None)
     assert (snap.zones, snap.cpu_celsius, snap.throttle, snap.load_per_cpu) == ((), None, None, None)
-    assert len(snap.notes) == 7, snap.notes  # capacity, status, online, temp, get_throttled, loadavg, pi summary
+    assert snap.mem_available_mb is None
+    # capacity, status, online, temp, get_throttled, loadavg, pi summary, meminfo
+    assert len(snap.notes) == 8, snap.notes
     assert level_of(snap).level == "mid"
 
 
@@ -506,3 +510,42 @@ def test_describe_empty_root(tmp_path):
     text = describe(snap, level_of(snap))
     assert "battery unknown, AC unknown" in text and "temperature  unknown" in text and "Pi flags     unknown" in text
     assert "budget: mid = 4 bits\n  because power source unknown → mid" in text
+
+
+# ---- --kv-bits auto ---------------------------------------------------------------------------------
+
+CACHE_MB = {8: 100.0, 4: 54.0}  # SmolLM2's whole 8,192-position context at 8 and 4 bits
+
+
+@pytest.mark.parametrize("celsius,throttled,available,bits,why", [
+    (55.0, "0", 3000.0, 8, "3000 MB available, 100 MB for the context at 8 bits → 8 bits"),
+    (55.0, "0", 399.0, 4, "8-bit cache 100 MB > 25% of 399 MB available → 4 bits (54 MB)"),
+    (55.0, "0", 401.0, 8, "401 MB available"),
+    (79.0, "0", 3000.0, 4, "CPU 79 °C ≥ 78 °C → 4 bits"),
+    (60.0, "0x4", 3000.0, 4, "Pi throttled now → 4 bits"),
+    (55.0, "0", None, 8, "memory unknown"),
+])
+def test_kv_bits_auto_on_fake_pi_trees(tmp_path, celsius, throttled, available, bits, why):
+    from mobiquant.runtime.budget import kv_bits_for
+
+    snapshot = read_snapshot(fake_sysfs.pi5(tmp_path, celsius, throttled, available))
+    assert snapshot.mem_available_mb == (None if available is None else pytest.approx(available, abs=1e-3))
+    got, reason = kv_bits_for(snapshot, PolicyConfig(), CACHE_MB)
+    assert got == bits and why in reason, reason
+
+
+def test_kv_memory_share_is_a_policy_setting(tmp_path):
+    from mobiquant.runtime.budget import kv_bits_for
+
+    snapshot = read_snapshot(fake_sysfs.pi5(tmp_path, 50.0, available_mb=300.0))
+    assert kv_bits_for(snapshot, PolicyConfig(), CACHE_MB)[0] == 4
+    assert kv_bits_for(snapshot, PolicyConfig(kv_memory_share=0.5), CACHE_MB)[0] == 8
+    with pytest.raises(BudgetError, match="0 < kv_memory_share <= 1"):
+        PolicyConfig(kv_memory_share=0.0)
+
+
+def test_meminfo_without_memavailable_is_a_note_not_a_guess(tmp_path):
+    fake_sysfs.put(tmp_path, "proc/meminfo", "MemTotal: 1000 kB\n")
+    snapshot = read_snapshot(tmp_path)
+    assert snapshot.mem_available_mb is None
+    assert any("has no MemAvailable" in n for n in snapshot.notes)

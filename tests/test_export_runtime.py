@@ -21,6 +21,7 @@ from mobiquant.exporter import checkpoint as ckpt
 from mobiquant.exporter.onnx_export import export
 from mobiquant.exporter.qmodel import build_quantized, slice_model
 from mobiquant.exporter.source import load_float_model, resolve
+from mobiquant.runtime import kvcache
 from mobiquant.runtime.session import ContextError, ModelSession
 from tiny_llama import write_tiny_llama
 
@@ -343,7 +344,8 @@ def test_cli_on_a_hot_pi_stays_at_the_floor_and_paces(tiny_model_dir, tmp_path):
 
 
 def test_mobiq_eval_json_schema_and_agreement_with_pytorch(tiny, tmp_path):
-    """Two-budget sweep: schema of the JSON, and ONNX Runtime PPL within 0.5% of the PyTorch model's."""
+    """Two budgets x two KV cache precisions: schema of the JSON, ONNX Runtime PPL with a float32 cache within
+    0.5% of the PyTorch model's (8-bit cache: 2%), and the cache's size per precision."""
     import json
 
     from mobiq_eval_reference import torch_ppl
@@ -355,15 +357,21 @@ def test_mobiq_eval_json_schema_and_agreement_with_pytorch(tiny, tmp_path):
     out = tmp_path / "eval.json"
     r = subprocess.run([sys.executable, "-m", "mobiquant.tools.evaluate", str(model_dir), "--corpus", str(text),
                         "--budgets", "3,max", "--context", "64", "--max-tokens", "0", "--threads", "1",
-                        "--json", str(out), "--plot", str(tmp_path / "eval.png")], capture_output=True, timeout=300)
+                        "--kv-bits", "32,8", "--json", str(out), "--plot", str(tmp_path / "eval.png")],
+                       capture_output=True, timeout=300)
     assert r.returncode == 0, r.stderr.decode()
     result = json.loads(out.read_text())
     assert {"model", "corpus", "context", "tokens", "cpu", "threads", "rows"} <= set(result)
-    assert [row["target_bits"] for row in result["rows"]] == [3.0, 8.0]
+    assert [(row["target_bits"], row["kv_bits"]) for row in result["rows"]] == [(3.0, 32), (3.0, 8), (8.0, 32), (8.0, 8)]
     for row in result["rows"]:
-        assert set(row) == {"name", "target_bits", "avg_bits", "ppl", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"}
+        assert set(row) == {"name", "target_bits", "avg_bits", "ppl", "prefill_tok_s", "decode_tok_s", "peak_rss_mb",
+                            "kv_bits", "kv_mb"}
         ref = torch_ppl(q, model_dir, text, 64, row["target_bits"])
-        assert abs(row["ppl"] / ref - 1) < 0.005, f"{row['target_bits']} bits: ORT PPL {row['ppl']} vs torch {ref}"
+        tolerance = 0.005 if row["kv_bits"] == 32 else 0.02
+        assert abs(row["ppl"] / ref - 1) < tolerance, f"{row['target_bits']} bits, KV {row['kv_bits']}: ORT PPL " \
+                                                      f"{row['ppl']} vs torch {ref}"
+        assert row["kv_mb"] == pytest.approx(result["rows"][0]["kv_mb"] * kvcache.block_bytes(row["kv_bits"], 16)
+                                             / kvcache.block_bytes(32, 16))
     assert (tmp_path / "eval.png").stat().st_size > 1000
 
 

@@ -2,7 +2,8 @@
 
     mobiq-bench kernel [--threads 1,2] [--shapes ...] [--json FILE]
     mobiq-bench layer [MODEL] [--layer NAME] [--threads N] [--json FILE]
-    mobiq-bench decode MODEL_DIR [--baseline DIR ...] [--bits B ...] [--threads N] [--json FILE]
+    mobiq-bench decode MODEL_DIR [--baseline DIR ...] [--bits B ...] [--depths 32,1024,4096] [--kv-bits 16,8,4]
+                      [--llamacpp MODEL_NAME] [--threads N] [--json FILE]
     mobiq-bench footprint MODEL_DIR [--threads N] [--json FILE]
 
 ``kernel`` times, in one process on identical inputs, ResidualSliceMatMul at
@@ -24,6 +25,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +233,7 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-LONG_PROMPT = 1024  # the second decode figure: after this many tokens of context
+DEPTHS = (32, 1024, 4096)  # decode is timed after this many tokens of context
 
 
 def probe_prompt(session, tokens: int) -> np.ndarray:
@@ -244,23 +246,49 @@ def greedy_step(session, logits: np.ndarray, cache, bits: float | None):
     return session.forward(np.array([[int(logits[0, -1].argmax())]], np.int64), cache, bits)
 
 
-def decode_run(session, bits: float | None, prompt: np.ndarray, steps: int = 64) -> float:
-    """Decode milliseconds per token at ``bits`` over ``steps`` greedy tokens after ``prompt`` [1, P] (one run)."""
-    logits, cache = session.forward(prompt, session.empty_cache(prompt.shape[1] + steps), bits)
+@dataclass
+class Variant:
+    """One timed configuration: a session at a budget (None: a fixed-precision baseline) and a KV precision."""
+
+    model: str
+    session: object
+    bits: float | None
+    kv_bits: int
+    budget: str | None = None
+    prefilled: dict = field(default_factory=dict)  # depth -> (logits, KVCache at that depth)
+
+    def start(self, depth: int, steps: int):
+        """(logits, cache) after ``depth`` prompt tokens, prefilled once: each run decodes from the same
+        cache (a step writes only past the cache's length, so the prefilled positions stay valid)."""
+        if depth not in self.prefilled:
+            self.session.set_kv_bits(self.kv_bits)
+            self.prefilled[depth] = self.session.forward(probe_prompt(self.session, depth),
+                                                         self.session.empty_cache(depth + steps), self.bits)
+        return self.prefilled[depth]
+
+
+def decode_steps(session, logits: np.ndarray, cache, bits: float | None, steps: int) -> float:
+    """Milliseconds per token of ``steps`` greedy tokens from (logits, cache)."""
     t = time.perf_counter()
     for _ in range(steps):
         logits, cache = greedy_step(session, logits, cache, bits)
     return (time.perf_counter() - t) / steps * 1e3
 
 
-def decode_speeds(variants: list[tuple], prompts: tuple[int, ...], rounds: int = 5) -> list[list[float]]:
-    """Median ms/token of every (session, bits) variant after each prompt length. The variants take
-    turns in every round, so a slow phase of a shared machine hits all of them alike."""
-    times = [[[] for _ in prompts] for _ in variants]
+def decode_run(session, bits: float | None, prompt: np.ndarray, steps: int = 64) -> float:
+    """Decode milliseconds per token at ``bits`` over ``steps`` greedy tokens after ``prompt`` [1, P] (one run)."""
+    logits, cache = session.forward(prompt, session.empty_cache(prompt.shape[1] + steps), bits)
+    return decode_steps(session, logits, cache, bits, steps)
+
+
+def decode_speeds(variants: list[Variant], depths: tuple[int, ...], rounds: int = 5) -> list[list[float]]:
+    """Median ms/token of every variant after each depth. The variants take turns in every round, so a
+    slow phase of a shared machine hits all of them alike."""
+    times = [[[] for _ in depths] for _ in variants]
     for _ in range(rounds):
-        for v, (session, bits) in enumerate(variants):
-            for p, prompt in enumerate(prompts):
-                times[v][p].append(decode_run(session, bits, probe_prompt(session, prompt)))
+        for v, variant in enumerate(variants):
+            for d, depth in enumerate(depths):
+                times[v][d].append(decode_steps(variant.session, *variant.start(depth, 64), variant.bits, 64))
     return [[float(np.median(t)) for t in per_variant] for per_variant in times]
 
 
@@ -284,65 +312,114 @@ def switch_cost(session, before: float, after: float, steps: int = 32, steady_st
     return float(np.median(ratios))
 
 
+def _variants(args: argparse.Namespace, session) -> list[Variant]:
+    """The named budgets (and --bits) at the default cache precision, ``mid`` at every --kv-bits, and the
+    baselines (another MoBiQuant file at our budgets; a fixed-precision file once, with its float32 cache)."""
+    from mobiquant.runtime import kvcache
+    from mobiquant.runtime.session import ModelSession
+
+    named = dict(session.info.named_budgets)
+    for bits in args.bits or []:  # budgets between the named ones (e.g. where routers decide per token)
+        named[f"{bits:g}"] = bits
+    variants = [Variant("mobiquant", session, bits, kvcache.DEFAULT_BITS, name) for name, bits in named.items()]
+    variants += [Variant("mobiquant", session, named["mid"], kv, "mid") for kv in args.kv_bits
+                 if kv != kvcache.DEFAULT_BITS]
+    for directory in args.baseline or []:
+        base = ModelSession(directory, args.threads)
+        if base.elastic:
+            label = f"mobiquant-{base.info.meta.get('routing', 'other')}"
+            variants += [Variant(label, base, bits, base.kv_bits, name) for name, bits in named.items()]
+        else:
+            variants.append(Variant(base.info.meta.get("kind"), base, None, 32))
+    return variants
+
+
+def _llamacpp_rows(model_name: str, depths: tuple[int, ...], threads: int) -> list[dict]:
+    """llama.cpp's llama-bench on the model's GGUF requantized to Q4_0 (f16 and q8_0 caches) and Q8_0 (f16)."""
+    from . import llamacpp
+
+    llamacpp.build()
+    source = llamacpp.model_gguf(model_name)
+    rows = []
+    for qtype, cache in (("Q4_0", "f16"), ("Q4_0", "q8_0"), ("Q8_0", "f16")):
+        runs = llamacpp.bench(llamacpp.quantized_gguf(source, qtype), list(depths), threads, cache, n_gen=64,
+                              repetitions=5)
+        rows.append({"model": f"llama.cpp {qtype}", "budget": None, "bits": None, "kv_bits": cache,
+                     "ms_per_token": {str(r["depth"]): r["ms_per_token"] for r in runs}})
+    return rows
+
+
 def _decode_command(args: argparse.Namespace) -> int:
     import subprocess
 
     from mobiquant.runtime.session import ModelSession
 
-    rows: list[dict] = []
-    result = {"cpu": cpu_name(), "threads": args.threads, "rows": rows}
     session = ModelSession(args.model, args.threads)
+    depths = tuple(d for d in args.depths if d + 64 <= session.info.context)
+    result = {"cpu": cpu_name(), "threads": args.threads, "depths": depths, "rows": []}
+    variants = _variants(args, session)
+    rows = [{"model": v.model, "budget": v.budget, "bits": v.bits, "kv_bits": v.kv_bits} for v in variants]
+    for row, ms in zip(rows, decode_speeds(variants, depths)):
+        row["ms_per_token"] = {str(d): t for d, t in zip(depths, ms)}
+        row["cache_mb_at_deepest"] = (variants[rows.index(row)].session.cache_bytes_per_position(row["kv_bits"])
+                                      * (depths[-1] + 64) / 2**20)
+    del variants  # the prefilled caches
+    if args.llamacpp:
+        rows += _llamacpp_rows(args.llamacpp, depths, args.threads or 2)
+    result["rows"] = rows
     named = session.info.named_budgets
-    for bits in args.bits or []:  # budgets between the named ones (e.g. where routers decide per token)
-        named[f"{bits:g}"] = bits
-    long = min(LONG_PROMPT, session.info.context - 64)
-    result["long_prompt"] = long
-    variants = [(session, bits) for bits in named.values()]
-    for name, bits in named.items():
-        rows.append({"model": "mobiquant", "budget": name, "bits": bits})
-    for directory in args.baseline or []:
-        base = ModelSession(directory, args.threads)
-        if base.elastic:  # another MoBiQuant file (e.g. the same checkpoint with static routing): our named budgets
-            for name, bits in named.items():
-                variants.append((base, bits))
-                rows.append({"model": f"mobiquant-{base.info.meta.get('routing', 'other')}", "budget": name,
-                             "bits": bits})
-        else:
-            variants.append((base, None))
-            rows.append({"model": base.info.meta.get("kind"), "budget": None, "bits": None})
-    for row, (short_ms, long_ms) in zip(rows, decode_speeds(variants, (32, long))):
-        row.update(ms_per_token=short_ms, ms_per_token_long=long_ms)
+    session.set_kv_bits(8)
     result["switch_low_to_max"] = switch_cost(session, named["low"], named["max"])
     result["switch_max_to_low"] = switch_cost(session, named["max"], named["low"])
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "mobiquant.runtime.cli", str(args.model), "--budget", "low", "-n", "1",
                     "-p", "Hi"], check=True, capture_output=True)
     result["first_token_s"] = time.perf_counter() - t
+    print(f"{'model':>18} {'budget':>6} {'bits':>4} {'kv':>4} " +
+          " ".join(f"{'after ' + str(d):>16}" for d in depths) + "   (ms/token, tok/s)")
     for r in rows:
-        print(f"{r['model']:>18} {str(r['budget'] or ''):>5} {str(r['bits'] or ''):>4} "
-              f"{r['ms_per_token']:7.2f} ms/token  {1e3 / r['ms_per_token']:6.1f} tok/s   after {long} tokens: "
-              f"{r['ms_per_token_long']:7.2f} ms/token  {1e3 / r['ms_per_token_long']:6.1f} tok/s")
-    speed = {(r["model"], r["budget"]): 1e3 / r["ms_per_token"] for r in rows}
-    long_speed = {(r["model"], r["budget"]): 1e3 / r["ms_per_token_long"] for r in rows}
-    targets = ((("low", "fp32"), 1.5, speed, ""), (("low", "matmulnbits-int4"), 1.2, speed, ""),
-               (("mid", "matmulnbits-int4"), 1.1, speed, ""), (("mid", "matmulnbits-int4"), 1.0, long_speed, "_long"))
-    for (ours, theirs), target, table, suffix in targets:
-        if ("mobiquant", ours) in table and (theirs, None) in table:
-            ratio = table["mobiquant", ours] / table[theirs, None]
-            result[f"{ours}_vs_{theirs}{suffix}"] = ratio
-            print(f"decode {ours} / {theirs}{' after ' + str(long) + ' tokens' if suffix else ''}: {ratio:.2f}x "
-                  f"(target >= {target})")
-    for r in rows:  # a second MoBiQuant file at the same budgets: the cost of what differs (e.g. its routers)
-        if r["model"].startswith("mobiquant-") and ("mobiquant", r["budget"]) in speed:
-            ratio = speed["mobiquant", r["budget"]] / speed[r["model"], r["budget"]]
-            result[f"{r['budget']}_vs_{r['model']}"] = ratio
-            print(f"decode {r['budget']}: mobiquant / {r['model']}: {ratio:.3f}x")
+        print(f"{r['model']:>18} {str(r['budget'] or ''):>6} {str(r['bits'] or ''):>4} {str(r['kv_bits']):>4} " +
+              " ".join(f"{r['ms_per_token'][str(d)]:7.2f} {1e3 / r['ms_per_token'][str(d)]:7.1f} " for d in depths))
+    _print_ratios(result, rows, depths)
     print(f"switch cost (first step / steady step): low->max {result['switch_low_to_max']:.2f}, "
           f"max->low {result['switch_max_to_low']:.2f}")
     print(f"mobiq-run start to first token (low): {result['first_token_s']:.2f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _print_ratios(result: dict, rows: list[dict], depths: tuple[int, ...]) -> None:
+    """The targets' ratios (speed = 1 / ms per token), printed and stored in ``result``."""
+    ms = {(r["model"], r["budget"], r["kv_bits"]): r["ms_per_token"] for r in rows}
+    short = str(depths[0])
+    mid8 = ms.get(("mobiquant", "mid", 8))
+
+    def ratio(key: str, ours, theirs, depth: str, target: str) -> None:
+        if ours and theirs:
+            result[key] = theirs[depth] / ours[depth]
+            print(f"{key}: {result[key]:.2f}x ({target})")
+
+    for kind, target in (("fp32", "target >= 1.5"), ("matmulnbits-int4", "target >= 1.2")):
+        ratio(f"low_vs_{kind}", ms.get(("mobiquant", "low", 8)), ms.get((kind, None, 32)), short, target)
+    for d in depths:
+        ratio(f"mid_vs_matmulnbits-int4_at_{d}", mid8, ms.get(("matmulnbits-int4", None, 32)), str(d),
+              "target >= 1.1 short, >= 1.0 after 1,024")
+        ratio(f"mid_vs_llama.cpp_Q4_0_q8_0_at_{d}", mid8, ms.get(("llama.cpp Q4_0", None, "q8_0")), str(d),
+              "target > 1 after 1,024 and 4,096")
+    for (model, budget, kv), times in ms.items():  # slowdown with depth at each cache precision
+        for d in depths[1:]:
+            key = f"{model}_{budget or ''}_kv{kv}_{d}_over_{short}"
+            result[key] = times[str(d)] / times[short]
+            if model == "mobiquant" and budget == "mid" or model.startswith(("matmul", "llama")):
+                print(f"{model} {budget or ''} kv {kv}: after {d} / after {short}: {result[key]:.2f}x"
+                      + (" (target <= 1.25 at 1,024, <= 1.6 at 4,096 with 8 bits)" if kv == 8 else ""))
+    for r in rows:  # a second MoBiQuant file at the same budgets: the cost of what differs (e.g. its routers)
+        own = ms.get(("mobiquant", r["budget"], 8))
+        if r["model"].startswith("mobiquant-") and own:
+            key = f"{r['budget']}_vs_{r['model']}"
+            result[key] = r["ms_per_token"][short] / own[short]
+            print(f"decode {r['budget']}: mobiquant / {r['model']}: {result[key]:.3f}x")
 
 
 def _layer_command(args: argparse.Namespace) -> int:
@@ -386,6 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     decode.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ONNX Runtime's)")
     decode.add_argument("--bits", type=float, action="append",
                         help="also time this budget (bits) beside the named ones, in every MoBiQuant file (repeatable)")
+    decode.add_argument("--depths", type=lambda t: tuple(int(x) for x in t.split(",")), default=DEPTHS,
+                        help=f"decode after these many tokens of context (default: {','.join(map(str, DEPTHS))})")
+    decode.add_argument("--kv-bits", type=lambda t: tuple(int(x) for x in t.split(",")), default=(16, 8, 4),
+                        help="also time mid at these KV cache precisions (default: 16,8,4; 8 is the default cache)")
+    decode.add_argument("--llamacpp", metavar="MODEL_NAME",
+                        help="also run llama.cpp's llama-bench on this registry model's GGUF as Q4_0 (f16 and q8_0 "
+                             "caches) and Q8_0 (builds llama.cpp once: make llamacpp)")
     decode.add_argument("--json", help="also write the results to this JSON file")
     kernel = sub.add_parser("kernel", help="ResidualSliceMatMul against MatMulNBits and fp32 MatMul")
     kernel.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts (default: 1,2)")

@@ -52,12 +52,13 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_tokens: int | None,
-            threads: int | None, progress: bool = False) -> dict:
-    """One row: ppl, avg bits, prefill and decode tok/s, peak RSS (of this process)."""
+            threads: int | None, progress: bool = False, kv_bits: int | None = None) -> dict:
+    """One row: ppl, avg bits, prefill and decode tok/s, peak RSS (of this process), and the KV cache's
+    precision and size for one window (``kv_bits``: the session's default when None)."""
     from mobiquant.runtime.session import ModelSession
     from mobiquant.runtime.text import TextCodec
 
-    session = ModelSession(model_dir, threads)
+    session = ModelSession(model_dir, threads, kv_bits)
     codec = TextCodec(session.info.directory, session.info.meta)
     windows = corpus_ids(codec, corpus, context, max_tokens)
     nll, scored, bits_read, prefill_s = 0.0, 0, [], []
@@ -75,14 +76,17 @@ def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_
     return {"target_bits": bits, "avg_bits": float(np.mean(bits_read)) if session.elastic else None,
             "ppl": float(np.exp(nll / scored)), "tokens": scored,
             "prefill_tok_s": context / float(np.median(prefill_s)), "decode_tok_s": 1e3 / decode_ms,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "kv_bits": session.kv_bits,
+            "kv_mb": session.cache_bytes_per_position() * context / 2**20}
 
 
-def _measure_in_subprocess(model_dir: Path, bits: float | None, args) -> dict:
+def _measure_in_subprocess(model_dir: Path, bits: float | None, args, kv_bits: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "mobiquant.tools.evaluate", "--worker", str(model_dir), "--corpus", args.corpus,
            "--context", str(args.context), "--max-tokens", str(args.max_tokens or 0)]
     if bits is not None:
         cmd += ["--bits", str(bits)]
+    if kv_bits is not None:
+        cmd += ["--kv-bits", str(kv_bits)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
@@ -121,9 +125,11 @@ def _progress(items, desc: str):
 
 
 def markdown(result: dict) -> str:
-    head = "| name | target bits | avg bits | PPL | prefill tok/s | decode tok/s | peak RSS MB |\n|---|---|---|---|---|---|---|"
-    rows = [f"| {r['name']} | {_fmt(r['target_bits'])} | {_fmt(r['avg_bits'])} | {r['ppl']:.2f} | "
-            f"{r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |" for r in result["rows"]]
+    head = ("| name | target bits | avg bits | KV bits | KV MB | PPL | prefill tok/s | decode tok/s | peak RSS MB |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    rows = [f"| {r['name']} | {_fmt(r['target_bits'])} | {_fmt(r['avg_bits'])} | {r['kv_bits']} | {r['kv_mb']:.1f} | "
+            f"{r['ppl']:.2f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+            for r in result["rows"]]
     return "\n".join([head, *rows])
 
 
@@ -178,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16384,
                    help="scored tokens per budget, rounded up to whole windows (default: 16384; 0 = whole corpus)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's choice)")
+    p.add_argument("--kv-bits", default=None,
+                   help="comma-separated KV cache precisions (32,16,8,4) to measure each MoBiQuant budget with "
+                        "(default: the runtime's default, 8); the KV MB column is one window's cache")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -186,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.worker:
             print(json.dumps(measure(Path(args.model), args.bits, args.corpus, args.context, args.max_tokens or None,
-                                     args.threads)))
+                                     args.threads, kv_bits=int(args.kv_bits) if args.kv_bits else None)))
             return 0
         info = locate(args.model)
         if args.context < 2 or args.context > info.context:
@@ -194,18 +203,23 @@ def main(argv: list[str] | None = None) -> int:
         budgets = [parse_budget(b.strip(), info.named_budgets) for b in args.budgets.split(",") if b.strip()]
         if "auto" in budgets:
             p.error("--budgets expected names or bits; got auto (evaluate fixed budgets)")
-        jobs = [("mobiquant", info.directory, float(b)) for b in budgets] if info.elastic else [
-            (info.meta["kind"], info.directory, None)]
+        try:
+            kv_list = [int(k) for k in args.kv_bits.split(",")] if args.kv_bits else [None]
+        except ValueError:
+            p.error(f"--kv-bits expected comma-separated integers; got {args.kv_bits!r}")
+        jobs = [("mobiquant", info.directory, float(b), kv) for b in budgets for kv in kv_list] if info.elastic else [
+            (info.meta["kind"], info.directory, None, None)]
         for other in map(locate, args.compare):
             if not other.elastic:
                 p.error(f"--compare expected a MoBiQuant model directory; got {other.meta.get('kind')} ({other.directory})")
-            jobs += [(f"mobiquant-{other.meta.get('routing', 'other')}", other.directory, float(b)) for b in budgets]
+            jobs += [(f"mobiquant-{other.meta.get('routing', 'other')}", other.directory, float(b), None)
+                     for b in budgets]
         if args.baselines:
-            jobs += [(kind, baseline_dir(info, kind), None) for kind in ("fp32", "matmulnbits-int4")]
+            jobs += [(kind, baseline_dir(info, kind), None, None) for kind in ("fp32", "matmulnbits-int4")]
         result = {"model": info.meta.get("source_model"), "corpus": args.corpus, "context": args.context,
                   "tokens": None, "cpu": cpu_name(), "threads": args.threads, "rows": []}
-        for name, directory, bits in _progress(jobs, "mobiq-eval"):
-            row = _measure_in_subprocess(directory, bits, args)
+        for name, directory, bits, kv in _progress(jobs, "mobiq-eval"):
+            row = _measure_in_subprocess(directory, bits, args, kv)
             result["tokens"] = row.pop("tokens")
             result["rows"].append({"name": name, **row})
         print(markdown(result))
