@@ -28,6 +28,7 @@ enum class KvFormat { kF32, kF16, kInt8, kInt4 };
 struct KvLayout {
   KvFormat format = KvFormat::kF32;
   int64_t head_dim = 0, group = 0, groups = 0;  // D, values per scale, D / group
+  int group_shift = 0;                          // log2(group / 16): vector j of 16 dims is in group j >> it
   int64_t code_bytes = 0, block_bytes = 0;      // one block's codes; codes + scales
   int bits = 32;
 };

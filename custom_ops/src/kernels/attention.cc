@@ -1,4 +1,4 @@
-// The attention task's portable variant (vectorizer off: scalar on any CPU), its float64 reference,
+// The attention task's portable variant (the architecture's baseline vector unit), its float64 reference,
 // and the choice among the compiled variants (x86/attention_x86.cc, arm/attention_neon.cc).
 #include <algorithm>
 #include <cmath>
@@ -12,7 +12,20 @@
 
 namespace mobiq {
 namespace portable {
-#define MOBIQ_ATTN __attribute__((optimize("no-tree-vectorize")))
+#define MOBIQ_ATTN
+
+inline vf16 widen16(vb16 c) {
+  vf16 out;
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(c[i]);
+  return out;
+}
+
+inline vf16 halves16(const _Float16* p) {
+  vf16 out;
+  for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(p[i]);
+  return out;
+}
+
 #include "attention.inc"
 #undef MOBIQ_ATTN
 }  // namespace portable

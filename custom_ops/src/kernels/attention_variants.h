@@ -4,6 +4,12 @@
 #include "mobiq/attention.h"
 
 namespace mobiq {
+
+// 16-lane vectors of the attention kernel (attention.inc).
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef int8_t vb16 __attribute__((vector_size(16)));
+
 #if defined(__x86_64__)
 void attention__avx2(const AttentionArgs& a);
 void attention__avx512(const AttentionArgs& a);

@@ -40,6 +40,7 @@ KvLayout kv_layout(KvFormat format, int64_t head_dim) {
   l.head_dim = head_dim;
   l.group = kv_group(head_dim);
   l.groups = head_dim / l.group;
+  l.group_shift = l.group == 64 ? 2 : l.group == 32 ? 1 : 0;
   const int64_t values = kKvBlock * head_dim;
   switch (format) {
     case KvFormat::kF32: l.bits = 32, l.code_bytes = 4 * values; break;

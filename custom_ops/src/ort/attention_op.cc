@@ -187,7 +187,7 @@ OrtStatusPtr AttentionKernelState::ComputeV2(OrtKernelContext* context) {
       fail("query width expected a multiple of " + std::to_string(per_token) + (packed ? " (H + 2 Hkv, packed)" : " (H)") +
            "; got " + std::to_string(q.shape[2]));
     c.D = q.shape[2] / per_token;
-    if (c.D % 16 != 0) fail("head size expected a multiple of 16; got " + std::to_string(c.D));
+    if (c.D % 16 != 0 || c.D > 512) fail("head size expected a multiple of 16, at most 512; got " + std::to_string(c.D));
     c.q_stride = q.shape[2];
     if (packed) {
       c.k_stride = q.shape[2], c.q_off = 0, c.k_off = heads * c.D, c.v_off = (heads + kv_heads) * c.D;
