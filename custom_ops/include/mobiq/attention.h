@@ -21,6 +21,13 @@
 
 namespace mobiq {
 
+// IEEE half precision as the compiler spells it in C++ (GCC 12: _Float16 on x86, __fp16 on aarch64).
+#if defined(__aarch64__)
+using KvHalf = __fp16;
+#else
+using KvHalf = _Float16;
+#endif
+
 inline constexpr int64_t kKvBlock = 16;  // positions per cache block
 
 enum class KvFormat { kF32, kF16, kInt8, kInt4 };

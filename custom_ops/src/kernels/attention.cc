@@ -20,7 +20,7 @@ inline vf16 widen16(vb16 c) {
   return out;
 }
 
-inline vf16 halves16(const _Float16* p) {
+inline vf16 halves16(const KvHalf* p) {
   vf16 out;
   for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(p[i]);
   return out;

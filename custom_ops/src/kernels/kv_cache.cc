@@ -75,8 +75,8 @@ void kv_store(const KvLayout& l, bool keys, const float* x, uint8_t* block, int6
       return;
     }
     case KvFormat::kF16: {
-      _Float16* codes = reinterpret_cast<_Float16*>(block);
-      for (int64_t d = 0; d < D; ++d) codes[at(d)] = static_cast<_Float16>(x[d]);
+      KvHalf* codes = reinterpret_cast<KvHalf*>(block);
+      for (int64_t d = 0; d < D; ++d) codes[at(d)] = static_cast<KvHalf>(x[d]);
       return;
     }
     case KvFormat::kInt8:
@@ -110,7 +110,7 @@ void kv_load(const KvLayout& l, bool keys, const uint8_t* block, int64_t lane, f
   for (int64_t d = 0; d < D; ++d) {
     switch (l.format) {
       case KvFormat::kF32: x[d] = reinterpret_cast<const float*>(block)[at(d)]; break;
-      case KvFormat::kF16: x[d] = static_cast<float>(reinterpret_cast<const _Float16*>(block)[at(d)]); break;
+      case KvFormat::kF16: x[d] = static_cast<float>(reinterpret_cast<const KvHalf*>(block)[at(d)]); break;
       case KvFormat::kInt8:
         x[d] = reinterpret_cast<const int8_t*>(block)[at(d)] * scales[(d / l.group) * kKvBlock + lane];
         break;

@@ -23,6 +23,8 @@ Input input(Ort::KernelContext& ctx, size_t i) {
 
 constexpr int64_t kDecodeChunk = 256;  // key positions per task when few tokens are new (split-K)
 constexpr int64_t kTileRows = 32;      // query rows (tokens x heads of a group) per task otherwise
+constexpr int64_t kInlineTokens = 16;  // new tokens stored on the calling thread
+constexpr int64_t kInlineReads = 8192; // (row, position) pairs attended on the calling thread
 
 // One (batch, kv head, token tile, key chunk) task; its rows' partial results live at `offset`.
 struct Task {
@@ -86,7 +88,8 @@ void to_hadamard_groups(const Call& c, float* x) {
 void store_task(void* data, size_t index) {
   Call& c = *static_cast<Call*>(data);
   const int64_t b = static_cast<int64_t>(index) / c.Hkv, h = static_cast<int64_t>(index) % c.Hkv, D = c.D;
-  std::vector<float> row(static_cast<size_t>(D)), vrow(static_cast<size_t>(D));
+  thread_local std::vector<float> row, vrow;
+  row.resize(static_cast<size_t>(D)), vrow.resize(static_cast<size_t>(D));
   uint8_t* kc = c.cache(c.key_cache, b, h);
   uint8_t* vc = c.cache(c.value_cache, b, h);
   for (int64_t s = 0; s < c.S; ++s) {
@@ -179,7 +182,8 @@ OrtStatusPtr AttentionKernelState::ComputeV2(OrtKernelContext* context) {
       fail("inputs query, key_cache, value_cache, seqlens_k, cos_cache, sin_cache expected; got fewer");
     if (!k.value != !v.value) fail("key and value expected both or neither (packed query); got one");
     if (q.shape.size() != 3) fail("query expected shape [B, S, hidden]; got " + shape_str(q.shape));
-    Call c;
+    thread_local Call c;  // its buffers keep their capacity from call to call (a session may run on several threads)
+    c.tasks.clear(), c.first.clear(), c.last.clear();
     c.B = q.shape[0], c.S = q.shape[1], c.H = heads, c.Hkv = kv_heads, c.G = heads / kv_heads;
     const bool packed = !k.value;
     const int64_t per_token = packed ? heads + 2 * kv_heads : heads;
@@ -248,12 +252,18 @@ OrtStatusPtr AttentionKernelState::ComputeV2(OrtKernelContext* context) {
     if (c.B * c.S == 0) return nullptr;
 
     c.qrot.resize(static_cast<size_t>(c.B * heads * c.S * c.D));
-    ctx.ParallelFor(store_task, static_cast<size_t>(c.B * kv_heads), 0, &c);
+    // Small work runs on this thread: waking the pool costs more than a decode step's stores or a short
+    // context's attention.
+    if (c.B * c.S <= kInlineTokens) {
+      for (size_t i = 0; i < static_cast<size_t>(c.B * kv_heads); ++i) store_task(&c, i);
+    } else {
+      ctx.ParallelFor(store_task, static_cast<size_t>(c.B * kv_heads), 0, &c);
+    }
 
     // Tasks: token tiles of ~kTileRows rows; with few new tokens, key chunks instead (split-K).
     const int64_t tile = std::max<int64_t>(1, kTileRows / c.G);
     const bool split = c.S * c.G <= kTileRows;
-    int64_t offset = 0;
+    int64_t offset = 0, reads = 0;  // reads: (row, position) pairs of all tasks
     for (int64_t b = 0; b < c.B; ++b)
       for (int64_t h = 0; h < kv_heads; ++h)
         for (int64_t s0 = 0; s0 < c.S; s0 += tile) {
@@ -263,6 +273,7 @@ OrtStatusPtr AttentionKernelState::ComputeV2(OrtKernelContext* context) {
           for (int64_t k0 = first; k0 <= last; k0 = split ? k0 + kDecodeChunk : last + 1) {
             const int64_t k1 = split ? std::min(last + 1, k0 + kDecodeChunk) : last + 1;
             c.tasks.push_back({b, h, s0, s1, k0, k1, offset});
+            reads += (k1 - k0) * rows;
             for (int64_t s = s0; s < s1; ++s)
               for (int64_t j = 0; j < c.G; ++j) {
                 const int64_t pos = c.past(b) + s;
@@ -275,7 +286,11 @@ OrtStatusPtr AttentionKernelState::ComputeV2(OrtKernelContext* context) {
     c.acc.resize(static_cast<size_t>(offset * c.D));
     c.m.resize(static_cast<size_t>(offset));
     c.l.resize(static_cast<size_t>(offset));
-    ctx.ParallelFor(attend_task, c.tasks.size(), 0, &c);
+    if (reads <= kInlineReads) {
+      for (size_t i = 0; i < c.tasks.size(); ++i) attend_task(&c, i);
+    } else {
+      ctx.ParallelFor(attend_task, c.tasks.size(), 0, &c);
+    }
 
     // Merge each row's key chunks (they follow each other in `tasks`) and normalize.
     for (size_t i = 0; i < c.tasks.size();) {

@@ -22,7 +22,7 @@ inline vf16 widen16(vb16 c) {
   return out;
 }
 
-inline vf16 halves16(const _Float16* p) {
+inline vf16 halves16(const KvHalf* p) {
   const float16_t* h = reinterpret_cast<const float16_t*>(p);
   const float32x4_t parts[4] = {vcvt_f32_f16(vld1_f16(h)), vcvt_f32_f16(vld1_f16(h + 4)), vcvt_f32_f16(vld1_f16(h + 8)),
                                 vcvt_f32_f16(vld1_f16(h + 12))};

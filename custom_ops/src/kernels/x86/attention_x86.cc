@@ -24,7 +24,7 @@ MOBIQ_ATTN inline vf16 widen16(vb16 c) {
   return join(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
 }
 
-MOBIQ_ATTN inline vf16 halves16(const _Float16* p) {
+MOBIQ_ATTN inline vf16 halves16(const KvHalf* p) {
   return join(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
               _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
 }
@@ -38,7 +38,7 @@ namespace avx512 {
 
 MOBIQ_ATTN inline vf16 widen16(vb16 c) { return (vf16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32((__m128i)c)); }
 
-MOBIQ_ATTN inline vf16 halves16(const _Float16* p) {
+MOBIQ_ATTN inline vf16 halves16(const KvHalf* p) {
   return (vf16)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
