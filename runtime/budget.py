@@ -361,8 +361,9 @@ def describe(snapshot: Snapshot, decision: Decision) -> str:
         pi = (f"0x{s.throttle.raw:x}: now {', '.join(s.throttle.now) or 'none'}; "
               f"since boot {', '.join(s.throttle.since_boot) or 'none'}")
     load = "unknown" if s.load_per_cpu is None else f"{s.load_per_cpu:.2f} per CPU (shown only, not used)"
+    memory = "unknown" if s.mem_available_mb is None else f"{s.mem_available_mb:.0f} MB available"
     lines = ["signals:", f"  power        {power}", f"  temperature  {temp}", f"  Pi flags     {pi}",
-             f"  load         {load}"]
+             f"  load         {load}", f"  memory       {memory}"]
     if s.notes:
         lines += ["unknown or unreadable:"] + [f"  - {n}" for n in s.notes]
     pacing = f", pausing {decision.pause_s:.2f} s after each token" if decision.pause_s else ""

@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from .budget import DEFAULT_REEVALUATE_EVERY, AutoBudget, BudgetError, PolicyConfig, describe, load_config, parse_budget
+from . import kvcache
+from .budget import (DEFAULT_REEVALUATE_EVERY, AutoBudget, BudgetError, PolicyConfig, describe, kv_bits_for, load_config,
+                     parse_budget)
 from .generate import GenerationStats
 from .modelfile import ModelFileError, locate, verify_checksums
 from .ops import OpLibraryError
@@ -112,10 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify:
             return _verify(args.model)
         if args.signals:
-            policy = _policy(args, locate(args.model).named_budgets)
+            info = locate(args.model)
+            policy = _policy(args, info.named_budgets)
             auto = AutoBudget(SysfsSource(args.signals_root), policy)
             decision = auto.update()
             print(describe(auto.snapshot, decision))
+            kv = info.meta.get("kv_cache")
+            if kv:  # what --kv-bits auto would pick for this model's whole context
+                mb = {b: kvcache.bytes_per_position(b, kv["kv_heads"], kv["head_dim"], kv["layers"]) * info.context
+                      / 2**20 for b in (8, 4)}
+                print("KV cache (--kv-bits auto): %d bits (%s)" % kv_bits_for(auto.snapshot, policy, mb))
             return 0
         return _run(args)
     except KeyboardInterrupt:

@@ -316,13 +316,18 @@ def test_signals_command_on_a_fake_pi_tree(tmp_path):
     model.mkdir()
     (model / "model.onnx").write_bytes(b"")  # --signals reads only mobiq.json
     (model / "mobiq.json").write_text(json.dumps({
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "mobiquant", "context": 64,
-        "named_budgets": {"low": 4.5, "mid": 5.0, "high": 6.0, "max": 8.0}}))
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "mobiquant", "context": 8192,
+        "named_budgets": {"low": 4.5, "mid": 5.0, "high": 6.0, "max": 8.0},
+        "kv_cache": {"head_dim": 64, "kv_heads": 3, "layers": 30}}))
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/meminfo").write_text("MemTotal: 1000000 kB\nMemAvailable: 307200 kB\n")  # 300 MB
     r = subprocess.run([sys.executable, "-m", "mobiquant.runtime.cli", str(model), "--signals", "--signals-root",
                         str(tmp_path)], capture_output=True, timeout=60)
     out = r.stdout.decode()
     assert r.returncode == 0, r.stderr.decode()
-    assert "79.5" in out and "low = 4.5 bits" in out, out
+    assert "79.5" in out and "low = 4.5 bits" in out and "memory       300 MB available" in out, out
+    # SmolLM2's shapes: 8,192 positions at 8 bits = 96 MB > a quarter of 300 MB
+    assert "KV cache (--kv-bits auto): 4 bits (8-bit cache 96 MB > 25% of 300 MB available" in out, out
 
 
 def test_cli_on_a_hot_pi_stays_at_the_floor_and_paces(tiny_model_dir, tmp_path):

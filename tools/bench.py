@@ -326,8 +326,8 @@ def _variants(args: argparse.Namespace, session) -> list[Variant]:
                  if kv != kvcache.DEFAULT_BITS]
     for directory in args.baseline or []:
         base = ModelSession(directory, args.threads)
-        if base.elastic:
-            label = f"mobiquant-{base.info.meta.get('routing', 'other')}"
+        if base.elastic:  # e.g. the same checkpoint with static routing, or with ONNX Runtime's attention
+            label = f"mobiquant-{base.info.meta.get('routing', 'other') if base.blocked else 'gqa'}"
             variants += [Variant(label, base, bits, base.kv_bits, name) for name, bits in named.items()]
         else:
             variants.append(Variant(base.info.meta.get("kind"), base, None, 32))
