@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", action="append", type=Path, default=[],
                    help="another MoBiQuant model directory measured at the same budgets, rows named by its routing "
                         "(e.g. the same checkpoint exported with `mobiq-export thresholds --routing static`: "
-                        "mobiquant-static); repeatable")
+                        "mobiquant-static), or mobiquant-gqa for a file exported with --attention gqa; repeatable")
     p.add_argument("--context", type=int, default=512, help="window length in tokens (default: 512)")
     p.add_argument("--max-tokens", type=int, default=16384,
                    help="scored tokens per budget, rounded up to whole windows (default: 16384; 0 = whole corpus)")
@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         for other in map(locate, args.compare):
             if not other.elastic:
                 p.error(f"--compare expected a MoBiQuant model directory; got {other.meta.get('kind')} ({other.directory})")
-            jobs += [(f"mobiquant-{other.meta.get('routing', 'other')}", other.directory, float(b), None)
-                     for b in budgets]
+            label = f"mobiquant-{other.meta.get('routing', 'other')}" if "kv_cache" in other.meta else "mobiquant-gqa"
+            jobs += [(label, other.directory, float(b), None) for b in budgets]
         if args.baselines:
             jobs += [(kind, baseline_dir(info, kind), None, None) for kind in ("fp32", "matmulnbits-int4")]
         result = {"model": info.meta.get("source_model"), "corpus": args.corpus, "context": args.context,
