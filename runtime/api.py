@@ -27,7 +27,8 @@ Threading contract (tested in tests/test_api_threads.py):
   earlier turns of a chat) computes only the rest.
 - ``set_kv_bits`` (32, 16, 8, 4 or ``"auto"``) takes effect when the next generation starts: a cache keeps
   the precision it was made with (a kept prefix at another precision is recomputed). ``"auto"`` (the
-  default) reads the device's signals once per generation start (runtime/budget.py ``kv_bits_for``).
+  default) decides once per generation start (runtime/budget.py ``kv_bits_for``) from the budget's newest
+  snapshot when the budget is ``"auto"`` too, else from one read of the signals.
 """
 
 from __future__ import annotations
@@ -250,8 +251,9 @@ class Model:
             source = source or (auto.source if auto else SysfsSource())
             policy = policy or (auto.config if auto else PolicyConfig(named=self.info.named_budgets))
             mb = {b: self.session.cache_bytes_per_position(b) * self.info.context / 2**20 for b in (8, 4)}
-            try:
-                bits, why = kv_bits_for(source(), policy, mb)
+            try:  # auto's newest snapshot when the budget follows the device too (no second read)
+                snapshot = auto.snapshot if auto and auto.snapshot and source is auto.source else source()
+                bits, why = kv_bits_for(snapshot, policy, mb)
             except Exception as e:  # noqa: BLE001 — a failing signal source keeps the default precision
                 bits, why = kvcache.DEFAULT_BITS, f"signals unreadable ({e}) → {kvcache.DEFAULT_BITS} bits"
         else:

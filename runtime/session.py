@@ -84,11 +84,9 @@ class ModelSession:
             self.row_dtype, self.positions_per_row = np.uint8, kvcache.BLOCK
             self.set_kv_bits(kvcache.DEFAULT_BITS if kv_bits is None else kv_bits)
         else:
-            if kv_bits not in (None, 32):
-                raise ValueError(f"[mobiq] {self.info.onnx_path}: a float32 cache (GroupQueryAttention); kv_bits "
-                                 f"expected 32; got {kv_bits}")
             self.head_dim, self.kv_bits = int(past.shape[3]), 32
             self.row_shape, self.row_dtype, self.positions_per_row = (self.head_dim,), np.float32, 1
+            self.set_kv_bits(32 if kv_bits is None else kv_bits)
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
         self.last_avg_bits = float("nan")
 
