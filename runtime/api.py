@@ -90,7 +90,8 @@ class _Ownership:
                     wait = deadline - now if wait is None else min(wait, deadline - now)
                 del holder
                 self._cond.wait(wait)
-            self._holder, self._in_step = weakref.ref(gen, self._gone), False
+            # a new holder's idle time starts now (not at the previous holder's last step)
+            self._holder, self._in_step, self._idle_since = weakref.ref(gen, self._gone), False, time.monotonic()
 
     def begin_step(self, gen: "Generation") -> bool:
         with self._cond:
@@ -144,16 +145,17 @@ class Generation:
         own = self.model._ownership
         if self._steps is None:
             own.acquire(self, self._timeout)
-            self.stats.kv_bits, self.stats.kv_reason = self.model._choose_kv_bits()
-            self._steps = generate(self.model.session, self.prompt.ids, self.max_new, self._sampler,
-                                   self.model.control, self.model.codec.stop_ids, self.model.codec.decoder().push,
-                                   self.stats, self._cancel, self.model.prefix)
             if self._cancel.is_set():
                 self._finish("cancelled")
         if self.done or not own.begin_step(self):
             self._finish(self.stop_reason or "released")
             raise StopIteration
         try:
+            if self._steps is None:  # the first step; choosing the cache precision is work, not idling
+                self.stats.kv_bits, self.stats.kv_reason = self.model._choose_kv_bits()
+                self._steps = generate(self.model.session, self.prompt.ids, self.max_new, self._sampler,
+                                       self.model.control, self.model.codec.stop_ids,
+                                       self.model.codec.decoder().push, self.stats, self._cancel, self.model.prefix)
             while True:
                 piece = next(self._steps).text
                 if piece:

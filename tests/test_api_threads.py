@@ -293,3 +293,29 @@ def test_a_raw_prompt_keeps_its_bos_and_its_end(tiny_model_dir):
     gen = m.generate("z" * 500 + "END", max_new_tokens=8, chat=False)
     assert gen.prompt.ids[0] == m.codec.bos_id and len(gen.prompt.ids) == m.info.context - 8
     assert m.codec.decode(gen.prompt.ids).endswith("zzEND")
+
+
+def test_a_new_holder_is_not_released_for_the_previous_ones_idle_time(tiny_model_dir):
+    """A generation that takes the model long after the previous one ended, and needs a while before its first
+    step (here: a slow signal read for --kv-bits auto), keeps it while another waits: its idle time starts when
+    it takes the model."""
+    from mobiquant.runtime.signals import Snapshot
+
+    def slow_signals():
+        time.sleep(0.4)
+        return Snapshot()
+
+    m = load(tiny_model_dir, idle_release_s=0.2)
+    m.set_budget("max")
+    m.set_kv_bits("auto", signals=slow_signals)
+    "".join(m.generate("hello there", max_new_tokens=2, chat=False, sampling=GREEDY))
+    time.sleep(0.5)  # the model has been idle longer than idle_release_s
+    first = m.generate("hello there", max_new_tokens=10, chat=False, sampling=GREEDY)
+    texts = {}
+    a = in_thread(lambda: texts.setdefault("a", "".join(first)))
+    time.sleep(0.1)  # first holds the model and is reading the signals
+    b = in_thread(lambda: texts.setdefault("b", "".join(m.generate("0123456789", max_new_tokens=10, chat=False,
+                                                                  sampling=GREEDY))))
+    a.join(30), b.join(30)
+    assert first.stop_reason == "max tokens" and texts["a"] == run_alone(tiny_model_dir, "hello there", 10)
+    assert texts["b"] == run_alone(tiny_model_dir, "0123456789", 10)
