@@ -143,19 +143,10 @@ OrtStatusPtr AttentionOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* inf
   try {
     const OrtApi& api = Ort::GetApi();
     auto k = std::make_unique<AttentionKernelState>();
-    const auto int_attr = [&](const char* name, const int64_t* fallback) {
-      int64_t value = 0;
-      if (OrtStatus* s = api.KernelInfoGetAttribute_int64(info, name, &value)) {
-        api.ReleaseStatus(s);
-        if (!fallback) fail(std::string("attribute '") + name + "' expected an int; got none");
-        return *fallback;
-      }
-      return value;
-    };
     const int64_t all = -1;
-    k->heads = int_attr("num_heads", nullptr);
-    k->kv_heads = int_attr("kv_num_heads", nullptr);
-    k->window = int_attr("local_window_size", &all);
+    k->heads = int_attribute(info, kAttentionOpName, "num_heads", nullptr);
+    k->kv_heads = int_attribute(info, kAttentionOpName, "kv_num_heads", nullptr);
+    k->window = int_attribute(info, kAttentionOpName, "local_window_size", &all);
     float scale = 0.0f;
     if (OrtStatus* s = api.KernelInfoGetAttribute_float(info, "scale", &scale)) api.ReleaseStatus(s), scale = 0.0f;
     k->scale = scale;

@@ -87,6 +87,16 @@ inline Input constant_input(const OrtKernelInfo* info, size_t index, const char*
   return typed_value(Ort::ConstValue(value), op, name, type);
 }
 
+// Int attribute `name` of `op`; `fallback` when the node has none (an error when fallback is null).
+inline int64_t int_attribute(const OrtKernelInfo* info, const char* op, const char* name, const int64_t* fallback) {
+  int64_t value = 0;
+  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
+  if (status == nullptr) return value;
+  Ort::GetApi().ReleaseStatus(status);
+  if (fallback) return *fallback;
+  fail_op(op, std::string("attribute '") + name + "' expected an int; got none");
+}
+
 inline void expect_shape(const Input& in, const char* op, const char* name, const std::vector<int64_t>& want,
                          const std::string& why) {
   if (in.shape != want)

@@ -17,15 +17,6 @@ namespace {
 
 [[noreturn]] void fail(const std::string& what) { fail_op(kOpName, what); }
 
-int64_t int_attribute(const OrtKernelInfo* info, const char* name, const int64_t* fallback) {
-  int64_t value = 0;
-  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
-  if (status == nullptr) return value;
-  Ort::GetApi().ReleaseStatus(status);
-  if (fallback) return *fallback;
-  fail(std::string("attribute '") + name + "' expected an int; got none");
-}
-
 constexpr size_t kRouterFirst = 6, kRouterLast = 12;  // router_w1 .. threshold_row
 constexpr const char* kInputNames[] = {"X", "slices", "scales", "zero_points", "slice_counts", "bias",
                                        "router_w1", "router_w1_scale", "router_b1", "router_w2", "router_b2",
@@ -196,14 +187,14 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
   try {
     const int64_t two = kSliceBits, one = kLayoutVersion, exact = 0;
     auto k = std::make_unique<RsmmKernel>();
-    k->K = int_attribute(info, "K", nullptr);
-    k->N = int_attribute(info, "N", nullptr);
-    k->group_size = int_attribute(info, "group_size", nullptr);
-    k->num_slices = int_attribute(info, "num_slices", nullptr);
-    const int64_t slice_bits = int_attribute(info, "slice_bits", &two);
-    const int64_t layout = int_attribute(info, "layout", &one);
+    k->K = int_attribute(info, kOpName, "K", nullptr);
+    k->N = int_attribute(info, kOpName, "N", nullptr);
+    k->group_size = int_attribute(info, kOpName, "group_size", nullptr);
+    k->num_slices = int_attribute(info, kOpName, "num_slices", nullptr);
+    const int64_t slice_bits = int_attribute(info, kOpName, "slice_bits", &two);
+    const int64_t layout = int_attribute(info, kOpName, "layout", &one);
     // As MatMulNBits: 0/1 exact float32 compute, 4 int8 activations.
-    const int64_t accuracy = int_attribute(info, "accuracy_level", &exact);
+    const int64_t accuracy = int_attribute(info, kOpName, "accuracy_level", &exact);
     std::ostringstream why;
     if (layout != kLayoutVersion)
       why << "layout expected format version " << kLayoutVersion << " (the one this library reads); got unknown version "
