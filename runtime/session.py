@@ -120,10 +120,9 @@ class ModelSession:
     def cache_bytes_per_position(self, bits: int | None = None) -> float:
         """Cache bytes one position of context costs at ``bits`` (default: this session's; keys and values of
         every layer)."""
-        if not self.blocked:
-            return len(self.past_names) * self.kv_heads * self.head_dim * 4
-        return len(self.past_names) * self.kv_heads * kvcache.block_bytes(bits or self.kv_bits,
-                                                                          self.head_dim) / kvcache.BLOCK
+        layers = len(self.past_names) // 2  # a key and a value buffer per layer
+        return kvcache.bytes_per_position((bits or self.kv_bits) if self.blocked else 32, self.kv_heads, self.head_dim,
+                                          layers)
 
     def _room(self, cache: KVCache, total: int) -> KVCache:
         """``cache`` itself when ``total`` positions fit, else its valid part in larger buffers."""

@@ -312,6 +312,12 @@ def switch_cost(session, before: float, after: float, steps: int = 32, steady_st
     return float(np.median(ratios))
 
 
+def compare_label(meta: dict) -> str:
+    """Rows of a second MoBiQuant file: mobiquant-<routing>, or mobiquant-gqa for a file with ONNX Runtime's
+    attention and float32 cache (``mobiq-export onnx --attention gqa``: no kv_cache record)."""
+    return f"mobiquant-{meta.get('routing', 'other')}" if "kv_cache" in meta else "mobiquant-gqa"
+
+
 def _variants(args: argparse.Namespace, session) -> list[Variant]:
     """The named budgets (and --bits) at the default cache precision, ``mid`` at every --kv-bits, and the
     baselines (another MoBiQuant file at our budgets; a fixed-precision file once, with its float32 cache)."""
@@ -327,7 +333,7 @@ def _variants(args: argparse.Namespace, session) -> list[Variant]:
     for directory in args.baseline or []:
         base = ModelSession(directory, args.threads)
         if base.elastic:  # e.g. the same checkpoint with static routing, or with ONNX Runtime's attention
-            label = f"mobiquant-{base.info.meta.get('routing', 'other') if base.blocked else 'gqa'}"
+            label = compare_label(base.info.meta)
             variants += [Variant(label, base, bits, base.kv_bits, name) for name, bits in named.items()]
         else:
             variants.append(Variant(base.info.meta.get("kind"), base, None, 32))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import cpu_name, decode_run
+from .bench import compare_label, cpu_name, decode_run
 from mobiquant.runtime.budget import BudgetError, parse_budget
 from mobiquant.runtime.modelfile import ModelFileError, locate
 
@@ -212,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         for other in map(locate, args.compare):
             if not other.elastic:
                 p.error(f"--compare expected a MoBiQuant model directory; got {other.meta.get('kind')} ({other.directory})")
-            label = f"mobiquant-{other.meta.get('routing', 'other')}" if "kv_cache" in other.meta else "mobiquant-gqa"
-            jobs += [(label, other.directory, float(b), None) for b in budgets]
+            jobs += [(compare_label(other.meta), other.directory, float(b), None) for b in budgets]
         if args.baselines:
             jobs += [(kind, baseline_dir(info, kind), None, None) for kind in ("fp32", "matmulnbits-int4")]
         result = {"model": info.meta.get("source_model"), "corpus": args.corpus, "context": args.context,
