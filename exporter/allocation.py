@@ -61,27 +61,32 @@ class Probe:
 
 
 REFERENCE_CACHE_BYTES = 1 << 30  # reference log-probabilities kept across routers up to this size
+LOGIT_CHUNK_BYTES = 64 << 20  # float32 logits computed at once: positions per chunk = this / (4 x vocab)
 
 
 class _TokenKL:
-    """KL(p_ref || p_probe) per token [n, T] from the last block's hidden states, a few windows at a
-    time (the logits of a 262k vocabulary would not fit at once); the reference's log-probabilities
-    are computed once when they fit in REFERENCE_CACHE_BYTES."""
+    """KL(p_ref || p_probe) per token [n, T] from the last block's hidden states, a chunk of positions at a time
+    (LOGIT_CHUNK_BYTES of logits: a 128k-262k vocabulary's logits for whole windows would be gigabytes); the
+    reference's log-probabilities are computed once when they fit in REFERENCE_CACHE_BYTES."""
 
-    def __init__(self, model: torch.nn.Module, reference: torch.Tensor, batch: int = 2):
-        self.model, self.reference, self.batch = model, reference, batch
-        fits = reference.shape[0] * reference.shape[1] * model.config.vocab_size * 4 <= REFERENCE_CACHE_BYTES
-        self.cached = [self._ref(i) for i in range(0, len(reference), batch)] if fits else None
+    def __init__(self, model: torch.nn.Module, reference: torch.Tensor):
+        self.model, self.shape = model, reference.shape[:2]
+        self.reference = reference.reshape(-1, reference.shape[-1])
+        vocab = model.config.vocab_size
+        self.rows = max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
+        fits = self.reference.shape[0] * vocab * 4 <= REFERENCE_CACHE_BYTES
+        self.cached = [self._ref(i) for i in range(0, len(self.reference), self.rows)] if fits else None
 
     def _ref(self, i: int) -> torch.Tensor:
-        return torch.log_softmax(_logits(self.model, self.reference[i: i + self.batch]), -1)
+        return torch.log_softmax(_logits(self.model, self.reference[i: i + self.rows]), -1)
 
     def __call__(self, probed: torch.Tensor) -> torch.Tensor:
-        out = []
-        for j, i in enumerate(range(0, len(probed), self.batch)):
+        flat, out = probed.reshape(-1, probed.shape[-1]), []
+        for j, i in enumerate(range(0, len(flat), self.rows)):
             ref = self.cached[j] if self.cached is not None else self._ref(i)
-            out.append((ref.exp() * (ref - torch.log_softmax(_logits(self.model, probed[i: i + self.batch]), -1))).sum(-1))
-        return torch.cat(out)
+            probe = torch.log_softmax(_logits(self.model, flat[i: i + self.rows]), -1)
+            out.append((ref.exp() * (ref - probe)).sum(-1))
+        return torch.cat(out).reshape(self.shape)
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ from torch import nn
 from mobiquant.runtime import format as F
 
 from . import fakequant as fq
+from . import memory
 from .blockwise import (CalibrationError, TrainLinear, WorkDir, calibration_windows, capture_block_inputs,
                         check_finite, run_block, run_block_batched, swap_in, swap_out)
 from .qmodel import ROUTED_GROUPS, Router, decoder_layers
@@ -329,7 +330,7 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, grou
         router_loss = bp['losses']['router_end']
         bar.set_postfix_str(f"block {i} clip {bp['losses']['clip_end']:.3f} "
                             f"{'' if router_loss is None else f'router {router_loss:.3f} '}"
-                            f"elapsed {time.time() - t0:.0f}s")
+                            f"elapsed {time.time() - t0:.0f}s, peak {memory.peak_mb():.0f} MiB")
     bar.close()
     params, routers = {}, {}
     for i, bp in enumerate(blocks):

@@ -155,12 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     from mobiquant.tools.models import ModelError
 
+    from . import memory
     from .blockwise import CalibrationError
     from .checkpoint import CheckpointError
     from mobiquant.runtime.format import FormatError
 
     try:
-        return args.func(args)
+        status = args.func(args)
+        print(f"[mobiq-export] {args.command}: peak resident memory {memory.peak_mb():.0f} MiB", file=sys.stderr)
+        return status
     except (ModelError, CalibrationError, CheckpointError, FormatError, FileNotFoundError) as e:
         print(f"mobiq-export: error: {e}", file=sys.stderr)
         return 2

@@ -131,7 +131,7 @@ def evaluate_checkpoint(path: Path, corpora: list[str], budgets: list[float], ba
                     rq.set_target_bits(b)
                     measure(f"random-{b:g}", b, rq.model, avg_bits)
         head = nn.Linear(float_model.config.hidden_size, float_model.config.vocab_size, bias=False)
-        head.weight = nn.Parameter(qmodel.linears["lm_head"].reads()[config.lm_head_slices - 1].clone(),
+        head.weight = nn.Parameter(qmodel.linears["lm_head"].read(config.lm_head_slices).clone(),
                                    requires_grad=False)
         float_model.lm_head = head
         float_model.config.tie_word_embeddings = False

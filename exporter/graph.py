@@ -24,6 +24,7 @@ between the MoBiQuant file and the fp32 / MatMulNBits baselines built here too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -35,7 +36,10 @@ OPSET = 23
 MS_DOMAIN = "com.microsoft"
 MOBIQ_DOMAIN = "ai.mobiquant"
 ATTENTION_OPS = ("kv", "gqa")
-FAMILIES = {"llama": "llama", "gemma3_text": "gemma3"}  # HF model_type -> block structure built here
+# HF model_type -> block structure built here. Phi-3 arrives as Mistral (exporter/architectures.py splits its fused
+# linears); Qwen2's q/k/v biases and any other linear's bias are inputs of the linear; Qwen3 norms q and k per head.
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma3_text": "gemma3"}
+QK_NORM = ("gemma3_text", "qwen3")  # model types with per-head RMSNorm on q and k before rotary
 ACTIVATIONS = {"llama": "silu", "gemma3": "gelu_pytorch_tanh"}  # the MLP activation each family is built with
 
 
@@ -48,9 +52,9 @@ class DecoderSpec:
     """Shapes and constants of a decoder (read from a HF config).
 
     ``family`` "llama": pre-norm blocks, SiLU MLP. ``family`` "gemma3": embeddings scaled by
-    sqrt(hidden), RMSNorm weights used as (1 + w), per-head q/k RMSNorm before rotary,
-    norms before and after attention and MLP, GELU-tanh MLP. Per layer: the rope base and
-    the sliding window (keys a query sees, its own included; 0 = all).
+    sqrt(hidden), RMSNorm weights used as (1 + w), norms before and after attention and MLP,
+    GELU-tanh MLP. ``qk_norm``: per-head q/k RMSNorm before rotary (Gemma 3, Qwen3). Per layer:
+    the rope base and the sliding window (keys a query sees, its own included; 0 = all).
     """
 
     family: str
@@ -65,6 +69,8 @@ class DecoderSpec:
     rope_thetas: tuple[float, ...]
     windows: tuple[int, ...]
     attn_scale: float  # on q.k before softmax (HF's Gemma 3 ignores attn_logit_softcapping: so do we)
+    intermediate: int
+    qk_norm: bool = False
     final_softcap: float = 0.0  # logits -> c * tanh(logits / c) when > 0
 
     @classmethod
@@ -74,21 +80,20 @@ class DecoderSpec:
             raise GraphSpecError(f"[graph] model_type expected one of {', '.join(FAMILIES)}; got {config.model_type}")
         if getattr(config, "use_bidirectional_attention", False):
             raise GraphSpecError("[graph] causal attention expected; got use_bidirectional_attention=True")
-        if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-            raise GraphSpecError("[graph] linears without bias expected; got attention_bias/mlp_bias=True")
         act = getattr(config, "hidden_activation", None) or config.hidden_act
         if act != ACTIVATIONS[family]:
             raise GraphSpecError(f"[graph] {config.model_type} activation expected {ACTIVATIONS[family]}; got {act}")
         n = config.num_hidden_layers
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n
-        windows = tuple(int(config.sliding_window) if t == "sliding_attention" else 0 for t in layer_types)
+        window = getattr(config, "sliding_window", None)  # Mistral, Phi-3: every layer when set, no layer_types
+        layer_types = getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * n
+        windows = tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
         gemma = family == "gemma3"
         return cls(family, n, config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim,
                    config.vocab_size, float(config.rms_norm_eps), int(max_positions or config.max_position_embeddings),
                    tuple(_rope_theta(config, t) for t in layer_types), windows,
-                   float(config.query_pre_attn_scalar if gemma else head_dim) ** -0.5,
-                   float(getattr(config, "final_logit_softcapping", None) or 0.0))
+                   float(config.query_pre_attn_scalar if gemma else head_dim) ** -0.5, int(config.intermediate_size),
+                   config.model_type in QK_NORM, float(getattr(config, "final_logit_softcapping", None) or 0.0))
 
 
 def _rope_theta(config, layer_type: str) -> float:
@@ -97,13 +102,54 @@ def _rope_theta(config, layer_type: str) -> float:
     rope = rope.get(layer_type, rope)
     if rope.get("rope_type", "default") != "default":
         raise GraphSpecError(f"[graph] rope_type expected 'default'; got {rope['rope_type']!r} ({layer_type})")
+    partial = float(rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0)
+    if partial != 1.0:
+        raise GraphSpecError(f"[graph] rotary over the whole head expected; got partial_rotary_factor {partial:g}")
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+ALIGNMENT = 4096  # external tensors start at page offsets: ONNX Runtime can map them, untouched slices stay on disk
+EXTERNAL_MIN_BYTES = 1024
+
+
+class TensorSink:
+    """Writes every initializer of at least EXTERNAL_MIN_BYTES to one data file as it is made (page-aligned) and
+    returns a tensor that points there: a graph is never held in memory with its weights. ``location`` is the
+    file's name as the graph records it (relative to the graph file)."""
+
+    def __init__(self, path: Path, location: str):
+        self.file = open(path, "wb")
+        self.location = location
+        self.offset = 0
+
+    def __enter__(self) -> "TensorSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < EXTERNAL_MIN_BYTES or array.dtype.byteorder == ">":
+            return numpy_helper.from_array(array, name)
+        pad = (-self.offset) % ALIGNMENT
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        self.file.write(array.data)
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += array.nbytes
+        return tensor
 
 
 @dataclass
 class GraphBuilder:
-    """Accumulates nodes and initializers; names values uniquely."""
+    """Accumulates nodes and initializers (large ones go straight to ``sink`` when given); names values uniquely."""
 
+    sink: TensorSink | None = None
     nodes: list = field(default_factory=list)
     initializers: list = field(default_factory=list)
     _count: int = 0
@@ -114,7 +160,8 @@ class GraphBuilder:
 
     def const(self, array: np.ndarray, hint: str) -> str:
         n = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), n))
+        self.initializers.append(self.sink.tensor(array, n) if self.sink else
+                                 numpy_helper.from_array(np.ascontiguousarray(array), n))
         return n
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs: int | list[str] = 1,
@@ -126,9 +173,11 @@ class GraphBuilder:
 
 
 class LinearKind:
-    """How y = x W^T (+ b) is computed; ``group`` names the linears sharing input x."""
+    """How y = x W^T (+ b) is computed; ``group`` names the linears sharing input x, ``weights`` are their float
+    weights in output order (None where the kind does not need them) and ``bias`` their joined bias or None."""
 
-    def linear(self, g: GraphBuilder, x: str, name: str, weights: list[np.ndarray], group: str) -> str:
+    def linear(self, g: GraphBuilder, x: str, name: str, weights: list[np.ndarray | None], group: str,
+               bias: np.ndarray | None = None) -> str:
         raise NotImplementedError
 
     def finish(self, g: GraphBuilder) -> list:
@@ -137,9 +186,10 @@ class LinearKind:
 
 
 class Fp32Linear(LinearKind):
-    def linear(self, g, x, name, weights, group):
+    def linear(self, g, x, name, weights, group, bias=None):
         w = np.concatenate(weights, axis=0).astype(np.float32)
-        return g.op("MatMul", [x, g.const(w.T.copy(), f"{name}.weight_t")], name)
+        y = g.op("MatMul", [x, g.const(w.T.copy(), f"{name}.weight_t")], name)
+        return y if bias is None else g.op("Add", [y, g.const(bias.astype(np.float32), f"{name}.bias")], name)
 
 
 def rotary_cache(spec: DecoderSpec, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +214,15 @@ class _Decoder:
     outputs: list
     attention_op: str  # "kv": ai.mobiquant KVAttention; "gqa": com.microsoft GroupQueryAttention
 
+    def linear(self, x: str, name: str, group: str, modules: list[str]) -> str:
+        """The linears ``modules`` (HF names, in output order) on input x as one linear of ``self.kind``."""
+        biases = [self.weights.get(f"{m}.bias") for m in modules]
+        if any(b is not None for b in biases) and any(b is None for b in biases):
+            raise GraphSpecError(f"[graph] linears sharing an input expected all or none with a bias; got "
+                                 f"{', '.join(m for m, b in zip(modules, biases) if b is not None)} only")
+        bias = None if biases[0] is None else np.concatenate([b.astype(np.float32) for b in biases])
+        return self.kind.linear(self.g, x, name, [self.weights.get(f"{m}.weight") for m in modules], group, bias)
+
     def _norm_weight(self, name: str) -> str:
         """HF RMSNorm weight ``name``; Gemma 3 scales by (1 + w), computed in float32 as HF does."""
         w = self.weights[name].astype(np.float32)
@@ -184,7 +243,7 @@ class _Decoder:
         return total, normed
 
     def head_norm(self, x: str, name: str, heads: int) -> str:
-        """RMSNorm over head_dim of x [B, S, heads*head_dim], each head on its own (Gemma 3 q/k norms)."""
+        """RMSNorm over head_dim of x [B, S, heads*head_dim], each head on its own (Gemma 3 and Qwen3 q/k norms)."""
         g = self.g
         split = g.op("Reshape", [x, g.const(np.array([0, 0, heads, self.spec.head_dim], np.int64), "heads_shape")])
         return g.op("Reshape", [self.norm(split, name), g.const(np.array([0, 0, heads * self.spec.head_dim],
@@ -193,9 +252,8 @@ class _Decoder:
     def attention(self, i: int, h: str) -> str:
         """o_proj(attention(h)) of layer ``i``, appending its past/present cache to the graph I/O."""
         g, spec, pre = self.g, self.spec, f"model.layers.{i}.self_attn"
-        qkv = self.kind.linear(g, h, f"layers.{i}.qkv", [self.weights[f"{pre}.{p}_proj.weight"] for p in "qkv"],
-                               f"layers.{i}.attn_in")
-        if spec.family == "gemma3":
+        qkv = self.linear(h, f"layers.{i}.qkv", f"layers.{i}.attn_in", [f"{pre}.{p}_proj" for p in "qkv"])
+        if spec.qk_norm:
             split = g.const(np.array([spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim,
                                       spec.kv_heads * spec.head_dim], np.int64), "qkv_split")
             q, k, v = g.op("Split", [qkv, split], outputs=3, axis=-1)
@@ -228,20 +286,16 @@ class _Decoder:
                         outputs=[g.name(f"attn{i}"), present_k, present_v], domain=MS_DOMAIN,
                         num_heads=spec.heads, kv_num_heads=spec.kv_heads, do_rotary=1, rotary_interleaved=0,
                         scale=spec.attn_scale, local_window_size=window)[0]
-        return self.kind.linear(g, attn, f"layers.{i}.o_proj", [self.weights[f"{pre}.o_proj.weight"]],
-                                f"layers.{i}.attn_out")
+        return self.linear(attn, f"layers.{i}.o_proj", f"layers.{i}.attn_out", [f"{pre}.o_proj"])
 
     def mlp(self, i: int, h: str, activation) -> str:
         """down(act(gate(h)) * up(h)) of layer ``i``; ``activation(g, gate)`` is the architecture's."""
         g, pre = self.g, f"model.layers.{i}.mlp"
-        inter = self.weights[f"{pre}.gate_proj.weight"].shape[0]
-        gate_up = self.kind.linear(g, h, f"layers.{i}.gate_up", [self.weights[f"{pre}.gate_proj.weight"],
-                                                                 self.weights[f"{pre}.up_proj.weight"]],
-                                   f"layers.{i}.mlp_in")
+        inter = self.spec.intermediate
+        gate_up = self.linear(h, f"layers.{i}.gate_up", f"layers.{i}.mlp_in", [f"{pre}.gate_proj", f"{pre}.up_proj"])
         gate, up = g.op("Split", [gate_up, g.const(np.array([inter, inter], np.int64), "gu_split")], outputs=2, axis=-1)
         act = g.op("Mul", [activation(g, gate), up], f"act{i}")
-        return self.kind.linear(g, act, f"layers.{i}.down_proj", [self.weights[f"{pre}.down_proj.weight"]],
-                                f"layers.{i}.mlp_out")
+        return self.linear(act, f"layers.{i}.down_proj", f"layers.{i}.mlp_out", [f"{pre}.down_proj"])
 
 
 def _silu(g: GraphBuilder, x: str) -> str:
@@ -350,15 +404,17 @@ def _embedding_from_head(g: GraphBuilder, spec: DecoderSpec, logits: str) -> Non
 
 
 def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: LinearKind,
-                  lm_head: LinearKind | None = None, embedding_bits: int = 32, attention: str = "kv") -> onnx.ModelProto:
+                  lm_head: LinearKind | None = None, embedding_bits: int = 32, attention: str = "kv",
+                  sink: TensorSink | None = None) -> onnx.ModelProto:
     """The decoder graph. ``weights`` holds HF-named float tensors (embeddings, norms, linears). The token
     embedding is float32 (``embedding_bits`` 32), or 8-bit blocks read by GatherBlockQuantized (8), or — 0, for
     a tied model whose LM head is a ResidualSliceMatMul — the head's own slices at full depth (:func:`head_rows`).
     ``attention`` "kv": KVAttention over uint8 cache blocks of any precision (the MoBiQuant file); "gqa": ONNX
-    Runtime's GroupQueryAttention over a float32 cache (the baselines: what ONNX Runtime users run)."""
+    Runtime's GroupQueryAttention over a float32 cache (the baselines: what ONNX Runtime users run). ``sink``:
+    where large initializers are written as they are made (else they stay inside the returned graph)."""
     if attention not in ATTENTION_OPS:
         raise ValueError(f"[graph] attention expected one of {', '.join(ATTENTION_OPS)}; got {attention}")
-    g = GraphBuilder()
+    g = GraphBuilder(sink)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", spec.vocab])]
@@ -391,8 +447,8 @@ def build_decoder(spec: DecoderSpec, weights: dict[str, np.ndarray], kind: Linea
     for i in range(spec.num_layers):
         x, delta = _BLOCKS[spec.family](d, i, x, delta)
     _, x = d.add_norm(x, delta, "model.norm.weight")
-    head_weight = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    logits = (lm_head or kind).linear(g, x, "lm_head", [head_weight], "lm_head")
+    head_weight = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
+    logits = (lm_head or kind).linear(g, x, "lm_head", [head_weight], "lm_head", weights.get("lm_head.bias"))
     if embedding_bits == 0:
         _embedding_from_head(g, spec, logits)
     if spec.final_softcap:

@@ -32,22 +32,26 @@ class MoBiQuantLinear(LinearKind):
         self._row: str | None = None  # threshold-row index for target_bits (built once)
         self._usage: list[tuple[str, int]] = []  # (slice counts [B, S], weights they apply to)
 
-    def linear(self, g: GraphBuilder, x: str, name: str, weights: list[np.ndarray], group: str) -> str:
+    def linear(self, g: GraphBuilder, x: str, name: str, weights: list, group: str,
+               bias: np.ndarray | None = None) -> str:
         if group == "lm_head":
             head = self.q.linears["lm_head"]
-            return self._op(g, x, name, head.sliced.prefix(head.fixed_slices))
+            return self._op(g, x, name, head.sliced.prefix(head.fixed_slices), bias)
         layer, kind = group.rsplit(".", 1)
         sw = F.concat_rows([self.q.linears[f"{layer}.{lin}"].sliced for lin in ROUTED_GROUPS[kind]])
-        y, counts = self._op(g, x, name, sw, self._router_inputs(g, group))
+        y, counts = self._op(g, x, name, sw, bias, self._router_inputs(g, group))
         self._usage.append((counts, sw.out_features * sw.in_features))
         return y
 
-    def _op(self, g: GraphBuilder, x: str, name: str, sw: F.SlicedWeight, router: list[str] | None = None):
+    def _op(self, g: GraphBuilder, x: str, name: str, sw: F.SlicedWeight, bias: np.ndarray | None = None,
+            router: list[str] | None = None):
         """Y (no router), or (Y, slice_counts) of one ResidualSliceMatMul node."""
         inputs = [x, g.const(sw.packed, f"{name}.slices"), g.const(sw.scales, f"{name}.scales"),
                   g.const(sw.zero_points, f"{name}.zero_points")]
+        if bias is not None or router is not None:  # no slice_counts: the router (or the weight's depth) decides
+            inputs += ["", "" if bias is None else g.const(bias.astype(np.float32), f"{name}.bias")]
         if router is not None:
-            inputs += ["", ""] + router  # no slice_counts, no bias
+            inputs += router
         return g.op(ops.OP_TYPE, inputs, name, outputs=2 if router is not None else 1, domain=ops.DOMAIN,
                     K=sw.in_features, N=sw.out_features, group_size=sw.group_size, num_slices=sw.num_slices,
                     slice_bits=F.SLICE_BITS, layout=F.LAYOUT_VERSION, accuracy_level=self.accuracy_level)
@@ -98,7 +102,7 @@ class MatMulNBitsLinear(LinearKind):
     def __init__(self, bits: int = 4, block_size: int = 64):
         self.bits, self.block_size = bits, block_size
 
-    def linear(self, g, x, name, weights, group):
+    def linear(self, g, x, name, weights, group, bias=None):
         w = np.concatenate(weights, axis=0).astype(np.float64)
         n, k = w.shape
         bs, levels = self.block_size, 2**self.bits - 1
@@ -112,7 +116,9 @@ class MatMulNBitsLinear(LinearKind):
         packed = sum(q[..., j] << (self.bits * j) for j in range(per_byte)).astype(np.uint8)
         zp_rows = zp if (k // bs) % per_byte == 0 else np.pad(zp, ((0, 0), (0, per_byte - (k // bs) % per_byte)))
         zp_packed = sum(zp_rows.reshape(n, -1, per_byte)[..., j] << (self.bits * j) for j in range(per_byte))
-        return g.op("MatMulNBits", [x, g.const(packed, f"{name}.B"), g.const(scale.astype(np.float32).reshape(-1),
-                                                                          f"{name}.scales"),
-                                    g.const(zp_packed.astype(np.uint8).reshape(-1), f"{name}.zero_points")],
+        inputs = [x, g.const(packed, f"{name}.B"), g.const(scale.astype(np.float32).reshape(-1), f"{name}.scales"),
+                  g.const(zp_packed.astype(np.uint8).reshape(-1), f"{name}.zero_points")]
+        if bias is not None:  # inputs 4, 5: no g_idx, bias
+            inputs += ["", g.const(bias.astype(np.float32), f"{name}.bias")]
+        return g.op("MatMulNBits", inputs,
                     name, domain=MS_DOMAIN, K=k, N=n, bits=self.bits, block_size=bs, accuracy_level=4)

@@ -17,11 +17,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto
 
 from mobiquant.runtime import format as F
 from mobiquant.runtime import kvcache, ops
@@ -29,16 +29,15 @@ from mobiquant.runtime.modelfile import (DATA_FILE, FORMAT_NAME, FORMAT_VERSION,
                                          record_files)
 
 from . import checkpoint as ckpt
+from . import memory
 from .budgets import measure_named_budgets
-from .graph import (DecoderSpec, Fp32Linear, LinearKind, build_decoder, dequantize_rows, embedding_rows,
+from .graph import (DecoderSpec, Fp32Linear, LinearKind, TensorSink, build_decoder, dequantize_rows, embedding_rows,
                     quantize_rows)
 from .linears import MatMulNBitsLinear, MoBiQuantLinear
 from .qmodel import THRESHOLD_GRID, grid_index
 from .quantize import token_dependent_fraction
 from .source import Source, load_float_model, resolve
 
-ALIGNMENT = 4096
-EXTERNAL_MIN_BYTES = 1024
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 MAX_DEFAULT_CONTEXT = 8192  # the model's own context, up to this (rotary tables: 64 KB per 1k positions and base)
@@ -51,28 +50,16 @@ class ExportError(RuntimeError):
     """The exported file does not match its PyTorch reference (lists every output that differs)."""
 
 
-def save_model(model: onnx.ModelProto, out_dir: Path) -> Path:
-    """model.onnx + model.onnx.data with every tensor >= 1 KiB external at a page-aligned offset."""
+def save_model(build: Callable[[TensorSink], onnx.ModelProto], out_dir: Path, meta: dict) -> Path:
+    """model.onnx + model.onnx.data from ``build(sink)``, ``meta`` as metadata_props; both replace older files
+    only once complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data_tmp = out_dir / (DATA_FILE + ".partial")
-    offset = 0
-    with open(data_tmp, "wb") as data:
-        for tensor in model.graph.initializer:
-            raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
-            if len(raw) < EXTERNAL_MIN_BYTES:
-                continue
-            pad = (-offset) % ALIGNMENT
-            data.write(b"\0" * pad)
-            offset += pad
-            data.write(raw)
-            tensor.ClearField("raw_data")
-            del tensor.float_data[:], tensor.int32_data[:], tensor.int64_data[:]
-            tensor.data_location = TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            offset += len(raw)
+    with TensorSink(data_tmp, DATA_FILE) as sink:
+        model = build(sink)
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
     model_tmp = out_dir / (MODEL_FILE + ".partial")
     model_tmp.write_bytes(model.SerializeToString())
     data_tmp.replace(out_dir / DATA_FILE)
@@ -116,27 +103,30 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accu
     meta_raw, config = ckpt.read_meta(checkpoint_dir)
     source = resolve(config.model)
     model = load_float_model(source)
-    floats = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    qmodel, _ = ckpt.load(checkpoint_dir, model, source.identity)
+    tied = _tied(model)
+    qmodel, _ = ckpt.load(checkpoint_dir, model, source.identity)  # the float linears are freed here
     context = context or default_context(model.config)
     spec = DecoderSpec.from_hf_config(model.config, context)
-    print(f"[export] building graph ({spec.num_layers} layers, context {context})", file=sys.stderr, flush=True)
+    print(f"[export] building graph ({spec.num_layers} layers, context {context}; {memory.summary()})",
+          file=sys.stderr, flush=True)
     meta = model_metadata(source, config, "mobiquant", context, source.folder,
                           (meta_raw.get("allocation") or {}).get("routing", "static"), spec if attention == "kv" else None)
-    embedding_bits = use_stored_embedding(model, floats, spec, qmodel)
-    path = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, accuracy_level),
-                                         embedding_bits=embedding_bits, attention=attention), meta, source.folder,
-                           out_dir)
-    print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB); measuring its named budgets", file=sys.stderr,
-          flush=True)
+    embedding_bits = use_stored_embedding(model, spec, qmodel, tied)
+    weights = _float_tensors(model)  # embedding, norms, biases (views)
+
+    def graph(level: int):
+        return lambda sink: build_decoder(spec, weights, MoBiQuantLinear(qmodel, level), embedding_bits=embedding_bits,
+                                          attention=attention, sink=sink)
+
+    path = write_model_dir(graph(accuracy_level), meta, source.folder, out_dir)
+    print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB; {memory.summary()}); measuring its named budgets",
+          file=sys.stderr, flush=True)
     named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
-    print("[export] verifying against PyTorch", file=sys.stderr, flush=True)
+    print(f"[export] verifying against PyTorch ({memory.summary()})", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         exact = path
         if accuracy_level != ops.ACCURACY_F32:  # the same graph with exact float activations, to hold to PyTorch
-            exact = write_model_dir(build_decoder(spec, floats, MoBiQuantLinear(qmodel, ops.ACCURACY_F32),
-                                                  embedding_bits=embedding_bits, attention=attention), meta,
-                                    source.folder, Path(tmp))
+            exact = write_model_dir(graph(ops.ACCURACY_F32), meta, source.folder, Path(tmp))
         # the file's named budgets and the generic grid (3, 4, 6, 8 bits: token-dependent and constant rows)
         budgets = {**{f"{b:g} bits": b for b in NAMED_BUDGETS.values() if b not in named.values()}, **named}
         verify(exact, path, qmodel, verify_tokens, budgets)
@@ -147,20 +137,31 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accu
     return path
 
 
-def use_stored_embedding(model, floats: dict[str, np.ndarray], spec: DecoderSpec, qmodel) -> int:
+def _tied(model) -> bool:
+    """Whether the float model's LM head is its token embedding (shared, or equal)."""
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return embed.data_ptr() == head.data_ptr() or (embed.shape == head.shape and torch.equal(embed, head))
+
+
+def _float_tensors(model) -> dict[str, np.ndarray]:
+    """The float tensors a graph reads besides the linears' slices (embedding, norms, biases), HF-named numpy views."""
+    return {k: v.detach().numpy() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def use_stored_embedding(model, spec: DecoderSpec, qmodel, tied: bool) -> int:
     """How the file stores the token embedding, and the same embedding given to the PyTorch model so that
     verification holds the graph to it (the LM head is already its own sliced copy). Tied weights: read from the
     LM head's slices at full depth (embedding_bits 0, no bytes of its own); else 8-bit blocks (8)."""
-    embed = floats["model.embed_tokens.weight"]
-    tied = "lm_head.weight" not in floats or np.array_equal(floats["lm_head.weight"], embed)
-    head = qmodel.linears["lm_head"].sliced
+    head = qmodel.linears["lm_head"]
     if tied:  # unscaled rows: Gemma's module and the graph both multiply by sqrt(hidden) afterwards
-        rows = head.dequantize(head.num_slices).astype(np.float32)
+        rows = head.read(head.num_slices)
     else:
-        rows = dequantize_rows(*quantize_rows(embedding_rows(floats, spec)))
+        embed = {"model.embed_tokens.weight": model.get_input_embeddings().weight.detach().numpy()}
+        rows = dequantize_rows(*quantize_rows(embedding_rows(embed, spec)))
         if spec.family == "gemma3":
             rows = rows / np.float32(spec.hidden ** 0.5)
-    model.get_input_embeddings().weight.data = torch.from_numpy(np.ascontiguousarray(rows, np.float32))
+        rows = torch.from_numpy(np.ascontiguousarray(rows, np.float32))
+    model.get_input_embeddings().weight.data = rows
     return 0 if tied else 8
 
 
@@ -188,19 +189,19 @@ def export_baseline(model_name: str, kind: str, out_dir: Path, context: int | No
     """fp32 or MatMulNBits-int4 export of the same source model, for side-by-side speed/quality."""
     source = resolve(model_name)
     model = load_float_model(source)
-    floats = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    floats = _float_tensors(model)
     context = context or default_context(model.config)
     spec = DecoderSpec.from_hf_config(model.config, context)
     linear: LinearKind = Fp32Linear() if kind == "fp32" else MatMulNBitsLinear(4, source.group_size)
-    graph = build_decoder(spec, floats, linear, attention="gqa")  # ONNX Runtime's own attention and fp32 cache
-    return write_model_dir(graph, model_metadata(source, None, kind, context, source.folder), source.folder, out_dir)
+    return write_model_dir(lambda sink: build_decoder(spec, floats, linear, attention="gqa", sink=sink),  # ORT's own
+                           model_metadata(source, None, kind, context, source.folder), source.folder, out_dir)
 
 
-def write_model_dir(graph: onnx.ModelProto, meta: dict, tokenizer_dir: Path, out_dir: Path) -> Path:
-    for key, value in meta.items():
-        entry = graph.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
-    path = save_model(graph, out_dir)
+def write_model_dir(build: Callable[[TensorSink], onnx.ModelProto], meta: dict, tokenizer_dir: Path,
+                    out_dir: Path) -> Path:
+    """``build(sink)`` -> DIR/model.onnx + model.onnx.data (tensors >= 1 KiB external and page-aligned, written as
+    the graph is built), checked, with the tokenizer files and mobiq.json beside it."""
+    path = save_model(build, out_dir, meta)
     ops.register_schema()
     onnx.checker.check_model(str(path))  # from the file: a graph with its tensors inline may pass 2 GB
     for name in TOKENIZER_FILES:
@@ -224,18 +225,18 @@ def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32,
     from mobiquant.runtime.session import ModelSession
 
     # A float32 cache: what is verified is the graph (the cache precisions are held to float64 by the op tests).
+    # One session at a time (memory): the exact graph against PyTorch first, then the written file against its logits.
     exact = ModelSession(exact_path.parent, threads=2, kv_bits=32)
-    written = exact if file_path == exact_path else ModelSession(file_path.parent, threads=2, kv_bits=32)
     vocab = exact.vocab
     prompt = np.random.default_rng(0).integers(min(3, vocab - 1), min(vocab, 5000), (1, 16)).astype(np.int64)
-    problems, report = [], {}
+    problems, report, exact_logits = [], {}, {}
     for name, bits in (budgets or NAMED_BUDGETS).items():
         qmodel.set_target_bits(bits)
         ref = qmodel.model(input_ids=torch.from_numpy(prompt)).logits.numpy()
-        got, _ = exact.forward(prompt, exact.empty_cache(), bits)
-        err = _rel(got, ref)
+        exact_logits[name], _ = exact.forward(prompt, exact.empty_cache(), bits)
+        err = _rel(exact_logits[name], ref)
         ours, theirs = _greedy_ort(exact, prompt, bits, new_tokens), _greedy_torch(qmodel.model, prompt, new_tokens)
-        row = {"bits": bits, "exact_logit_rel_err": err, "greedy_equal": ours == theirs}
+        report[name] = {"bits": bits, "exact_logit_rel_err": err, "greedy_equal": ours == theirs}
         if err > EXACT_TOLERANCE:
             problems.append(f"budget {name} ({bits} bits): exact graph logits differ from PyTorch, "
                             f"max rel error {err:.2e} > {EXACT_TOLERANCE}")
@@ -243,8 +244,12 @@ def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32,
             first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
             problems.append(f"budget {name}: greedy continuation differs from PyTorch at token {first}: "
                             f"{ours} vs {theirs}")
-        if written is not exact:
-            file_logits, _ = written.forward(prompt, written.empty_cache(), bits)
+    del exact
+    written = None if file_path == exact_path else ModelSession(file_path.parent, threads=2, kv_bits=32)
+    for name, row in report.items():
+        if written is not None:
+            got = exact_logits[name]
+            file_logits, _ = written.forward(prompt, written.empty_cache(), row["bits"])
             row["int8_logit_rel_err"] = _rel(file_logits, got)
             row["int8_top1_agreement"] = float(np.mean(file_logits[0].argmax(-1) == got[0].argmax(-1)))
             if row["int8_logit_rel_err"] > INT8_TOLERANCE or row["int8_top1_agreement"] < INT8_MIN_TOP1:
@@ -255,9 +260,8 @@ def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32,
                       f"({'>' if err > INT8_TOLERANCE else '<='} {INT8_TOLERANCE}) with top-1 agreement "
                       f"{top1:.2f} ({'<' if top1 < INT8_MIN_TOP1 else '>='} {INT8_MIN_TOP1}); consider --exact",
                       file=sys.stderr)
-        report[name] = row
-        print(f"[verify] {name:>4} ({bits} bits): " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else
-                                                             f"{k} {v}" for k, v in row.items() if k != "bits"),
+        print(f"[verify] {name:>4} ({row['bits']} bits): " + ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "bits"),
               file=sys.stderr, flush=True)
     if problems:
         raise ExportError("[export] verification failed:\n  " + "\n  ".join(problems))

@@ -101,55 +101,75 @@ class Router(nn.Module):
 
 
 class SlicedLinear(nn.Module):
-    """y_t = x_t W^(k_t)^T (+ bias), W^(k) the sum of the first k slice reconstructions."""
+    """y_t = x_t W^(k_t)^T (+ bias), W^(k) the sum of the first k slice reconstructions.
+
+    Holds each weight's full-depth code Q(S) (one byte per weight up to 4 slices), never a float copy: W^(k) is
+    decoded when a forward needs it (:func:`decode_read`, ~0.5 ns per weight: 70 ms for SmolLM2, little beside a
+    forward over a window) and dropped after, so the quantized model takes a quarter of its float32 size."""
 
     def __init__(self, sliced: F.SlicedWeight, bias: torch.Tensor | None, router: Router | None):
         super().__init__()
         self.sliced = sliced
-        deltas = [sliced.dequantize(1)] + [sliced.dequantize(e) - sliced.dequantize(e - 1)
-                                           for e in range(2, sliced.num_slices + 1)]
-        self.register_buffer("deltas", torch.from_numpy(np.stack(deltas)).float())  # [S, N, K]
+        self.register_buffer("levels", torch.from_numpy(full_depth_levels(sliced)), persistent=False)
+        self.register_buffer("scales", torch.from_numpy(sliced.scales), persistent=False)
+        self.register_buffer("zero_points", torch.from_numpy(sliced.zero_points), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.router = router
         self.fixed_slices = sliced.num_slices  # used when there is no router
         self.bits_log: list[tuple[float, float]] | None = None  # (sum of k, tokens) per call, for avg bits
-        self._reads: torch.Tensor | None = None  # cache of reads()
         self.int8_activations = False  # simulate the op's accuracy_level=4 (see quantize_activations)
 
-    def reads(self) -> torch.Tensor:
-        """W^(k) for k = 1..S, float32 [S, N, K]: cumulative sums of ``deltas`` in float64, cached (not saved).
+    @property
+    def num_slices(self) -> int:
+        return self.sliced.num_slices
 
-        The forward groups tokens by slice count and multiplies each group by its read once,
-        which is the same function as summing per-slice products under prefix masks."""
-        if self._reads is None or self._reads.device != self.deltas.device:
-            self._reads = self.deltas.double().cumsum(0).float()
-        return self._reads
+    def read(self, k: int) -> torch.Tensor:
+        """W^(k), float32 [N, K], decoded on this module's device."""
+        return decode_read(self.levels, self.scales, self.zero_points, self.num_slices, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8_activations:
             x_in, x = x, quantize_activations(x, self.sliced.group_size)
         else:
             x_in = x
-        reads = self.reads()
         if self.router is None:
-            y = x @ reads[self.fixed_slices - 1].T
+            y = x @ self.read(self.fixed_slices).T
             counts = None
         else:
             counts = self.router(x_in)
             flat_x, flat_k = x.reshape(-1, x.shape[-1]), counts.reshape(-1)
-            y = x.new_empty(flat_x.shape[0], reads.shape[1])
-            for k in range(1, reads.shape[0] + 1):  # one matmul per slice count present
-                rows = (flat_k == k).nonzero().squeeze(-1)
-                if rows.numel() == flat_k.numel():
-                    y = flat_x @ reads[k - 1].T
-                elif rows.numel():
-                    y[rows] = flat_x[rows] @ reads[k - 1].T
+            present = flat_k.unique().tolist()
+            if len(present) == 1:
+                y = flat_x @ self.read(present[0]).T
+            else:  # one matmul per slice count present: the same function as per-slice products under prefix masks
+                y = x.new_empty(flat_x.shape[0], self.sliced.out_features)
+                for k in present:
+                    rows = (flat_k == k).nonzero().squeeze(-1)
+                    y[rows] = flat_x[rows] @ self.read(k).T
             y = y.reshape(*x.shape[:-1], -1)
         if self.bits_log is not None:
             n = x.numel() // x.shape[-1]
             total = float(counts.sum()) if counts is not None else float(self.fixed_slices * n)
             self.bits_log.append((total, float(n)))
         return y if self.bias is None else y + self.bias
+
+
+def full_depth_levels(sliced: F.SlicedWeight) -> np.ndarray:
+    """Q(S) = sum_e 4^(S-e) q_e per weight, [N, K] (uint8 up to 4 slices, else int32): Q(k) = Q(S) >> 2(S-k)."""
+    codes = sliced.codes()
+    levels = np.zeros(codes.shape[1:], np.uint8 if sliced.num_slices <= 4 else np.int32)
+    for e in range(sliced.num_slices):
+        levels = (levels << F.SLICE_BITS) | codes[e]
+    return levels
+
+
+def decode_read(levels: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, num_slices: int,
+                k: int) -> torch.Tensor:
+    """W^(k) = s_k (Q(k) + 1/2) - s1 z1 with s_k = s1 / 4^(k-1), float32 [N, K] (runtime/format.py's read, in torch)."""
+    n, width = levels.shape
+    step = scales / 4.0 ** (k - 1)
+    q = (levels >> (F.SLICE_BITS * (num_slices - k))).float().view(n, scales.shape[1], -1)
+    return q.add_(0.5).mul_(step.unsqueeze(-1)).sub_((scales * zero_points).unsqueeze(-1)).view(n, width)
 
 
 def quantize_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -192,7 +212,7 @@ class QuantizedModel:
         for name, lin in self.linears.items():
             if lin.bits_log is None:
                 continue
-            size = lin.deltas.shape[1] * lin.deltas.shape[2]
+            size = lin.sliced.out_features * lin.sliced.in_features
             for total, tokens in lin.bits_log:
                 num += size * total * F.SLICE_BITS
                 den += size * tokens

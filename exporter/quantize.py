@@ -21,6 +21,7 @@ from mobiquant.runtime import format as F
 from mobiquant.runtime import ops
 
 from . import allocation as A
+from . import memory
 from . import token_routing as TR
 from . import checkpoint as ckpt
 from .blockwise import WorkDir, calibration_windows
@@ -78,7 +79,7 @@ def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, pr
         sensitivity = {name: float(kl.mean()) for name, kl in probe.kl.items()}
         sizes = A.router_sizes(qmodel)
         log(f"[quantize] per-token sensitivity of {len(sensitivity)} routers on {len(probe.positions)} tokens "
-            f"in {time.time() - t:.0f}s")
+            f"in {time.time() - t:.0f}s ({memory.summary()})")
         record = {"base_bits": A.BASE_BITS, "routing": recipe.routing, "sensitivity": sensitivity,
                   "order": A.allocation_order(sensitivity, sizes)}
         if token:
@@ -105,7 +106,7 @@ def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, pr
     measured = fit_thresholds_online(qmodel, tokens, recipe.threshold_anchors, allocation)
     record_widths(qmodel, allocation)
     log(f"[quantize] thresholds fitted in {time.time() - t:.0f}s; average bits at the anchors: "
-        + ", ".join(f"{a:g}->{b:.3f}" for a, b in measured.items()))
+        + ", ".join(f"{a:g}->{b:.3f}" for a, b in measured.items()) + f" ({memory.summary()})")
     if record is not None:
         record["token_dependent"] = token_dependent_fraction(qmodel)
     return record
@@ -177,7 +178,7 @@ def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "aus
                                    lm_head_slices=num_slices, recipe=recipe.name, calibration=calib)
     ckpt.save(qmodel, config, out, allocation)
     shutil.rmtree(work.path, ignore_errors=True)
-    log(f"[quantize] wrote {out} in {time.time() - t0:.0f}s")
+    log(f"[quantize] wrote {out} in {time.time() - t0:.0f}s ({memory.summary()})")
     return qmodel, config
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from mobiquant.tools.models import ModelError, known_models, load_entry
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Gemma3ForCausalLM")
+from . import architectures
+
+SUPPORTED_ARCHITECTURES = architectures.SUPPORTED
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,5 @@ def resolve(model: str) -> Source:
 
 
 def load_float_model(source: Source):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32)
-    model.eval()
-    return model
+    """The float32 source model in eval mode, in the block structure the exporter builds (exporter/architectures.py)."""
+    return architectures.load(source.folder, source.architecture)

@@ -83,8 +83,8 @@ def test_the_window_is_what_makes_the_match(tiny, tmp_path):
     model, source, _ = tiny
     spec = DecoderSpec.from_hf_config(model.config, 128)
     floats = {k: v.numpy() for k, v in model.state_dict().items()}
-    graph = build_decoder(dataclasses.replace(spec, windows=(0,) * spec.num_layers), floats, Fp32Linear(), attention="gqa")
-    write_model_dir(graph, {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "fp32", "context": 128},
+    full = dataclasses.replace(spec, windows=(0,) * spec.num_layers)
+    write_model_dir(lambda sink: build_decoder(full, floats, Fp32Linear(), attention="gqa", sink=sink), {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "fp32", "context": 128},
                     source.folder, tmp_path)
     s = ModelSession(tmp_path, threads=1)
     ids = _prompt()

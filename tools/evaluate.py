@@ -44,11 +44,16 @@ def corpus_ids(codec, corpus: str, context: int, max_tokens: int | None) -> np.n
     return np.concatenate([np.full((n, 1), bos, np.int64), body], axis=1)
 
 
-def log_softmax_nll(logits: np.ndarray, targets: np.ndarray) -> float:
-    z = logits.astype(np.float64)
-    z -= z.max(-1, keepdims=True)
-    lse = np.log(np.exp(z).sum(-1))
-    return float((lse - z[np.arange(len(targets)), targets]).sum())
+def log_softmax_nll(logits: np.ndarray, targets: np.ndarray, rows: int = 32) -> float:
+    """Summed -log softmax(logits)[targets] in float64, ``rows`` positions at a time (a 262k vocabulary's
+    float64 copy of a whole window would be gigabytes)."""
+    total = 0.0
+    for i in range(0, len(targets), rows):
+        z = logits[i: i + rows].astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        lse = np.log(np.exp(z).sum(-1))
+        total += float((lse - z[np.arange(len(z)), targets[i: i + rows]]).sum())
+    return total
 
 
 def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_tokens: int | None,
