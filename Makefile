@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 OPS_SOURCES := $(shell find custom_ops -type f) pyproject.toml
 
-.PHONY: setup deps cross-tools build assets model demo test test-pi wheels llamacpp clean
+.PHONY: setup deps cross-tools build assets model demo test test-pi wheels llamacpp scale-run clean
 
 setup: cross-tools build assets
 
@@ -85,3 +85,8 @@ llamacpp: build
 
 clean:
 	rm -rf build $(VENV)/.built
+
+# A random model with Llama-3.2-1B's shapes through quantize, onnx, mobiq-run and mobiq-bench: wall time and peak
+# memory per step (tools/scale_run.py; tens of minutes, ~15 GB of disk in $(MOBIQ_CACHE)/scale; never part of make test).
+scale-run: setup
+	$(BIN)/python -m mobiquant.tools.scale_run --json docs/results/llama-1b-scale.json

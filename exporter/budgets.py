@@ -20,6 +20,14 @@ BANDS = {"low": 1.25, "mid": 1.10, "high": 1.03}
 VALIDATION = "austen-validation"
 
 
+def file_perplexities(model_dir, budgets: list[float]) -> dict[float, float]:
+    """Validation PPL of the file in ``model_dir`` at each of ``budgets`` (bits)."""
+    from mobiquant.runtime.session import ModelSession
+
+    session, ids = ModelSession(model_dir, threads=2), validation_windows(model_dir)
+    return {bits: perplexity(session, ids, bits) for bits in budgets}
+
+
 def perplexity(session, windows: np.ndarray, bits: float) -> float:
     from mobiquant.tools.evaluate import log_softmax_nll
 
@@ -30,16 +38,22 @@ def perplexity(session, windows: np.ndarray, bits: float) -> float:
     return float(np.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))))
 
 
-def measure_named_budgets(model_dir, max_bits: float, windows: int = 4, context: int = 512,
-                          corpus: str = VALIDATION) -> tuple[dict[str, float], dict[float, float]]:
-    """(named budgets, PPL per measured budget) for the exported model in ``model_dir``."""
-    from mobiquant.tools.evaluate import corpus_ids
-    from mobiquant.runtime.session import ModelSession
+def validation_windows(model_dir, windows: int = 4, context: int = 512, corpus: str = VALIDATION) -> np.ndarray:
+    """The validation token windows [windows, context] every export measurement of a file uses."""
+    from mobiquant.runtime.modelfile import locate
     from mobiquant.runtime.text import TextCodec
+    from mobiquant.tools.evaluate import corpus_ids
+
+    info = locate(model_dir)
+    return corpus_ids(TextCodec(info.directory, info.meta), corpus, min(context, info.context), windows * (context - 1))
+
+
+def measure_named_budgets(model_dir, max_bits: float) -> tuple[dict[str, float], dict[float, float]]:
+    """(named budgets, PPL per measured budget) for the exported model in ``model_dir``."""
+    from mobiquant.runtime.session import ModelSession
 
     session = ModelSession(model_dir, threads=2)
-    codec = TextCodec(session.info.directory, session.info.meta)
-    ids = corpus_ids(codec, corpus, min(context, session.info.context), windows * (context - 1))
+    ids = validation_windows(model_dir)
     ppl = {max_bits: perplexity(session, ids, max_bits)}
     named = {"max": max_bits}
     for bits in CANDIDATES:

@@ -25,16 +25,41 @@ def _add_quantize(sub) -> None:
     p.add_argument("--calib", default="austen-train", help="calibration corpus name or text file (default austen-train)")
     p.add_argument("--slices", type=int, default=4, help="2-bit slices per weight (default 4: reads of 2/4/6/8 bits)")
     p.add_argument("--group-size", type=int, default=None, help="group size (default: the model entry's)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=_recipe_field,
+                   help="change one field of the recipe (repeatable), e.g. --set samples=8 --set clip_steps=4 "
+                        "(fewer calibration windows and steps: faster, lower quality; used by tools/scale_run.py). "
+                        "Fields: " + ", ".join(_recipe_fields()))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_device(p)
     p.set_defaults(func=_run_quantize)
+
+
+def _recipe_fields() -> dict[str, type]:
+    """The Recipe fields --set may change, with the type of their values (int, float or str)."""
+    from dataclasses import fields
+
+    from .calibrate import Recipe
+
+    kinds = {"int": int, "float": float, "str": str}
+    return {f.name: kinds[f.type] for f in fields(Recipe) if f.type in kinds and f.name != "name"}
+
+
+def _recipe_field(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    kinds = _recipe_fields()
+    if not sep or name not in kinds:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD one of {', '.join(kinds)}; got {text!r}")
+    try:
+        return name, kinds[name](value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} expected a {kinds[name].__name__}; got {value!r}") from None
 
 
 def _run_quantize(args) -> int:
     from .quantize import quantize
 
     quantize(args.model, args.output, args.recipe, args.calib, args.slices, args.group_size, progress=not args.quiet,
-             device=args.device)
+             recipe_overrides=dict(args.set), device=args.device)
     return 0
 
 

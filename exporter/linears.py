@@ -28,15 +28,18 @@ class MoBiQuantLinear(LinearKind):
     def __init__(self, qmodel: QuantizedModel, accuracy_level: int = ops.ACCURACY_INT8):
         self.q = qmodel
         self.accuracy_level = accuracy_level
-        self._router_int8 = {name: r.int8() for name, r in qmodel.routers.items()}
+        for router in qmodel.routers.values():
+            router.int8()  # the weights the graph stores, rounded into the PyTorch routers (once)
         self._row: str | None = None  # threshold-row index for target_bits (built once)
         self._usage: list[tuple[str, int]] = []  # (slice counts [B, S], weights they apply to)
 
     def linear(self, g: GraphBuilder, x: str, name: str, weights: list, group: str,
                bias: np.ndarray | None = None) -> str:
-        if group == "lm_head":
+        if group == "lm_head":  # its fixed depth, or the depth its constant router gives each budget
             head = self.q.linears["lm_head"]
-            return self._op(g, x, name, head.sliced.prefix(head.fixed_slices), bias)
+            if head.router is None:
+                return self._op(g, x, name, head.sliced.prefix(head.fixed_slices), bias)
+            return self._op(g, x, name, head.sliced, bias, self._router_inputs(g, "lm_head", head.router))[0]
         layer, kind = group.rsplit(".", 1)
         sw = F.concat_rows([self.q.linears[f"{layer}.{lin}"].sliced for lin in ROUTED_GROUPS[kind]])
         y, counts = self._op(g, x, name, sw, bias, self._router_inputs(g, group))
@@ -56,10 +59,10 @@ class MoBiQuantLinear(LinearKind):
                     K=sw.in_features, N=sw.out_features, group_size=sw.group_size, num_slices=sw.num_slices,
                     slice_bits=F.SLICE_BITS, layout=F.LAYOUT_VERSION, accuracy_level=self.accuracy_level)
 
-    def _router_inputs(self, g: GraphBuilder, group: str) -> list[str]:
-        """The op's inputs router_w1 .. threshold_row for router ``group``."""
-        r = self.q.routers[group]
-        w1, w1_scale = self._router_int8[group]
+    def _router_inputs(self, g: GraphBuilder, group: str, router=None) -> list[str]:
+        """The op's inputs router_w1 .. threshold_row for router ``group`` (or ``router``, named ``group``)."""
+        r = router or self.q.routers[group]
+        w1, w1_scale = r.int8()
         return [g.const(w1.T.copy(), f"{group}.router.w1"), g.const(w1_scale, f"{group}.router.w1_scale"),
                 g.const(r.fc1.bias.detach().numpy(), f"{group}.router.b1"),
                 g.const(r.fc2.weight.detach().numpy().reshape(-1).copy(), f"{group}.router.w2"),

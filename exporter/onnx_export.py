@@ -30,7 +30,8 @@ from mobiquant.runtime.modelfile import (DATA_FILE, FORMAT_NAME, FORMAT_VERSION,
 
 from . import checkpoint as ckpt
 from . import memory
-from .budgets import measure_named_budgets
+from . import head
+from .budgets import file_perplexities, measure_named_budgets, validation_windows
 from .graph import (DecoderSpec, Fp32Linear, LinearKind, TensorSink, build_decoder, dequantize_rows, embedding_rows,
                     quantize_rows)
 from .linears import MatMulNBitsLinear, MoBiQuantLinear
@@ -122,6 +123,16 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accu
     print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB; {memory.summary()}); measuring its named budgets",
           file=sys.stderr, flush=True)
     named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
+    head_slices, head_report = head.decide(qmodel, validation_windows(out_dir), named, ppl)
+    if any(k < config.num_slices for k in head_slices.values()):  # the head follows the budget: rewrite the file
+        qmodel.set_head_slices(head.slices_per_row(head_slices, named, config.num_slices))
+        path = write_model_dir(graph(accuracy_level), meta, source.folder, out_dir)
+        with_head = file_perplexities(out_dir, [named[n] for n in head_report])
+        for name, row in head_report.items():
+            row["file_ppl"] = round(with_head[row["bits"]], 4)
+        print("[export] with its head following the budget: " + ", ".join(
+            f"{name} PPL {ppl[row['bits']]:.2f} -> {row['file_ppl']:.2f}" for name, row in head_report.items()),
+              file=sys.stderr, flush=True)
     print(f"[export] verifying against PyTorch ({memory.summary()})", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         exact = path
@@ -132,6 +143,7 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accu
         verify(exact, path, qmodel, verify_tokens, budgets)
     dependent = token_dependent_fraction(qmodel)
     set_metadata(out_dir, {"named_budgets": named, "validation_ppl": {f"{b:g}": p for b, p in ppl.items()},
+                           "lm_head_slices_by_budget": head_slices, "lm_head_measurement": head_report,
                            "token_dependent_routers": {name: dependent[f"{grid_bits(b):g}"] for name, b in named.items()}})
     print(f"[export] named budgets: {named}", file=sys.stderr)
     return path

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mobiquant.runtime import format as F
+from mobiquant.runtime import ops
 
 BITS_MIN, BITS_MAX, BITS_STEP = 2.0, 8.0, 0.1
 THRESHOLD_GRID = np.round(np.arange(BITS_MIN, BITS_MAX + BITS_STEP / 2, BITS_STEP), 6)
@@ -172,6 +173,21 @@ def decode_read(levels: torch.Tensor, scales: torch.Tensor, zero_points: torch.T
     return q.add_(0.5).mul_(step.unsqueeze(-1)).sub_((scales * zero_points).unsqueeze(-1)).view(n, width)
 
 
+def constant_router(in_features: int, num_slices: int, per_row: np.ndarray) -> Router:
+    """A router that gives every token ``per_row[g]`` slices at grid row g: zero weights (one hidden unit) and
+    threshold rows of -/+ THRESHOLD_NEVER, which the op treats as constant (no MLP work)."""
+    per_row = np.asarray(per_row)
+    if per_row.shape != THRESHOLD_GRID.shape or per_row.min() < 1 or per_row.max() > num_slices:
+        raise ValueError(f"[qmodel] slices per grid row expected {len(THRESHOLD_GRID)} values in 1..{num_slices}; "
+                         f"got shape {per_row.shape}, range {per_row.min()}..{per_row.max()}")
+    router = Router(in_features, num_slices)
+    router.resize(1)
+    j = np.arange(num_slices - 1)
+    table = np.where(j[None, :] < per_row[:, None] - 1, -ops.THRESHOLD_NEVER, ops.THRESHOLD_NEVER)
+    router.thresholds.copy_(torch.from_numpy(table.astype(np.float32)))
+    return router
+
+
 def quantize_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """x through the op's int8 activation path: per (token, group) scale max|x|/127, round half to even."""
     shape = x.shape
@@ -201,6 +217,15 @@ class QuantizedModel:
     def set_target_bits(self, bits: float) -> None:
         for r in self.routers.values():
             r.target_bits = float(bits)
+        head = self.linears["lm_head"].router
+        if head is not None:
+            head.target_bits = float(bits)
+
+    def set_head_slices(self, per_row: np.ndarray | None) -> None:
+        """The LM head reads ``per_row[g]`` slices at threshold-grid row g (None: its fixed depth at every budget),
+        through a router whose every row is constant (no router work; the op reads what the graph reads)."""
+        head = self.linears["lm_head"]
+        head.router = None if per_row is None else constant_router(head.sliced.in_features, head.num_slices, per_row)
 
     def start_bits_log(self) -> None:
         for name, lin in self.linears.items():

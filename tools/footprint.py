@@ -73,7 +73,8 @@ def measure(model_dir: Path, threads: int | None) -> dict:
         peak = re.search(r"peak memory (\d+) MB", run.stderr)
         if run.returncode != 0 or not peak:
             raise RuntimeError(f"[footprint] mobiq-run at {name} failed: {run.stderr.strip()[-500:]}")
-        read = bytes_per_token(model_dir, avg, int(info.meta.get("lm_head_slices", 4)))
+        head = info.meta.get("lm_head_slices_by_budget", {}).get(name, info.meta.get("lm_head_slices", 4))
+        read = bytes_per_token(model_dir, avg, int(head))
         rows.append({"budget": name, "target_bits": bits, "avg_bits": avg, "bytes_per_token": read,
                      "peak_rss_mb": int(peak.group(1)),
                      **{f"ceiling_tok_s_{k}": v * 1e9 / read for k, v in BANDWIDTH_GBPS.items()}})

@@ -1,0 +1,76 @@
+"""The LM head that follows the budget (exporter/head.py): the decision rule, the per-row depths, and a file whose
+head reads fewer slices at low budgets exporting, verifying against PyTorch and reading what it says."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mobiquant.exporter import checkpoint as ckpt
+from mobiquant.exporter import head
+from mobiquant.exporter.onnx_export import export
+from mobiquant.exporter.qmodel import THRESHOLD_GRID, build_quantized, grid_index, slice_model
+from mobiquant.exporter.source import load_float_model, resolve
+from mobiquant.exporter.thresholds import fit_thresholds
+from mobiquant.runtime.session import ModelSession
+from tiny_llama import write_tiny_llama
+
+NAMED = {"max": 8.0, "low": 4.0, "mid": 4.5, "high": 5.0}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("head")
+    source = resolve(str(write_tiny_llama(root / "hf", seed=5)))
+    model = load_float_model(source)
+    q = build_quantized(model, slice_model(model, 64))
+    fit_thresholds(q, [torch.from_numpy(np.random.default_rng(0).integers(3, 99, (2, 64)))])
+    config = ckpt.CheckpointConfig(source.name, source.identity, source.architecture, 4, 64, 4, "minmax", "random")
+    ckpt.save(q, config, root / "checkpoint")
+    return root / "checkpoint", q
+
+
+def test_each_grid_row_reads_the_depth_of_the_named_budget_at_or_below_it():
+    rows = head.slices_per_row({"low": 2, "mid": 3, "high": 4, "max": 4}, NAMED, 4)
+    for bits, want in ((2.0, 2), (3.0, 2), (4.0, 2), (4.4, 2), (4.5, 3), (4.9, 3), (5.0, 4), (7.9, 4), (8.0, 4)):
+        assert rows[grid_index(bits)] == want, bits
+    assert len(rows) == len(THRESHOLD_GRID)
+
+
+def test_the_head_reads_fewer_slices_only_where_it_pays_within_the_band(checkpoint, monkeypatch):
+    _, q = checkpoint
+    ppl = {8.0: 10.0, 4.0: 12.0, 4.5: 10.8, 5.0: 10.25}  # low 1.2x max (band 1.25), mid 1.08x (1.10), high 1.025x
+    saved = {k: head.byte_share_saved(q, 4.0, k) for k in (2, 3)}
+    assert 0 < saved[3] < saved[2] < 1
+    planted = {"low": {2: 1 + 0.4 * saved[2], 3: 1.001}, "mid": {2: 1.05, 3: 1.001}, "high": {2: 1.001, 3: 1.001}}
+    monkeypatch.setattr(head, "head_ratios", lambda qm, w, budgets, depths: {n: planted[n] for n in budgets})
+    choice, report = head.decide(q, np.zeros((1, 8), np.int64), NAMED, ppl)
+    # low: a 4-bit head costs 0.4x the bytes it saves, within the band (12 * (1 + 0.4 s) <= 12.5 for this s)?
+    low_within = 12.0 * planted["low"][2] <= 1.25 * 10.0
+    assert choice["low"] == (2 if low_within else 3)
+    # mid: +5 % leaves the band (10.8 * 1.05 > 11); +0.1 % for 6 bits pays -> 3 slices
+    assert choice["mid"] == 3 and not report["mid"]["by_slices"]["2"]["within_band"]
+    # high: it would pay at 2 slices, but a higher budget never reads a smaller head than a lower one
+    assert choice["high"] >= choice["mid"] and choice["max"] == 4
+
+
+def test_a_head_that_follows_the_budget_exports_verifies_and_reads_fewer_slices(checkpoint, tmp_path, monkeypatch):
+    path, q = checkpoint
+    export(path, tmp_path / "full", context=128)
+    chosen = {"low": 2, "mid": 3, "high": 4, "max": 4}
+    monkeypatch.setattr(head, "decide", lambda qm, windows, named, ppl: ({n: chosen.get(n, 4) for n in named}, {}))
+    export(path, tmp_path / "follows", context=128)  # verifies the constant head router against PyTorch or raises
+    meta = json.loads((tmp_path / "follows" / "mobiq.json").read_text())
+    named = meta["named_budgets"]
+    assert meta["lm_head_slices_by_budget"] == {n: chosen.get(n, 4) for n in named}
+    full, follows = ModelSession(tmp_path / "full", threads=1), ModelSession(tmp_path / "follows", threads=1)
+    ids = np.array([[1, *np.random.default_rng(1).integers(3, 99, 15)]])
+    for name, bits in named.items():
+        a, _ = full.forward(ids, full.empty_cache(), bits)
+        b, _ = follows.forward(ids, follows.empty_cache(), bits)
+        same = np.array_equal(a, b)
+        reads_all = bits >= named["max"] or all(chosen.get(n, 4) == 4 for n, b in named.items() if b == bits)
+        assert same == reads_all, (name, bits)
