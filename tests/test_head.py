@@ -45,10 +45,10 @@ def test_the_head_reads_fewer_slices_only_where_it_pays_within_the_band(checkpoi
     ppl = {8.0: 10.0, 4.0: 12.0, 4.5: 10.8, 5.0: 10.25}  # low 1.2x max (band 1.25), mid 1.08x (1.10), high 1.025x
     saved = {k: head.byte_share_saved(q, 4.0, k) for k in (2, 3)}
     assert 0 < saved[3] < saved[2] < 1
-    planted = {"low": {2: 1 + 0.4 * saved[2], 3: 1.001}, "mid": {2: 1.05, 3: 1.001}, "high": {2: 1.001, 3: 1.001}}
+    planted = {"low": {2: 1 + 0.8 * head.HEAD_PAYBACK * saved[2], 3: 1.001}, "mid": {2: 1.05, 3: 1.001}, "high": {2: 1.001, 3: 1.001}}
     monkeypatch.setattr(head, "head_ratios", lambda qm, w, budgets, depths: {n: planted[n] for n in budgets})
     choice, report = head.decide(q, np.zeros((1, 8), np.int64), NAMED, ppl)
-    # low: a 4-bit head costs 0.4x the bytes it saves, within the band (12 * (1 + 0.4 s) <= 12.5 for this s)?
+    # low: a 4-bit head costs 0.8 x HEAD_PAYBACK x the share of bytes it saves: it pays if it stays within the band
     low_within = 12.0 * planted["low"][2] <= 1.25 * 10.0
     assert choice["low"] == (2 if low_within else 3)
     # mid: +5 % leaves the band (10.8 * 1.05 > 11); +0.1 % for 6 bits pays -> 3 slices
