@@ -45,17 +45,33 @@ def eval_windows(tokenizer, corpus: str, context: int = 512, max_tokens: int | N
     return torch.tensor(rows, dtype=torch.long)
 
 
+LOGIT_ROWS = 64  # positions whose logits exist at once (a 262k vocabulary: 67 MB)
+
+
+@torch.no_grad()
+def nll_from_hidden(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed -log p(targets) from the decoder's final (normed) hidden states [T, H]: the LM head and any final
+    soft cap over LOGIT_ROWS positions at a time, never a whole window's logits over the vocabulary."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    total = 0.0
+    for i in range(0, len(targets), LOGIT_ROWS):
+        logits = model.lm_head(hidden[i: i + LOGIT_ROWS]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        total += torch.nn.functional.cross_entropy(logits, targets[i: i + LOGIT_ROWS], reduction="sum").item()
+    return total
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch: int = 4, bos: bool = True) -> tuple[float, int]:
     """(PPL, scored tokens) of ``model`` on ``windows``."""
     nll, count = 0.0, 0
     for i in range(0, len(windows), batch):
         ids = windows[i: i + batch].to(next(model.parameters()).device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        pred, gold = logits[:, :-1].float(), ids[:, 1:]
-        nll += torch.nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), gold.reshape(-1),
-                                                 reduction="sum").item()
-        count += gold.numel()
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        for h, row in zip(hidden, ids):
+            nll += nll_from_hidden(model, h[:-1], row[1:])
+        count += ids[:, 1:].numel()
     return math.exp(nll / count), count
 
 

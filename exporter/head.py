@@ -26,11 +26,11 @@ import torch
 from mobiquant.runtime import format as F
 
 from .budgets import BANDS
+from .evaluate import nll_from_hidden
 from .qmodel import THRESHOLD_GRID, QuantizedModel
 
 HEAD_PAYBACK = 0.25
 MIN_HEAD_SLICES = 2  # a 2-bit head is never considered
-LOGIT_ROWS = 32  # positions whose logits are computed at once (a 262k vocabulary: 34 MB)
 
 
 @torch.no_grad()
@@ -38,27 +38,22 @@ def head_ratios(qmodel: QuantizedModel, windows: np.ndarray, budgets: dict[str, 
                 depths: list[int]) -> dict[str, dict[int, float]]:
     """Per budget name and head depth k: validation PPL with the head at k slices / with all S, in PyTorch."""
     model, head = qmodel.model, qmodel.linears["lm_head"]
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    full = head.num_slices
+    saved = head.router, head.fixed_slices
     ratios = {}
-    for name, bits in budgets.items():
-        qmodel.set_target_bits(bits)
-        hidden = [model.model(input_ids=torch.from_numpy(w[None])).last_hidden_state[0, :-1] for w in windows]
-        nll = {}
-        for k in [*depths, full]:
-            weight, total = head.read(k), 0.0
-            for h, ids in zip(hidden, windows):
-                for i in range(0, len(h), LOGIT_ROWS):
-                    logits = h[i: i + LOGIT_ROWS] @ weight.T
-                    if head.bias is not None:
-                        logits = logits + head.bias
-                    if cap:
-                        logits = torch.tanh(logits / cap) * cap
-                    total += torch.nn.functional.cross_entropy(
-                        logits, torch.from_numpy(ids[i + 1: i + 1 + LOGIT_ROWS]), reduction="sum").item()
-            nll[k] = total
-        count = sum(len(h) for h in hidden)
-        ratios[name] = {k: math.exp((nll[k] - nll[full]) / count) for k in depths}
+    try:
+        head.router = None
+        for name, bits in budgets.items():
+            qmodel.set_target_bits(bits)
+            ids = [torch.from_numpy(w) for w in windows]
+            hidden = [model.model(input_ids=w[None]).last_hidden_state[0, :-1] for w in ids]
+            nll = {}
+            for k in [*depths, head.num_slices]:
+                head.fixed_slices = k
+                nll[k] = sum(nll_from_hidden(model, h, w[1:]) for h, w in zip(hidden, ids))
+            count = sum(len(h) for h in hidden)
+            ratios[name] = {k: math.exp((nll[k] - nll[head.num_slices]) / count) for k in depths}
+    finally:
+        head.router, head.fixed_slices = saved
     return ratios
 
 

@@ -98,9 +98,10 @@ def default_context(config) -> int:
 
 
 def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accuracy_level: int = ops.ACCURACY_INT8,
-           verify_tokens: int = 32, attention: str = "kv") -> Path:
+           verify_tokens: int = 32, attention: str = "kv", head_follows: bool = True) -> Path:
     """Checkpoint -> verified model directory. ``attention`` "gqa" writes the same file with ONNX Runtime's
-    GroupQueryAttention and a float32 cache instead of KVAttention (a control for measurements)."""
+    GroupQueryAttention and a float32 cache instead of KVAttention, ``head_follows`` False one whose LM head reads
+    every slice at every budget (controls for measurements)."""
     meta_raw, config = ckpt.read_meta(checkpoint_dir)
     source = resolve(config.model)
     model = load_float_model(source)
@@ -123,7 +124,8 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accu
     print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB; {memory.summary()}); measuring its named budgets",
           file=sys.stderr, flush=True)
     named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
-    head_slices, head_report = head.decide(qmodel, validation_windows(out_dir), named, ppl)
+    head_slices, head_report = (head.decide(qmodel, validation_windows(out_dir), named, ppl) if head_follows else
+                                ({name: config.num_slices for name in named}, {}))
     if any(k < config.num_slices for k in head_slices.values()):  # the head follows the budget: rewrite the file
         qmodel.set_head_slices(head.slices_per_row(head_slices, named, config.num_slices))
         path = write_model_dir(graph(accuracy_level), meta, source.folder, out_dir)
@@ -320,6 +322,9 @@ def add_onnx_command(subparsers) -> None:
     p.add_argument("--attention", choices=["kv", "gqa"], default="kv",
                    help="kv: KVAttention, a KV cache whose precision the runtime picks (default); gqa: ONNX Runtime's "
                         "GroupQueryAttention with a float32 cache (the previous design, kept as a measurement control)")
+    p.add_argument("--fixed-head", action="store_true",
+                   help="the LM head reads all its slices at every budget (default: fewer at a named budget where "
+                        "the export measures that it pays; a measurement control)")
     p.set_defaults(func=_onnx_command)
     b = subparsers.add_parser("baseline", help="export the fp32 or MatMulNBits-int4 version of a source model")
     b.add_argument("model", help="registry name or Hugging Face folder")
@@ -332,6 +337,6 @@ def add_onnx_command(subparsers) -> None:
 def _onnx_command(args) -> int:
     t = time.time()
     export(args.checkpoint, args.out, args.context, ops.ACCURACY_F32 if args.exact else ops.ACCURACY_INT8,
-           attention=args.attention)
+           attention=args.attention, head_follows=not args.fixed_head)
     print(f"[export] done in {time.time() - t:.0f} s: {args.out / MODEL_FILE}", file=sys.stderr)
     return 0

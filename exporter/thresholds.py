@@ -55,7 +55,7 @@ def fit_thresholds(qmodel, token_batches: list[torch.Tensor], record_bits: float
         r.record = []
     try:
         for ids in token_batches:
-            qmodel.model(input_ids=ids)
+            qmodel.model.model(input_ids=ids)  # the decoder only: the LM head does not route
         for r in qmodel.routers.values():
             fit_router(r, torch.cat(r.record).cpu().numpy())
     finally:
