@@ -74,3 +74,12 @@ def test_a_head_that_follows_the_budget_exports_verifies_and_reads_fewer_slices(
         same = np.array_equal(a, b)
         reads_all = bits >= named["max"] or all(chosen.get(n, 4) == 4 for n, b in named.items() if b == bits)
         assert same == reads_all, (name, bits)
+
+
+def test_a_fixed_head_file_is_named_as_such_beside_another_mobiquant_file():
+    from mobiquant.tools.bench import compare_label
+
+    kv = {"kv_cache": {}, "routing": "token", "num_slices": 4}
+    assert compare_label({**kv, "lm_head_slices_by_budget": {"low": 3, "max": 4}}) == "mobiquant-token"
+    assert compare_label({**kv, "lm_head_slices_by_budget": {"low": 4, "max": 4}}) == "mobiquant-token-fixed-head"
+    assert compare_label({"routing": "static", "num_slices": 4}) == "mobiquant-gqa-fixed-head"

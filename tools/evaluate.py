@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", action="append", type=Path, default=[],
                    help="another MoBiQuant model directory measured at the same budgets, rows named by its routing "
                         "(e.g. the same checkpoint exported with `mobiq-export thresholds --routing static`: "
-                        "mobiquant-static), or mobiquant-gqa for a file exported with --attention gqa; repeatable")
+                        "mobiquant-static), or mobiquant-gqa for a file exported with --attention gqa; -fixed-head "
+                        "added when its LM head reads every slice at every budget (--fixed-head); repeatable")
     p.add_argument("--context", type=int, default=512, help="window length in tokens (default: 512)")
     p.add_argument("--max-tokens", type=int, default=16384,
                    help="scored tokens per budget, rounded up to whole windows (default: 16384; 0 = whole corpus)")
