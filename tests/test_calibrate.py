@@ -342,3 +342,19 @@ def test_static_router_splits_a_fractional_width_by_position_alone():
     assert torch.equal(counts, static(torch.randn(2, 400, 8) * 100))  # nothing about the tokens
     static.target_bits = 6.0
     assert (static(x) == 3).all()
+
+
+def test_the_grid_search_over_chunks_of_rows_finds_what_one_pass_finds(monkeypatch):
+    from mobiquant.exporter import fakequant as fq
+
+    torch.manual_seed(4)
+    w = torch.randn(96, 128) * torch.rand(96, 1) * 0.1
+    w[torch.rand(w.shape) < 0.01] *= 8  # outliers: the clipping has something to find
+    h = torch.rand(128) + 0.1
+    monkeypatch.setattr(fq, "GRID_CHUNK_ELEMENTS", w.numel())
+    whole = fq.grid_search_factors(w, h, G, fq.slice_read, [1.0, 1.0, 1.0, 1.0])
+    monkeypatch.setattr(fq, "GRID_CHUNK_ELEMENTS", 5 * 128)  # chunks of 5 rows, the last one short
+    chunked = fq.grid_search_factors(w, h, G, fq.slice_read, [1.0, 1.0, 1.0, 1.0])
+    assert (whole[0] != 1).any() and (whole[1] != 1).any()
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
