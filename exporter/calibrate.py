@@ -281,6 +281,8 @@ def calibrate_block(index: int, block: nn.Module, kwargs: dict, x_fp: torch.Tens
                 new_target[bits] = run_block_batched(block, xs, kwargs, 4 * bs)
     finally:
         swap_out(block, tls)
+        for tl in tls.values():  # read_fn and gate_fn close over tl: a cycle that would keep this block's reads
+            tl.read_fn = tl.gate_fn = tl.reads = tl.fixed = None  # (4 floats per weight) until a full gc pass
     block_params = {
         "params": {name: (s1.cpu().numpy(), z1.cpu().numpy()) for name, (s1, z1) in params.items()},
         "routers": {group: {k: v.detach().clone() for k, v in r.state_dict().items()} for group, r in routers.items()},

@@ -155,12 +155,16 @@ class SlicedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def full_depth_levels(sliced: F.SlicedWeight) -> np.ndarray:
-    """Q(S) = sum_e 4^(S-e) q_e per weight, [N, K] (uint8 up to 4 slices, else int32): Q(k) = Q(S) >> 2(S-k)."""
-    codes = sliced.codes()
-    levels = np.zeros(codes.shape[1:], np.uint8 if sliced.num_slices <= 4 else np.int32)
-    for e in range(sliced.num_slices):
-        levels = (levels << F.SLICE_BITS) | codes[e]
+def full_depth_levels(sliced: F.SlicedWeight, tiles: int = 64) -> np.ndarray:
+    """Q(S) = sum_e 4^(S-e) q_e per weight, [N, K] (uint8 up to 4 slices, else int32): Q(k) = Q(S) >> 2(S-k).
+    Unpacked ``tiles`` tiles of 16 rows at a time (all codes of a 128k-vocabulary head at once would be 1 GB)."""
+    n = sliced.out_features
+    levels = np.zeros((n, sliced.in_features), np.uint8 if sliced.num_slices <= 4 else np.int32)
+    for t in range(0, sliced.packed.shape[1], tiles):
+        rows = slice(t * F.TILE_ROWS, min(n, (t + tiles) * F.TILE_ROWS))
+        codes = F.unpack(sliced.packed[:, t: t + tiles], rows.stop - rows.start)
+        for e in range(sliced.num_slices):
+            levels[rows] = (levels[rows] << F.SLICE_BITS) | codes[e]
     return levels
 
 

@@ -191,10 +191,22 @@ def quantize(
     if not (np.all(np.isfinite(scales)) and np.all(scales > 0) and np.all(np.isfinite(zero_points))):
         raise FormatError("[quantize] scales expected finite and > 0, zero_points finite; got other values")
 
-    # Codes are derived from the float32 parameters the kernel will see.
+    # Rows are independent: a few tiles of rows at a time keep the float64 work small (an LM head of a 128k
+    # vocabulary would need ~10 GB at once).
+    step = max(TILE_ROWS, QUANTIZE_CHUNK_ELEMENTS // k // TILE_ROWS * TILE_ROWS)
+    packed = [pack(_codes(w[i: i + step], scales[i: i + step], zero_points[i: i + step], group_size, num_slices))
+              for i in range(0, n, step)]
+    return SlicedWeight(np.concatenate(packed, axis=1), scales, zero_points, group_size)
+
+
+QUANTIZE_CHUNK_ELEMENTS = 1 << 20  # weights quantized at once (float64 temporaries of 8 MB)
+
+
+def _codes(w: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, group_size: int, num_slices: int) -> np.ndarray:
+    """uint8 codes [S, n, K] of rows ``w`` [n, K], derived from the float32 parameters the kernel will see."""
     s1 = np.repeat(scales.astype(np.float64), group_size, axis=1)
     z1 = np.repeat(zero_points.astype(np.float64), group_size, axis=1)
-    codes = np.empty((num_slices, n, k), dtype=np.uint8)
+    codes = np.empty((num_slices, *w.shape), dtype=np.uint8)
     q = np.clip(np.floor(w / s1 + z1), 0, 3)
     codes[0] = q
     recon = s1 * (q - z1 + 0.5)
@@ -203,7 +215,7 @@ def quantize(
         q = np.clip(np.floor((w - recon) / step) + 2, 0, 3)
         codes[e] = q
         recon = recon + step * (q - 1.5)
-    return SlicedWeight(pack(codes), scales, zero_points, group_size)
+    return codes
 
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, group_size: int, k: int) -> np.ndarray:

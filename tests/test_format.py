@@ -143,3 +143,16 @@ def test_bad_shapes_and_parameters_are_rejected_with_sizes_that_fit():
         F.quantize(np.zeros((1, 64)), 64, scales=np.zeros((1, 1), np.float32), zero_points=np.zeros((1, 1), np.float32))
     with pytest.raises(F.FormatError, match="slice count"):
         F.quantize(np.ones((1, 64)), 64, num_slices=2).dequantize(3)
+
+
+def test_quantizing_a_few_tiles_of_rows_at_a_time_gives_the_same_packed_weight(monkeypatch):
+    from mobiquant.exporter.qmodel import full_depth_levels
+
+    w = np.random.default_rng(7).standard_normal((1000, 256)).astype(np.float32)  # 1000 rows: a short last tile
+    whole = F.quantize(w, 64, 4)
+    monkeypatch.setattr(F, "QUANTIZE_CHUNK_ELEMENTS", 48 * 256)  # chunks of 48 rows (3 tiles)
+    chunked = F.quantize(w, 64, 4)
+    np.testing.assert_array_equal(chunked.packed, whole.packed)
+    codes = whole.codes().astype(np.int64)
+    want = ((codes[0] * 4 + codes[1]) * 4 + codes[2]) * 4 + codes[3]
+    np.testing.assert_array_equal(full_depth_levels(chunked, tiles=5), want)
