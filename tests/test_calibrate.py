@@ -358,3 +358,28 @@ def test_the_grid_search_over_chunks_of_rows_finds_what_one_pass_finds(monkeypat
     assert (whole[0] != 1).any() and (whole[1] != 1).any()
     for a, b in zip(whole, chunked):
         assert torch.equal(a, b)
+
+
+def test_a_calibrated_block_leaves_none_of_its_reads_alive(monkeypatch):
+    """Each block's TrainLinears (and the 4 float reads per weight they hold) are freed by reference counting as
+    the block ends, not at some later garbage collection: a 1B model's blocks would pile up gigabytes."""
+    import gc
+    import weakref
+
+    from mobiquant.exporter import blockwise
+
+    made = []
+    real = blockwise.TrainLinear.__init__
+
+    def tracked(self, linear):
+        real(self, linear)
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(blockwise.TrainLinear, "__init__", tracked)
+    gc.disable()
+    try:
+        calibrate_model(tiny_model(), tokens(6, 32, 0), get_recipe("fast", **TINY_RECIPE), G, 4, progress=False,
+                        max_blocks=1)
+        assert made and all(ref() is None for ref in made)
+    finally:
+        gc.enable()
