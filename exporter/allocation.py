@@ -32,7 +32,7 @@ import torch
 from mobiquant.runtime import format as F
 
 from .blockwise import capture_block_inputs, run_block
-from .qmodel import QuantizedModel, decoder_layers, grid_index
+from .qmodel import QuantizedModel, decoder_layers, grid_index, reads_kept
 from .thresholds import NEVER, threshold_rows
 
 BASE_BITS = 4.0
@@ -75,17 +75,19 @@ class _TokenKL:
         vocab = model.config.vocab_size
         self.rows = max(1, LOGIT_CHUNK_BYTES // (4 * vocab))
         fits = self.reference.shape[0] * vocab * 4 <= REFERENCE_CACHE_BYTES
-        self.cached = [self._ref(i) for i in range(0, len(self.reference), self.rows)] if fits else None
+        with reads_kept(model.lm_head):
+            self.cached = [self._ref(i) for i in range(0, len(self.reference), self.rows)] if fits else None
 
     def _ref(self, i: int) -> torch.Tensor:
         return torch.log_softmax(_logits(self.model, self.reference[i: i + self.rows]), -1)
 
     def __call__(self, probed: torch.Tensor) -> torch.Tensor:
         flat, out = probed.reshape(-1, probed.shape[-1]), []
-        for j, i in enumerate(range(0, len(flat), self.rows)):
-            ref = self.cached[j] if self.cached is not None else self._ref(i)
-            probe = torch.log_softmax(_logits(self.model, flat[i: i + self.rows]), -1)
-            out.append((ref.exp() * (ref - probe)).sum(-1))
+        with reads_kept(self.model.lm_head):  # the head decoded once per call, not per chunk
+            for j, i in enumerate(range(0, len(flat), self.rows)):
+                ref = self.cached[j] if self.cached is not None else self._ref(i)
+                probe = torch.log_softmax(_logits(self.model, flat[i: i + self.rows]), -1)
+                out.append((ref.exp() * (ref - probe)).sum(-1))
         return torch.cat(out).reshape(self.shape)
 
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .qmodel import reads_kept
+
 
 def eval_windows(tokenizer, corpus: str, context: int = 512, max_tokens: int | None = None) -> torch.Tensor:
     """[n, context] windows, BOS first (a model without BOS gets plain windows)."""
@@ -54,11 +56,12 @@ def nll_from_hidden(model: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     soft cap over LOGIT_ROWS positions at a time, never a whole window's logits over the vocabulary."""
     cap = getattr(model.config, "final_logit_softcapping", None)
     total = 0.0
-    for i in range(0, len(targets), LOGIT_ROWS):
-        logits = model.lm_head(hidden[i: i + LOGIT_ROWS]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        total += torch.nn.functional.cross_entropy(logits, targets[i: i + LOGIT_ROWS], reduction="sum").item()
+    with reads_kept(model.lm_head):  # a sliced head: decoded once, not per chunk
+        for i in range(0, len(targets), LOGIT_ROWS):
+            logits = model.lm_head(hidden[i: i + LOGIT_ROWS]).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            total += torch.nn.functional.cross_entropy(logits, targets[i: i + LOGIT_ROWS], reduction="sum").item()
     return total
 
 

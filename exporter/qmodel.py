@@ -14,6 +14,8 @@ that the average bits over calibration tokens hit each grid value.
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,14 +121,30 @@ class SlicedLinear(nn.Module):
         self.fixed_slices = sliced.num_slices  # used when there is no router
         self.bits_log: list[tuple[float, float]] | None = None  # (sum of k, tokens) per call, for avg bits
         self.int8_activations = False  # simulate the op's accuracy_level=4 (see quantize_activations)
+        self._kept: tuple[int, torch.Tensor] | None = None  # the last read, inside reads_kept() only
 
     @property
     def num_slices(self) -> int:
         return self.sliced.num_slices
 
     def read(self, k: int) -> torch.Tensor:
-        """W^(k), float32 [N, K], decoded on this module's device."""
-        return decode_read(self.levels, self.scales, self.zero_points, self.num_slices, k)
+        """W^(k), float32 [N, K], decoded on this module's device (once per depth inside ``reads_kept``)."""
+        if self._kept is not None and self._kept[0] == k:
+            return self._kept[1]
+        w = decode_read(self.levels, self.scales, self.zero_points, self.num_slices, k)
+        if self._kept is not None:
+            self._kept = (k, w)
+        return w
+
+    @contextmanager
+    def reads_kept(self):
+        """Within: the last read decoded is kept, for a caller applying this linear to many chunks of positions
+        (an LM head over a window, a few rows of logits at a time); one float32 copy at most."""
+        self._kept = (0, None)
+        try:
+            yield self
+        finally:
+            self._kept = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8_activations:
@@ -166,6 +184,11 @@ def full_depth_levels(sliced: F.SlicedWeight, tiles: int = 64) -> np.ndarray:
         for e in range(sliced.num_slices):
             levels[rows] = (levels[rows] << F.SLICE_BITS) | codes[e]
     return levels
+
+
+def reads_kept(module: nn.Module):
+    """``module.reads_kept()`` for a SlicedLinear (its read decoded once while inside), else a no-op context."""
+    return module.reads_kept() if isinstance(module, SlicedLinear) else contextlib.nullcontext()
 
 
 def decode_read(levels: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, num_slices: int,

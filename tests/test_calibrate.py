@@ -383,3 +383,14 @@ def test_a_calibrated_block_leaves_none_of_its_reads_alive(monkeypatch):
         assert made and all(ref() is None for ref in made)
     finally:
         gc.enable()
+
+
+def test_a_read_is_decoded_once_inside_reads_kept_and_never_kept_outside():
+    sw = F.quantize(torch.randn(32, 64).numpy(), G, 4)
+    lin = SlicedLinear(sw, None, None)
+    assert lin.read(2) is not lin.read(2)
+    with lin.reads_kept():
+        first = lin.read(2)
+        assert lin.read(2) is first and lin.read(3) is not first
+        np.testing.assert_allclose(first.numpy(), sw.dequantize(2), rtol=0, atol=1e-6)
+    assert lin._kept is None
