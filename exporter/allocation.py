@@ -60,7 +60,8 @@ class Probe:
     positions: np.ndarray  # [tokens] position in its window (0: the BOS token)
 
 
-REFERENCE_CACHE_BYTES = 1 << 30  # reference log-probabilities kept across routers up to this size
+REFERENCE_CACHE_BYTES = 256 << 20  # reference log-probabilities kept across routers up to this size (Gemma-3-270M's
+# 262k vocabulary over 2 x 512 probe positions is 1 GiB: recomputed per router instead, a head pass each)
 LOGIT_CHUNK_BYTES = 64 << 20  # float32 logits computed at once: positions per chunk = this / (4 x vocab)
 
 

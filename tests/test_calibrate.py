@@ -224,6 +224,27 @@ def test_baseline_quantizers():
     assert all(len(torch.unique(fq.grouped(top, G)[i, j])) <= 8 for i in range(8) for j in range(2))
 
 
+@pytest.mark.parametrize("cache_bytes, chunk_bytes", [(1 << 30, 64 << 20), (0, 4 * 128 * 5)])
+def test_token_kl_matches_the_whole_vocabulary_at_once(monkeypatch, cache_bytes, chunk_bytes):
+    """The probe's per-token KL, a chunk of positions at a time with the reference cached or recomputed, against
+    KL(p_ref || p) from whole-vocabulary log-softmaxes of the model's own logits."""
+    from mobiquant.exporter import allocation as A
+
+    monkeypatch.setattr(A, "REFERENCE_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(A, "LOGIT_CHUNK_BYTES", chunk_bytes)  # 5 positions per chunk: 96 positions in 20 chunks
+    model = tiny_model(3)
+    g = torch.Generator().manual_seed(0)
+    ref, probed = torch.randn(2, 48, 64, generator=g), torch.randn(2, 48, 64, generator=g)
+    with torch.no_grad():  # as the probe runs it
+        token_kl = A._TokenKL(model, ref)
+        got = token_kl(probed).double().numpy()
+        lp_ref = torch.log_softmax(model.lm_head(model.model.norm(ref)).double(), -1)
+        lp = torch.log_softmax(model.lm_head(model.model.norm(probed)).double(), -1)
+    assert (token_kl.cached is None) == (cache_bytes == 0)
+    expected = (lp_ref.exp() * (lp_ref - lp)).sum(-1)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_sensitivity_allocation_spends_two_bit_reads_where_they_cost_least():
     from mobiquant.exporter import allocation as A
 
