@@ -16,6 +16,8 @@ from pathlib import Path
 from mobiquant.tools.fetch import FetchError
 from mobiquant.tools.models import ModelEntry, ModelError, load_entry
 
+from . import memory
+
 _MARKER = "mobiq-source.json"
 
 
@@ -43,6 +45,7 @@ def hf_folder(entry: ModelEntry) -> Path:
     (tmp / _MARKER).write_text(json.dumps({"model": entry.name, "gguf": gguf.name, "gguf_sha256": entry.gguf_sha256}))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    print(f"[convert] {entry.name}: written to {out} ({memory.summary()})", file=sys.stderr, flush=True)
     return out
 
 
