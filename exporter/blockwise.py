@@ -61,8 +61,9 @@ def capture_block_inputs(model: nn.Module, tokens: torch.Tensor, batch: int = 8)
                 per_layer[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             if i == 0:
                 first["x"] = args[0] if args else kwargs["hidden_states"]
-                if all(p is not None for p in per_layer):
-                    raise _Caught  # every block's kwargs are known: stop after block 0's input
+            if all(p is not None for p in per_layer):
+                raise _Caught  # every block's kwargs are known: stop (the first batch before the last block and
+                # the head, whose logits over a 262k vocabulary were gigabytes; the others at block 0's input)
         return hook
 
     handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True) for i, layer in enumerate(layers)]

@@ -133,6 +133,22 @@ def _block_depth_losses(model, x, kwargs, params_by_name, block_index=0):
     return np.array(losses)
 
 
+def test_block_inputs_are_captured_without_the_last_block_or_the_head():
+    """Block 0's input for every window equals the embedding the model feeds it, and neither the last block nor
+    the LM head runs (a 262k vocabulary's logits for a batch of windows were gigabytes)."""
+    model = tiny_model(4)
+    ran = []
+    handles = [m.register_forward_hook(lambda *a, n=n: ran.append(n))
+               for n, m in (("last", model.model.layers[-1]), ("head", model.lm_head))]
+    ids = tokens(11, 32, 5)  # two batches of 8
+    with torch.no_grad():
+        x, layer_kwargs = capture_block_inputs(model, ids)
+    for h in handles:
+        h.remove()
+    assert ran == [] and len(layer_kwargs) == len(model.model.layers) and all(kw for kw in layer_kwargs)
+    torch.testing.assert_close(x, model.model.embed_tokens(ids))
+
+
 def test_calibration_lowers_block_loss(calibrated):
     model, recipe, cal = calibrated
     x, layer_kwargs = capture_block_inputs(model, tokens(6, 32, 0))
