@@ -547,3 +547,25 @@ def test_an_untied_model_exports_its_embedding_in_8_bit_blocks_and_verifies(tmp_
     gen = runtime.generate("hi", max_new_tokens=4, chat=False)
     list(gen)
     assert len(gen.stats.steps) == 4 and gen.stop_reason == "max tokens"
+
+
+def test_teacher_forced_greedy_equals_step_by_step_greedy():
+    """The verification's PyTorch side: one forward over prompt + continuation gives PyTorch's own greedy
+    continuation when that continuation is fed, and flags the first token where a different one departs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mobiquant.exporter.onnx_export import _greedy_torch
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    prompt = np.array([[1, 5, 9, 12, 30]], np.int64)
+    ids = torch.from_numpy(prompt)
+    with torch.no_grad():
+        for _ in range(12):  # the reference: the whole sequence rerun for every token
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        greedy = ids[0, prompt.shape[1]:].tolist()
+        assert _greedy_torch(model, prompt, greedy) == greedy
+        other = greedy[:7] + [(greedy[7] + 1) % 64] + greedy[8:]
+        got = _greedy_torch(model, prompt, other)
+    assert got[:7] == other[:7] and got[7] == greedy[7] != other[7]
