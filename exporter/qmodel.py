@@ -317,7 +317,17 @@ def build_quantized(model: nn.Module, sliced: dict[str, F.SlicedWeight], lm_head
     model.lm_head = head
     model.config.tie_word_embeddings = False  # the head is quantized now; the embedding stays float
     linears["lm_head"] = head
+    _own_memory(model)
     return QuantizedModel(model, routers, linears)
+
+
+@torch.no_grad()
+def _own_memory(model: nn.Module) -> None:
+    """Copy the float tensors still in use (embedding, norms) out of the source file's memory map: the mapping
+    then closes, and the pages of the float linears, dead once sliced, leave the resident set (Gemma-3-270M:
+    1.1 GB of a 1.1 GB file; a 1B model's: 4.7 GB)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data = t.data.clone()
 
 
 def _quantize_linear(name: str, weight: torch.Tensor, group_size: int, num_slices: int,

@@ -160,6 +160,8 @@ def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "aus
         raise CalibrationError(f"[quantize] group size {group_size} does not divide K of {len(bad)} layers: "
                                f"{', '.join(bad[:6])}{' …' if len(bad) > 6 else ''} (sizes that fit: {fits})")
     tokens = calibration_tokens(tokenizer, calib, recipe)
+    fit_tokens = threshold_tokens(tokenizer, calib, recipe)
+    del tokenizer  # a 262k vocabulary's tokenizer holds ~300 MB
     log(f"[quantize] {source.name}: {len(decoder_layers(float_model))} blocks, group size {group_size}, "
         f"{num_slices} slices, recipe {recipe.name}, calibration {calib} ({tokens.shape[0]} x {tokens.shape[1]} tokens), "
         f"device {device}")
@@ -171,7 +173,7 @@ def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "aus
     float_model.to("cpu")
     qmodel = assemble(float_model, cal, group_size, num_slices)
     qmodel.model.to(device)
-    allocation = fit_budgets(qmodel, threshold_tokens(tokenizer, calib, recipe).to(device), recipe, progress, log)
+    allocation = fit_budgets(qmodel, fit_tokens.to(device), recipe, progress, log)
     qmodel.model.to("cpu")
     config = ckpt.CheckpointConfig(model=source.name, source_identity=source.identity,
                                    architecture=source.architecture, num_slices=num_slices, group_size=group_size,
