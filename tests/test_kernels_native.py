@@ -30,6 +30,8 @@ from mobiquant.runtime import ops
 from mobiquant.tools import fetch
 from mobiquant.runtime import format as F
 
+from cpu_flags import attention_kernels, x86_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 SYSROOT = "/usr/aarch64-linux-gnu"
 S = 4
@@ -115,7 +117,7 @@ SCALAR = {"rsmm_f32_1x1__scalar", "rsmm_i8_1x1__scalar"}
 
 def x86_expected() -> tuple[set[str], dict[str, str]]:
     """The x86 kernels this CPU runs (from /proc/cpuinfo) and the fastest per mode."""
-    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[1].split())
+    flags = x86_flags()
     kernels, selected = set(SCALAR), {"f32": "rsmm_f32_1x1__scalar", "int8": "rsmm_i8_1x1__scalar"}
     if {"avx2", "fma"} <= flags:
         kernels |= {"rsmm_f32_16x4__avx2", "rsmm_i8_16x4__avx2"}
@@ -131,13 +133,8 @@ def x86_expected() -> tuple[set[str], dict[str, str]]:
 
 def x86_attention_expected() -> tuple[set[str], str]:
     """The attention variants this CPU runs and the one chosen."""
-    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)[1].split())
-    ran = {"attention__portable"}
-    if {"avx2", "fma", "f16c"} <= flags:
-        ran.add("attention__avx2")
-        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
-            ran.add("attention__avx512")
-    return ran, max(ran, key=["attention__portable", "attention__avx2", "attention__avx512"].index)
+    ran = attention_kernels()
+    return set(ran), ran[-1]
 
 
 def test_kernels_x86_native():

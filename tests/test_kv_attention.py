@@ -15,8 +15,9 @@ from onnx import TensorProto, helper
 
 from mobiquant.runtime import kvcache, ops
 
-KERNELS = ["", "attention__portable"] + (["attention__avx2", "attention__avx512"] if "x86" in __import__(
-    "platform").machine() else [])
+from cpu_flags import attention_kernels
+
+KERNELS = [""] + attention_kernels()  # "": the one the library picks
 
 
 def hadamard(g: int) -> np.ndarray:
