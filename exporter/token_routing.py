@@ -65,15 +65,20 @@ class _Standardize:
 
 
 def _ridge_path(z: np.ndarray, y: np.ndarray, penalties) -> list[tuple[np.ndarray, float]]:
-    """For each penalty: w, c minimizing |z w + c - y|^2 + penalty |w|^2 (one SVD for all of them)."""
+    """For each penalty: w, c minimizing |z w + c - y|^2 + penalty |w|^2, from one symmetric eigendecomposition
+    of the smaller Gram matrix for all of them (fewer tokens than inputs: w = z^T (z z^T + penalty I)^-1 y;
+    several times faster than an SVD of z)."""
     mean = z.mean(0)
-    u, sv, vt = np.linalg.svd(z - mean, full_matrices=False)
-    uy = u.T @ (y - y.mean())
-    out = []
-    for penalty in penalties:
-        w = vt.T @ (sv / (sv * sv + penalty) * uy)
-        out.append((w, float(y.mean() - mean @ w)))
-    return out
+    zc, yc = z - mean, y - y.mean()
+    if zc.shape[0] <= zc.shape[1]:
+        ev, u = np.linalg.eigh(zc @ zc.T)
+        uy = u.T @ yc
+        ws = [zc.T @ (u @ (uy / (np.maximum(ev, 0.0) + penalty))) for penalty in penalties]
+    else:
+        ev, v = np.linalg.eigh(zc.T @ zc)
+        vy = v.T @ (zc.T @ yc)
+        ws = [v @ (vy / (np.maximum(ev, 0.0) + penalty)) for penalty in penalties]
+    return [(w, float(y.mean() - mean @ w)) for w in ws]
 
 
 def _ridge(z: np.ndarray, y: np.ndarray, penalty: float) -> tuple[np.ndarray, float]:

@@ -431,3 +431,17 @@ def test_a_read_is_decoded_once_inside_reads_kept_and_never_kept_outside():
         assert lin.read(2) is first and lin.read(3) is not first
         np.testing.assert_allclose(first.numpy(), sw.dequantize(2), rtol=0, atol=1e-6)
     assert lin._kept is None
+
+
+@pytest.mark.parametrize("n, k", [(40, 96), (96, 40)])
+def test_ridge_path_solves_the_normal_equations(n, k):
+    """Both forms (fewer tokens than inputs, and more) against (Zc^T Zc + p I) w = Zc^T yc solved directly."""
+    from mobiquant.exporter.token_routing import _ridge_path
+
+    rng = np.random.default_rng(n)
+    z, y = rng.normal(size=(n, k)) * rng.uniform(0.1, 3, k), rng.normal(size=n)
+    zc, yc = z - z.mean(0), y - y.mean()
+    for penalty, (w, c) in zip((0.1, 10.0, 1000.0), _ridge_path(z, y, (0.1, 10.0, 1000.0))):
+        expected = np.linalg.solve(zc.T @ zc + penalty * np.eye(k), zc.T @ yc)
+        np.testing.assert_allclose(w, expected, rtol=1e-7, atol=1e-9)
+        assert c == pytest.approx(y.mean() - z.mean(0) @ expected)
