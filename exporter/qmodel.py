@@ -326,8 +326,10 @@ def _own_memory(model: nn.Module) -> None:
     """Copy the float tensors still in use (embedding, norms) out of the source file's memory map: the mapping
     then closes, and the pages of the float linears, dead once sliced, leave the resident set (Gemma-3-270M:
     1.1 GB of a 1.1 GB file; a 1B model's: 4.7 GB)."""
-    for t in [*model.parameters(), *model.buffers()]:
-        t.data = t.data.clone()
+    for module in model.modules():
+        if not isinstance(module, (SlicedLinear, Router)):  # those are built in memory already
+            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                t.data = t.data.clone()
 
 
 def _quantize_linear(name: str, weight: torch.Tensor, group_size: int, num_slices: int,

@@ -7,9 +7,6 @@ import platform
 import re
 from pathlib import Path
 
-ATTENTION_ORDER = ["attention__portable", "attention__avx2", "attention__avx512"]  # slowest first
-
-
 def x86_flags() -> set[str]:
     if platform.machine() not in ("x86_64", "AMD64"):
         return set()
