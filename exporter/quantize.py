@@ -173,7 +173,8 @@ def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "aus
     float_model.to("cpu")
     qmodel = assemble(float_model, cal, group_size, num_slices)
     qmodel.model.to(device)
-    allocation = fit_budgets(qmodel, fit_tokens.to(device), recipe, progress, log)
+    out.mkdir(parents=True, exist_ok=True)  # the probe's per-token KL is kept beside the checkpoint for refits
+    allocation = fit_budgets(qmodel, fit_tokens.to(device), recipe, progress, log, cache=out / A.PROBE_CACHE)
     qmodel.model.to("cpu")
     config = ckpt.CheckpointConfig(model=source.name, source_identity=source.identity,
                                    architecture=source.architecture, num_slices=num_slices, group_size=group_size,

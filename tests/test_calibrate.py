@@ -445,3 +445,28 @@ def test_ridge_path_solves_the_normal_equations(n, k):
         expected = np.linalg.solve(zc.T @ zc + penalty * np.eye(k), zc.T @ yc)
         np.testing.assert_allclose(w, expected, rtol=1e-7, atol=1e-9)
         assert c == pytest.approx(y.mean() - z.mean(0) @ expected)
+
+
+@pytest.mark.slow
+def test_quantize_keeps_the_probe_for_a_later_refit(tmp_path, monkeypatch):
+    from mobiquant.exporter import allocation as A
+    from mobiquant.exporter.quantize import quantize, refit_thresholds
+    from tiny_llama import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path / "hf")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("It is a truth universally acknowledged, that a single man must be in want of a wife. " * 40)
+    recipe = dict(samples=2, seq_len=32, batch=2, clip_steps=1, router_steps=1, threshold_samples=2,
+                  threshold_seq_len=64, sensitivity_samples=1)
+    quantize(str(folder), tmp_path / "ck", "fast", str(calib), group_size=64, progress=False,
+             recipe_overrides=recipe, log=lambda msg: None)
+    cached = np.load(tmp_path / "ck" / A.PROBE_CACHE)
+    assert any(k.startswith("kl/") for k in cached.files)
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the probe ran again")
+
+    monkeypatch.setattr(A, "token_sensitivity", no_probe)
+    before = ckpt.read_meta(tmp_path / "ck")[0]["allocation"]["sensitivity"]
+    refit_thresholds(tmp_path / "ck", progress=False, log=lambda msg: None, routing="static", **recipe)
+    assert ckpt.read_meta(tmp_path / "ck")[0]["allocation"]["sensitivity"] == before
