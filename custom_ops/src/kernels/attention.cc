@@ -14,6 +14,8 @@ namespace mobiq {
 namespace portable {
 #define MOBIQ_ATTN
 
+inline vf16 splat16(float x) { return vf16{} + x; }
+
 inline vf16 widen16(vb16 c) {
   vf16 out;
   for (int i = 0; i < 16; ++i) out[i] = static_cast<float>(c[i]);

@@ -12,6 +12,8 @@ namespace mobiq {
 namespace neon {
 #define MOBIQ_ATTN
 
+inline vf16 splat16(float x) { return vf16{} + x; }
+
 inline vf16 widen16(vb16 c) {
   const int8x16_t v = (int8x16_t)c;
   const int16x8_t lo = vmovl_s8(vget_low_s8(v)), hi = vmovl_s8(vget_high_s8(v));

@@ -19,6 +19,80 @@ MOBIQ_ATTN inline vf16 join(__m256 lo, __m256 hi) {
   return out;
 }
 
+// attend_rows' inner loops, exp16 and max_nan in ymm registers (attention.inc states their contracts).
+#define MOBIQ_ATTN_NATIVE
+
+MOBIQ_ATTN inline __m256 lo8(vf16 v) { __m256 x; std::memcpy(&x, &v, 32); return x; }
+MOBIQ_ATTN inline __m256 hi8(vf16 v) { __m256 x; std::memcpy(&x, reinterpret_cast<const char*>(&v) + 32, 32); return x; }
+
+// attention.inc's exp16 polynomial, eight lanes.
+MOBIQ_ATTN inline __m256 exp8(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, x, _CMP_ORD_Q);
+  const __m256 c = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // NaN -> -87 (max_ps returns its second operand)
+  __m256 n = _mm256_fmadd_ps(c, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(12582912.0f));
+  n = _mm256_sub_ps(n, _mm256_set1_ps(12582912.0f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), c);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_blendv_ps(x, _mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+
+MOBIQ_ATTN inline vf16 exp16(vf16 x) { return join(exp8(lo8(x)), exp8(hi8(x))); }
+
+// The larger of a and b, or the NaN of either.
+MOBIQ_ATTN inline __m256 max_nan8(__m256 a, __m256 b) {
+  return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+}
+
+MOBIQ_ATTN inline vf16 max_nan(vf16 a, vf16 b) { return join(max_nan8(lo8(a), lo8(b)), max_nan8(hi8(a), hi8(b))); }
+template <int64_t kR>
+MOBIQ_ATTN inline void score_rows(const float* q, int64_t D, int64_t n, const float* kf, int64_t dims, float* c) {
+  static_assert(kR == 4, "four rows: 8 accumulators + 2 key halves + a broadcast fit 16 ymm");
+  const float *q0 = q, *q1 = q + std::min<int64_t>(1, n - 1) * D, *q2 = q + std::min<int64_t>(2, n - 1) * D,
+              *q3 = q + std::min<int64_t>(3, n - 1) * D;
+  __m256 a0 = _mm256_setzero_ps(), b0 = a0, a1 = a0, b1 = a0, a2 = a0, b2 = a0, a3 = a0, b3 = a0;
+  for (int64_t d = 0; d < dims; ++d) {
+    const __m256 lo = _mm256_load_ps(kf + 16 * d), hi = _mm256_load_ps(kf + 16 * d + 8);
+    __m256 x = _mm256_broadcast_ss(q0 + d);
+    a0 = _mm256_fmadd_ps(x, lo, a0), b0 = _mm256_fmadd_ps(x, hi, b0);
+    x = _mm256_broadcast_ss(q1 + d);
+    a1 = _mm256_fmadd_ps(x, lo, a1), b1 = _mm256_fmadd_ps(x, hi, b1);
+    x = _mm256_broadcast_ss(q2 + d);
+    a2 = _mm256_fmadd_ps(x, lo, a2), b2 = _mm256_fmadd_ps(x, hi, b2);
+    x = _mm256_broadcast_ss(q3 + d);
+    a3 = _mm256_fmadd_ps(x, lo, a3), b3 = _mm256_fmadd_ps(x, hi, b3);
+  }
+  const __m256 out[8] = {a0, b0, a1, b1, a2, b2, a3, b3};
+  std::memcpy(c, out, static_cast<size_t>(n) * 16 * sizeof(float));
+}
+
+template <int64_t kN>
+MOBIQ_ATTN inline void weighted_rows(const float* v, int64_t J, const float* w, int64_t f, int64_t e, float* out) {
+  for (int64_t j = 0; j < kN; j += 2) {  // two 16-lane vectors: four ymm accumulators
+    const bool two = j + 1 < kN;
+    __m256 a0 = _mm256_loadu_ps(out + 16 * j), a1 = _mm256_loadu_ps(out + 16 * j + 8);
+    __m256 a2 = two ? _mm256_loadu_ps(out + 16 * j + 16) : _mm256_setzero_ps();
+    __m256 a3 = two ? _mm256_loadu_ps(out + 16 * j + 24) : _mm256_setzero_ps();
+    for (int64_t p = f; p < e; ++p) {
+      const __m256 x = _mm256_broadcast_ss(w + p);
+      const float* row = v + (p * J + j) * 16;
+      a0 = _mm256_fmadd_ps(x, _mm256_load_ps(row), a0), a1 = _mm256_fmadd_ps(x, _mm256_load_ps(row + 8), a1);
+      if (two) a2 = _mm256_fmadd_ps(x, _mm256_load_ps(row + 16), a2), a3 = _mm256_fmadd_ps(x, _mm256_load_ps(row + 24), a3);
+    }
+    _mm256_storeu_ps(out + 16 * j, a0), _mm256_storeu_ps(out + 16 * j + 8, a1);
+    if (two) _mm256_storeu_ps(out + 16 * j + 16, a2), _mm256_storeu_ps(out + 16 * j + 24, a3);
+  }
+}
+
+MOBIQ_ATTN inline vf16 splat16(float x) { return join(_mm256_set1_ps(x), _mm256_set1_ps(x)); }
+
 MOBIQ_ATTN inline vf16 widen16(vb16 c) {
   const __m128i v = (__m128i)c;
   return join(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
@@ -30,11 +104,152 @@ MOBIQ_ATTN inline vf16 halves16(const KvHalf* p) {
 }
 
 #include "../attention.inc"
+
+// Decode (attention.inc's attend_few: at most kFewRows rows, nothing dequantized into scratch) in ymm
+// registers: per block, the rows' scores from the keys' codes times their group scales, then per 16 dims of
+// the value rows, every row's accumulators at once (8 ymm) over the positions it sees.
+template <KvFormat kF>
+MOBIQ_ATTN inline void widen_codes(__m128i c, __m256* lo, __m256* hi) {
+  *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+  *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
+}
+
+// Dim d of the block's 16 keys (raw codes; fp16: the values).
+template <KvFormat kF>
+MOBIQ_ATTN inline void key_dim(const uint8_t* kb, int64_t d, __m256* lo, __m256* hi) {
+  if constexpr (kF == KvFormat::kF16) {
+    const KvHalf* h = reinterpret_cast<const KvHalf*>(kb) + d * kKvBlock;
+    *lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+    *hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8)));
+  } else if constexpr (kF == KvFormat::kInt8) {
+    widen_codes<kF>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kb + d * kKvBlock)), lo, hi);
+  } else {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kb + (d / 2) * kKvBlock));
+    const __m128i n = _mm_and_si128(d % 2 ? _mm_srli_epi16(b, 4) : b, _mm_set1_epi8(0x0F));
+    widen_codes<kF>(_mm_sub_epi8(n, _mm_set1_epi8(8)), lo, hi);
+  }
+}
+
+// Dims 16 j .. 16 j + 16 of the value at position p (raw codes; fp16: the values).
+template <KvFormat kF>
+MOBIQ_ATTN inline void value_dims(const uint8_t* vb, int64_t D, int64_t p, int64_t j, __m256* lo, __m256* hi) {
+  if constexpr (kF == KvFormat::kF16) {
+    const KvHalf* h = reinterpret_cast<const KvHalf*>(vb) + p * D + 16 * j;
+    *lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
+    *hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8)));
+  } else if constexpr (kF == KvFormat::kInt8) {
+    widen_codes<kF>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vb + p * D + 16 * j)), lo, hi);
+  } else {  // byte i of a row: dims 2i (low nibble) and 2i + 1 (high)
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(vb + p * (D / 2) + 8 * j));
+    const __m128i m = _mm_set1_epi8(0x0F);
+    const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    widen_codes<kF>(_mm_sub_epi8(c, _mm_set1_epi8(8)), lo, hi);
+  }
+}
+
+template <KvFormat kF, int kJ, int kR>
+MOBIQ_ATTN void attend_few_rows_native(const AttentionArgs& a) {
+  constexpr int64_t B = kKvBlock, J = kJ, D = 16 * kJ;
+  constexpr bool scaled = kF != KvFormat::kF16;
+  const KvLayout& l = a.layout;
+  const int64_t b0 = a.key_begin / B, b1 = (a.key_end + B - 1) / B, nb = b1 - b0, groups = scaled ? l.groups : 1;
+  thread_local std::vector<float> scratch;
+  scratch.resize(static_cast<size_t>(kR * nb * 16 + 16));
+  float* scores = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
+  const vi16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vf16 minus_inf = vf16{} - INFINITY;
+  int64_t first[kR], last[kR];
+  for (int64_t r = 0; r < kR; ++r) first[r] = std::max(a.first[r], a.key_begin), last[r] = std::min(a.last[r] + 1, a.key_end);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* kb = a.keys + b * l.block_bytes;
+    const float* ks = reinterpret_cast<const float*>(kb + l.code_bytes);
+    __m256 s[kR][2];
+    for (int64_t r = 0; r < kR; ++r) s[r][0] = s[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m256 sl = scaled ? _mm256_loadu_ps(ks + g * B) : _mm256_set1_ps(1.0f);
+      const __m256 sh = scaled ? _mm256_loadu_ps(ks + g * B + 8) : _mm256_set1_ps(1.0f);
+      const int64_t d0 = scaled ? g * l.group : 0, d1 = scaled ? d0 + l.group : D;
+      for (int64_t d = d0; d < d1; ++d) {
+        __m256 lo, hi;
+        key_dim<kF>(kb, d, &lo, &hi);
+        if constexpr (scaled) lo = _mm256_mul_ps(lo, sl), hi = _mm256_mul_ps(hi, sh);
+        for (int64_t r = 0; r < kR; ++r) {
+          const __m256 x = _mm256_broadcast_ss(a.q + r * D + d);
+          s[r][0] = _mm256_fmadd_ps(x, lo, s[r][0]), s[r][1] = _mm256_fmadd_ps(x, hi, s[r][1]);
+        }
+      }
+    }
+    const int64_t p0 = b * B;
+    for (int64_t r = 0; r < kR; ++r) {
+      const vi16 valid = (lanes >= static_cast<int32_t>(first[r] - p0)) & (lanes < static_cast<int32_t>(last[r] - p0));
+      const vf16 v = valid ? join(s[r][0], s[r][1]) : minus_inf;
+      std::memcpy(scores + (r * nb + (b - b0)) * 16, &v, sizeof v);
+    }
+  }
+  vf16 sums[kR];
+  for (int64_t r = 0; r < kR; ++r) {
+    vf16 m = minus_inf;
+    for (int64_t i = 0; i < nb; ++i) m = max_nan(load16(scores + (r * nb + i) * 16), m);
+    a.m[r] = reduce_max(m);
+    sums[r] = vf16{};
+    std::fill(a.acc + r * D, a.acc + (r + 1) * D, 0.0f);
+  }
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* vb = a.values + b * l.block_bytes;
+    const float* vs = reinterpret_cast<const float*>(vb + l.code_bytes);
+    const int64_t p0 = b * B;
+    alignas(64) float w[kR][kMaxVectorsPerRow][16];  // row r's weight of position p times its value scale of group g
+    int64_t need0 = B, need1 = 0, f[kR], e[kR];
+    for (int64_t r = 0; r < kR; ++r) {
+      const vf16 sc = load16(scores + (r * nb + (b - b0)) * 16);
+      const vf16 wr = sc == minus_inf ? vf16{} : exp16(sc - a.m[r]);
+      sums[r] += wr;
+      for (int64_t g = 0; g < groups; ++g) {
+        const vf16 wg = scaled ? wr * load16(vs + g * B) : wr;
+        std::memcpy(w[r][g], &wg, sizeof wg);
+      }
+      f[r] = std::max<int64_t>(first[r] - p0, 0), e[r] = std::min<int64_t>(last[r] - p0, B);
+      need0 = std::min(need0, f[r]), need1 = std::max(need1, e[r]);
+    }
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t g = scaled ? j >> l.group_shift : 0;
+      __m256 acc[kR][2];
+      for (int64_t r = 0; r < kR; ++r)
+        acc[r][0] = _mm256_loadu_ps(a.acc + r * D + 16 * j), acc[r][1] = _mm256_loadu_ps(a.acc + r * D + 16 * j + 8);
+      for (int64_t p = need0; p < need1; ++p) {
+        __m256 lo, hi;
+        value_dims<kF>(vb, D, p, j, &lo, &hi);
+        for (int64_t r = 0; r < kR; ++r) {
+          if (p < f[r] || p >= e[r]) continue;  // a row reads only what it sees
+          const __m256 x = _mm256_broadcast_ss(&w[r][g][p]);
+          acc[r][0] = _mm256_fmadd_ps(x, lo, acc[r][0]), acc[r][1] = _mm256_fmadd_ps(x, hi, acc[r][1]);
+        }
+      }
+      for (int64_t r = 0; r < kR; ++r)
+        _mm256_storeu_ps(a.acc + r * D + 16 * j, acc[r][0]), _mm256_storeu_ps(a.acc + r * D + 16 * j + 8, acc[r][1]);
+    }
+  }
+  for (int64_t r = 0; r < kR; ++r) a.l[r] = lane_sum(sums[r]);
+}
+
+template <KvFormat kF, int kJ>
+MOBIQ_ATTN void attend_few(const AttentionArgs& a) {
+  switch (a.rows) {
+    case 1: return attend_few_rows_native<kF, kJ, 1>(a);
+    case 2: return attend_few_rows_native<kF, kJ, 2>(a);
+    case 3: return attend_few_rows_native<kF, kJ, 3>(a);
+    default: return attend_few_rows_native<kF, kJ, 4>(a);
+  }
+}
+
 #undef MOBIQ_ATTN
+#undef MOBIQ_ATTN_NATIVE
 }  // namespace avx2
 
 namespace avx512 {
 #define MOBIQ_ATTN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c")))
+
+MOBIQ_ATTN inline vf16 splat16(float x) { return (vf16)_mm512_set1_ps(x); }
 
 MOBIQ_ATTN inline vf16 widen16(vb16 c) { return (vf16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32((__m128i)c)); }
 
