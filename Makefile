@@ -58,7 +58,7 @@ $(THRESHOLDS_STAMP): exporter/allocation.py exporter/thresholds.py exporter/toke
 $(MODEL_DIR)/model.onnx: $(CHECKPOINT)/mobiq-checkpoint.json $(THRESHOLDS_STAMP) $(wildcard exporter/*.py) runtime/format.py runtime/modelfile.py
 	$(BIN)/mobiq-export onnx $(CHECKPOINT) -o $(MODEL_DIR)
 
-model: setup $(MODEL_DIR)/model.onnx
+model: build assets $(MODEL_DIR)/model.onnx
 
 demo: model
 	$(BIN)/mobiq-run $(MODEL_DIR) --budget low --stats -p "$(DEMO_PROMPT)"
@@ -67,7 +67,7 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The runtime on an emulated Raspberry Pi 4 and 5 (tests/test_pi.py), the default model included.
-test-pi: model $(MODEL_DIR)-exact/model.onnx
+test-pi: cross-tools model $(MODEL_DIR)-exact/model.onnx
 	MOBIQ_PI_MODEL=$(MODEL_DIR) MOBIQ_PI_EXACT_MODEL=$(MODEL_DIR)-exact $(BIN)/python -m pytest tests/test_pi.py $(PYTEST_ARGS)
 
 # The default model with exact (float) activations: the Pi test's bit-for-bit reference.

@@ -62,6 +62,8 @@ def measure_named_budgets(model_dir, max_bits: float) -> tuple[dict[str, float],
         ppl[bits] = perplexity(session, ids, bits)
         print(f"[budgets] {bits:g} bits: validation PPL {ppl[bits]:.2f} ({ppl[bits] / ppl[max_bits]:.2f} x max)",
               file=sys.stderr, flush=True)
+        if ppl[bits] <= min(BANDS.values()) * ppl[max_bits]:
+            break  # within every band: each name is this budget or a lower one already measured
     for name, band in BANDS.items():
         named[name] = next((b for b in sorted(ppl) if ppl[b] <= band * ppl[max_bits]), max_bits)
     return named, ppl
