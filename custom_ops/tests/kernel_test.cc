@@ -459,13 +459,14 @@ void test_attention() {
   const mobiq::AttentionKernel* kernels = mobiq::attention_kernels(&count);
   for (mobiq::KvFormat f : {mobiq::KvFormat::kF32, mobiq::KvFormat::kF16, mobiq::KvFormat::kInt8, mobiq::KvFormat::kInt4})
     for (int64_t D : {16, 64, 96, 256})
-    for (int64_t rows : {3, 5}) {  // 3: the decode path (few rows, nothing dequantized to scratch); 5: the general one
+    for (int64_t rows : {1, 2, 3, 4, 5, 9}) {  // <= 4: the decode path (few rows, nothing dequantized to scratch);
+                                               // 5, 9: the general one (its rows in fours, and a tail)
       const mobiq::KvLayout l = mobiq::kv_layout(f, D);
       const int64_t positions = 70, blocks = (positions + 15) / 16;
       std::vector<uint8_t> keys(static_cast<size_t>(blocks * l.block_bytes)), values(keys.size());
       std::vector<float> x(static_cast<size_t>(D));
       const int64_t key_begin = 3, key_end = 61;
-      const int64_t first[] = {3, 0, 20, 40, 5}, last[] = {3, 60, 47, 60, 33};
+      const int64_t first[] = {3, 0, 20, 40, 5, 17, 3, 33, 9}, last[] = {3, 60, 47, 60, 33, 18, 60, 59, 9};
       for (int64_t t = 0; t < positions; ++t)
         for (int kv = 0; kv < 2; ++kv) {
           const bool seen = t >= 3 && t <= 60;  // some row sees it

@@ -147,6 +147,26 @@ MOBIQ_ATTN inline void value_dims(const uint8_t* vb, int64_t D, int64_t p, int64
   }
 }
 
+// Lanes [f, e) of 8 (from lane `base`) kept, the rest -inf.
+MOBIQ_ATTN inline __m256 keep_lanes(__m256 s, int64_t base, int64_t f, int64_t e) {
+  const __m256i lane = _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int32_t>(base)));
+  const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(f)), lane),
+                                         _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(e)), lane));
+  return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, _mm256_castsi256_ps(in));
+}
+
+// exp(s - m) where s > -inf, 0 where s = -inf (a position the row does not see).
+MOBIQ_ATTN inline __m256 weights8(__m256 s, __m256 m) {
+  const __m256 unseen = _mm256_cmp_ps(s, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ);
+  return _mm256_andnot_ps(unseen, exp8(_mm256_sub_ps(s, m)));
+}
+
+MOBIQ_ATTN inline float sum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
 template <KvFormat kF, int kJ, int kR>
 MOBIQ_ATTN void attend_few_rows_native(const AttentionArgs& a) {
   constexpr int64_t B = kKvBlock, J = kJ, D = 16 * kJ;
@@ -156,10 +176,10 @@ MOBIQ_ATTN void attend_few_rows_native(const AttentionArgs& a) {
   thread_local std::vector<float> scratch;
   scratch.resize(static_cast<size_t>(kR * nb * 16 + 16));
   float* scores = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
-  const vi16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const vf16 minus_inf = vf16{} - INFINITY;
   int64_t first[kR], last[kR];
   for (int64_t r = 0; r < kR; ++r) first[r] = std::max(a.first[r], a.key_begin), last[r] = std::min(a.last[r] + 1, a.key_end);
+  __m256 mx[kR];  // running max of each row's scores (NaN kept)
+  for (int64_t r = 0; r < kR; ++r) mx[r] = _mm256_set1_ps(-INFINITY);
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* kb = a.keys + b * l.block_bytes;
     const float* ks = reinterpret_cast<const float*>(kb + l.code_bytes);
@@ -181,17 +201,17 @@ MOBIQ_ATTN void attend_few_rows_native(const AttentionArgs& a) {
     }
     const int64_t p0 = b * B;
     for (int64_t r = 0; r < kR; ++r) {
-      const vi16 valid = (lanes >= static_cast<int32_t>(first[r] - p0)) & (lanes < static_cast<int32_t>(last[r] - p0));
-      const vf16 v = valid ? join(s[r][0], s[r][1]) : minus_inf;
-      std::memcpy(scores + (r * nb + (b - b0)) * 16, &v, sizeof v);
+      if (first[r] > p0 || last[r] < p0 + B)  // a block the row sees only part of
+        s[r][0] = keep_lanes(s[r][0], 0, first[r] - p0, last[r] - p0), s[r][1] = keep_lanes(s[r][1], 8, first[r] - p0, last[r] - p0);
+      float* out = scores + (r * nb + (b - b0)) * 16;
+      _mm256_store_ps(out, s[r][0]), _mm256_store_ps(out + 8, s[r][1]);
+      mx[r] = max_nan8(s[r][0], max_nan8(s[r][1], mx[r]));
     }
   }
-  vf16 sums[kR];
+  __m256 m[kR], sums[kR];
   for (int64_t r = 0; r < kR; ++r) {
-    vf16 m = minus_inf;
-    for (int64_t i = 0; i < nb; ++i) m = max_nan(load16(scores + (r * nb + i) * 16), m);
-    a.m[r] = reduce_max(m);
-    sums[r] = vf16{};
+    a.m[r] = reduce_max(join(mx[r], mx[r]));
+    m[r] = _mm256_set1_ps(a.m[r]), sums[r] = _mm256_setzero_ps();
     std::fill(a.acc + r * D, a.acc + (r + 1) * D, 0.0f);
   }
   for (int64_t b = b0; b < b1; ++b) {
@@ -200,16 +220,18 @@ MOBIQ_ATTN void attend_few_rows_native(const AttentionArgs& a) {
     const int64_t p0 = b * B;
     alignas(64) float w[kR][kMaxVectorsPerRow][16];  // row r's weight of position p times its value scale of group g
     int64_t need0 = B, need1 = 0, f[kR], e[kR];
+    bool same = true;  // every row sees the same lanes of this block (decode: always)
     for (int64_t r = 0; r < kR; ++r) {
-      const vf16 sc = load16(scores + (r * nb + (b - b0)) * 16);
-      const vf16 wr = sc == minus_inf ? vf16{} : exp16(sc - a.m[r]);
-      sums[r] += wr;
+      const float* sc = scores + (r * nb + (b - b0)) * 16;
+      const __m256 wl = weights8(_mm256_load_ps(sc), m[r]), wh = weights8(_mm256_load_ps(sc + 8), m[r]);
+      sums[r] = _mm256_add_ps(sums[r], _mm256_add_ps(wl, wh));
       for (int64_t g = 0; g < groups; ++g) {
-        const vf16 wg = scaled ? wr * load16(vs + g * B) : wr;
-        std::memcpy(w[r][g], &wg, sizeof wg);
+        _mm256_store_ps(w[r][g], scaled ? _mm256_mul_ps(wl, _mm256_loadu_ps(vs + g * B)) : wl);
+        _mm256_store_ps(w[r][g] + 8, scaled ? _mm256_mul_ps(wh, _mm256_loadu_ps(vs + g * B + 8)) : wh);
       }
       f[r] = std::max<int64_t>(first[r] - p0, 0), e[r] = std::min<int64_t>(last[r] - p0, B);
       need0 = std::min(need0, f[r]), need1 = std::max(need1, e[r]);
+      same = same && f[r] == f[0] && e[r] == e[0];
     }
     for (int64_t j = 0; j < J; ++j) {
       const int64_t g = scaled ? j >> l.group_shift : 0;
@@ -220,7 +242,7 @@ MOBIQ_ATTN void attend_few_rows_native(const AttentionArgs& a) {
         __m256 lo, hi;
         value_dims<kF>(vb, D, p, j, &lo, &hi);
         for (int64_t r = 0; r < kR; ++r) {
-          if (p < f[r] || p >= e[r]) continue;  // a row reads only what it sees
+          if (!same && (p < f[r] || p >= e[r])) continue;  // a row reads only what it sees
           const __m256 x = _mm256_broadcast_ss(&w[r][g][p]);
           acc[r][0] = _mm256_fmadd_ps(x, lo, acc[r][0]), acc[r][1] = _mm256_fmadd_ps(x, hi, acc[r][1]);
         }
@@ -229,7 +251,7 @@ MOBIQ_ATTN void attend_few_rows_native(const AttentionArgs& a) {
         _mm256_storeu_ps(a.acc + r * D + 16 * j, acc[r][0]), _mm256_storeu_ps(a.acc + r * D + 16 * j + 8, acc[r][1]);
     }
   }
-  for (int64_t r = 0; r < kR; ++r) a.l[r] = lane_sum(sums[r]);
+  for (int64_t r = 0; r < kR; ++r) a.l[r] = sum8(sums[r]);
 }
 
 template <KvFormat kF, int kJ>
