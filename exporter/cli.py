@@ -175,9 +175,6 @@ def main(argv: list[str] | None = None) -> int:
               f"pip install 'mobiquant[export]'", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
-    import torch
-
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
     from mobiquant.tools.models import ModelError
 
     from . import memory
