@@ -71,7 +71,7 @@ class Recipe:
     threshold_seq_len: int = 512  # their length: the deployment context (scores drift with position)
     threshold_anchors: tuple[float, ...] = (2.5, 3.0, 3.5, 5.0, 7.0)
     sensitivity_samples: int = 1  # windows probing per-token sensitivity (0: every router reads the budget's bits;
-    # each SmolLM2 window costs ~2.5 min on 2 cores: one keeps `make demo` within its 15 minutes, the README's file used 4)
+    # each SmolLM2 window costs ~2.5 min of `make demo` on 2 cores; the README's file was refitted with 4)
     routing: str = "token"  # token: routers fitted to rank tokens by sensitivity (token_routing.py); static: none
     router_fit: str = "mlp"  # token routing: ridge (a linear score) or mlp (the router's MLP)
     router_hidden: int = 16  # hidden units of a fitted MLP router

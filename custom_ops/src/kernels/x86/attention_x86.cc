@@ -52,6 +52,7 @@ MOBIQ_ATTN inline __m256 max_nan8(__m256 a, __m256 b) {
 }
 
 MOBIQ_ATTN inline vf16 max_nan(vf16 a, vf16 b) { return join(max_nan8(lo8(a), lo8(b)), max_nan8(hi8(a), hi8(b))); }
+
 template <int64_t kR>
 MOBIQ_ATTN inline void score_rows(const float* q, int64_t D, int64_t n, const float* kf, int64_t dims, float* c) {
   static_assert(kR == 4, "four rows: 8 accumulators + 2 key halves + a broadcast fit 16 ymm");
@@ -93,14 +94,27 @@ MOBIQ_ATTN inline void weighted_rows(const float* v, int64_t J, const float* w, 
 
 MOBIQ_ATTN inline vf16 splat16(float x) { return join(_mm256_set1_ps(x), _mm256_set1_ps(x)); }
 
+// 16 signed bytes, or 16 halves, as two times 8 floats.
+MOBIQ_ATTN inline void widen_codes(__m128i c, __m256* lo, __m256* hi) {
+  *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+  *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
+}
+
+MOBIQ_ATTN inline void widen_halves(const KvHalf* p, __m256* lo, __m256* hi) {
+  *lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  *hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+}
+
 MOBIQ_ATTN inline vf16 widen16(vb16 c) {
-  const __m128i v = (__m128i)c;
-  return join(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
+  __m256 lo, hi;
+  widen_codes((__m128i)c, &lo, &hi);
+  return join(lo, hi);
 }
 
 MOBIQ_ATTN inline vf16 halves16(const KvHalf* p) {
-  return join(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-              _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
+  __m256 lo, hi;
+  widen_halves(p, &lo, &hi);
+  return join(lo, hi);
 }
 
 #include "../attention.inc"
@@ -108,25 +122,17 @@ MOBIQ_ATTN inline vf16 halves16(const KvHalf* p) {
 // Decode (attention.inc's attend_few: at most kFewRows rows, nothing dequantized into scratch) in ymm
 // registers: per block, the rows' scores from the keys' codes times their group scales, then per 16 dims of
 // the value rows, every row's accumulators at once (8 ymm) over the positions it sees.
-template <KvFormat kF>
-MOBIQ_ATTN inline void widen_codes(__m128i c, __m256* lo, __m256* hi) {
-  *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
-  *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(c, 8)));
-}
-
 // Dim d of the block's 16 keys (raw codes; fp16: the values).
 template <KvFormat kF>
 MOBIQ_ATTN inline void key_dim(const uint8_t* kb, int64_t d, __m256* lo, __m256* hi) {
   if constexpr (kF == KvFormat::kF16) {
-    const KvHalf* h = reinterpret_cast<const KvHalf*>(kb) + d * kKvBlock;
-    *lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
-    *hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8)));
+    widen_halves(reinterpret_cast<const KvHalf*>(kb) + d * kKvBlock, lo, hi);
   } else if constexpr (kF == KvFormat::kInt8) {
-    widen_codes<kF>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kb + d * kKvBlock)), lo, hi);
+    widen_codes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(kb + d * kKvBlock)), lo, hi);
   } else {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kb + (d / 2) * kKvBlock));
     const __m128i n = _mm_and_si128(d % 2 ? _mm_srli_epi16(b, 4) : b, _mm_set1_epi8(0x0F));
-    widen_codes<kF>(_mm_sub_epi8(n, _mm_set1_epi8(8)), lo, hi);
+    widen_codes(_mm_sub_epi8(n, _mm_set1_epi8(8)), lo, hi);
   }
 }
 
@@ -134,16 +140,14 @@ MOBIQ_ATTN inline void key_dim(const uint8_t* kb, int64_t d, __m256* lo, __m256*
 template <KvFormat kF>
 MOBIQ_ATTN inline void value_dims(const uint8_t* vb, int64_t D, int64_t p, int64_t j, __m256* lo, __m256* hi) {
   if constexpr (kF == KvFormat::kF16) {
-    const KvHalf* h = reinterpret_cast<const KvHalf*>(vb) + p * D + 16 * j;
-    *lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
-    *hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8)));
+    widen_halves(reinterpret_cast<const KvHalf*>(vb) + p * D + 16 * j, lo, hi);
   } else if constexpr (kF == KvFormat::kInt8) {
-    widen_codes<kF>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vb + p * D + 16 * j)), lo, hi);
+    widen_codes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vb + p * D + 16 * j)), lo, hi);
   } else {  // byte i of a row: dims 2i (low nibble) and 2i + 1 (high)
     const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(vb + p * (D / 2) + 8 * j));
     const __m128i m = _mm_set1_epi8(0x0F);
     const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-    widen_codes<kF>(_mm_sub_epi8(c, _mm_set1_epi8(8)), lo, hi);
+    widen_codes(_mm_sub_epi8(c, _mm_set1_epi8(8)), lo, hi);
   }
 }
 
