@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 OPS_SOURCES := $(shell find custom_ops -type f) pyproject.toml
 
-.PHONY: setup deps cross-tools build assets model demo test test-pi wheels llamacpp scale-run clean
+.PHONY: setup deps cross-tools build assets model demo test test-pi wheels llamacpp bench-kv-attention scale-run clean
 
 setup: cross-tools build assets
 
@@ -82,6 +82,17 @@ wheels: deps cross-tools
 # once (minutes on 2 cores) from the pinned llama-cpp-python sdist into $(MOBIQ_CACHE)/llamacpp; not part of test.
 llamacpp: build
 	$(BIN)/python -m mobiquant.tools.llamacpp build
+
+# Optional: where a long-context decode step's attention time goes, beside the memory floor (custom_ops/bench/
+# kv_decode_step.cc; P positions, KV_BITS 16, 8 or 4; prints JSON; not part of test).
+P ?= 4096
+KV_BITS ?= 8
+KV_KERNELS := custom_ops/src/kernels/attention.cc custom_ops/src/kernels/kv_cache.cc \
+  $(if $(filter aarch64,$(shell uname -m)),custom_ops/src/kernels/arm/attention_neon.cc,custom_ops/src/kernels/x86/attention_x86.cc)
+build/kv_decode_step: custom_ops/bench/kv_decode_step.cc $(KV_KERNELS) $(wildcard custom_ops/src/kernels/*.inc custom_ops/src/kernels/*.h)
+	mkdir -p build && g++ -O3 -std=c++17 -fopenmp -w -Icustom_ops/include -o $@ $< $(KV_KERNELS)
+bench-kv-attention: build/kv_decode_step
+	build/kv_decode_step $(P) $(KV_BITS)
 
 clean:
 	rm -rf build $(VENV)/.built
