@@ -81,8 +81,9 @@ class Recipe:
 
 
 RECIPES = {
-    # ~30 s per SmolLM2 block on 2 CPU cores
-    "fast": Recipe("fast", samples=32, seq_len=256, batch=2, clip_steps=12, clip_lr=5e-3,
+    # ~3 s per SmolLM2 block on 2 CPU cores: the grid search alone (no depth streams); 12 Adam steps on top took
+    # ~12 s a block and gave the same PPL (0.99-1.01x at 2.5-8 bits; docs/calibration-log.md, "The fast recipe without gradient steps")
+    "fast": Recipe("fast", samples=32, seq_len=256, batch=2, clip_steps=0, clip_lr=5e-3,
                    router_steps=24, router_lr=5e-3, router_fit="ridge"),
     # the paper's budget: 128 x 2048 tokens, 20 epochs (GPU when present)
     "paper": Recipe("paper", samples=128, seq_len=2048, batch=1, clip_steps=20 * 128, clip_lr=5e-3,
@@ -206,7 +207,7 @@ def calibrate_block(index: int, block: nn.Module, kwargs: dict, x_fp: torch.Tens
             tl.mode = "read"
             tl.read_fn = (lambda tl=tl, clip=clip: fq.slice_read(tl.weight, *clip.range(), group_size, depth[0]))
         depths = [k for k in range(1, num_slices + 1) if recipe.depth_weights[k - 1] > 0]
-        stream_of = {k: depth_streams[min(max(k, 2), num_slices)] for k in depths}
+        stream_of = {k: depth_streams[min(max(k, 2), num_slices)] for k in depths} if recipe.clip_steps else {}
         opt = torch.optim.Adam([p for c in clips.values() for p in c.parameters()], lr=recipe.clip_lr)
         norms: dict[int, float] = {}
         losses = {"clip_start": None, "clip_end": None, "router_start": None, "router_end": None}
@@ -311,7 +312,7 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, grou
     start, state = work.resume() if work is not None else (0, None)
     if state is None:
         start = 0
-        state = {"fp": x0, "depth": {k: x0 for k in range(2, num_slices + 1)},
+        state = {"fp": x0, "depth": {k: x0 for k in range(2, num_slices + 1)} if recipe.clip_steps else {},
                  "target": {b: x0 for b in recipe.train_targets} if stage2_steps(recipe) else {}}
     else:
         rng.seed(recipe.seed + start)
@@ -330,8 +331,8 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, grou
         if work is not None:
             work.save_block(i, bp, state)
         bar.update(1)
-        router_loss = bp['losses']['router_end']
-        bar.set_postfix_str(f"block {i} clip {bp['losses']['clip_end']:.3f} "
+        clip_loss, router_loss = bp['losses']['clip_end'], bp['losses']['router_end']
+        bar.set_postfix_str(f"block {i} {'' if clip_loss is None else f'clip {clip_loss:.3f} '}"
                             f"{'' if router_loss is None else f'router {router_loss:.3f} '}"
                             f"elapsed {time.time() - t0:.0f}s, peak {memory.peak_mb():.0f} MiB")
     bar.close()

@@ -238,9 +238,10 @@ def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32,
     the exact graph (INT8_TOLERANCE, INT8_MIN_TOP1). Raises ExportError listing every mismatch."""
     from mobiquant.runtime.session import ModelSession
 
-    # A float32 cache: what is verified is the graph (the cache precisions are held to float64 by the op tests).
+    # A float32 cache: what is verified is the graph (the cache precisions are held to float64 by the op tests);
+    # every step at the asked bits, as PyTorch runs them (no BitsHold).
     # One session at a time (memory): the exact graph against PyTorch first, then the written file against its logits.
-    exact = ModelSession(exact_path.parent, threads=2, kv_bits=32)
+    exact = ModelSession(exact_path.parent, threads=2, kv_bits=32, hold=False)
     vocab = exact.vocab
     prompt = np.random.default_rng(0).integers(min(3, vocab - 1), min(vocab, 5000), (1, 16)).astype(np.int64)
     problems, report, exact_logits = [], {}, {}
@@ -260,7 +261,8 @@ def verify(exact_path: Path, file_path: Path, qmodel, new_tokens: int = 32,
             problems.append(f"budget {name}: greedy continuation differs from PyTorch at token {first}: "
                             f"{ours[:first + 1]} vs {theirs[:first + 1]}")
     del exact
-    written = None if file_path == exact_path else ModelSession(file_path.parent, threads=2, kv_bits=32)
+    written = (None if file_path == exact_path
+               else ModelSession(file_path.parent, threads=2, kv_bits=32, hold=False))
     for name, row in report.items():
         if written is not None:
             got = exact_logits[name]

@@ -2,8 +2,10 @@
 
 ``forward(ids, cache, bits)`` runs the new tokens ``ids`` [1, S] after the cached
 ones and returns (logits [1, S, vocab], the grown cache). ``bits`` is the
-target_bits input of MoBiQuant graphs: a per-step input, so changing the budget
-never reloads anything. ``last_avg_bits`` is the average bits the step read.
+budget: the graph's target_bits input is a per-step input, so changing the budget
+never reloads anything, and ``hold`` (runtime/bits_hold.py; on by default) moves it
+so that the bits read since the budget was set average the budget.
+``last_avg_bits`` is the average bits the step read.
 
 The cache is written in place: each layer's keys and values live in one buffer
 bound as both the past input and the present output of the step (the attention
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import kvcache, ops
+from .bits_hold import BitsHold
 from .modelfile import ModelFileError, ModelInfo, locate
 
 
@@ -50,7 +53,8 @@ class KVCache:
 
 
 class ModelSession:
-    def __init__(self, path, threads: int | None = None, kv_bits: int | None = None):
+    def __init__(self, path, threads: int | None = None, kv_bits: int | None = None, hold: bool = True):
+        """``hold``: keep the bits read at the budget on average (False: every step asks for the budget itself)."""
         import onnxruntime as ort
 
         self.info: ModelInfo = locate(path)
@@ -89,6 +93,7 @@ class ModelSession:
             self.set_kv_bits(32 if kv_bits is None else kv_bits)
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
         self.last_avg_bits = float("nan")
+        self.hold = BitsHold() if hold and self.elastic else None
 
     def empty_cache(self, capacity: int = 0) -> KVCache:
         """A cache with room for ``capacity`` positions (zeros are not resident until written)."""
@@ -158,7 +163,9 @@ class ModelSession:
         binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
         binding.bind_output("logits")  # a fresh array per step (its shape follows ids)
         if self.elastic:
-            binding.bind_cpu_input("target_bits", np.array(8.0 if bits is None else bits, np.float32))
+            bits = 8.0 if bits is None else bits
+            binding.bind_cpu_input("target_bits", np.array(self.hold.target(bits, ids.shape[1]) if self.hold else bits,
+                                                          np.float32))
             binding.bind_output("avg_bits")
         try:
             self.session.run_with_iobinding(binding)
@@ -168,4 +175,6 @@ class ModelSession:
         out = binding.get_outputs()
         if self.elastic:
             self.last_avg_bits = float(out[-1].numpy())
+            if self.hold:
+                self.hold.record(self.last_avg_bits, ids.shape[1])
         return out[0].numpy(), KVCache(cache.buffers, total, binding, self.positions_per_row)

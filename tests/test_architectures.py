@@ -37,7 +37,7 @@ def test_fp32_graph_matches_hugging_face_past_the_window(folder, tmp_path):
 
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # its own class
     export_baseline(str(folder), "fp32", tmp_path, context=128)
-    session = ModelSession(tmp_path, threads=1)
+    session = ModelSession(tmp_path, threads=1, hold=False)
     ids = np.random.default_rng(1).integers(3, 99, (1, 4 * WINDOW)).astype(np.int64)
     ref = reference(torch.from_numpy(ids)).logits.numpy()
     got, cache = session.forward(ids[:, :-1], session.empty_cache(ids.shape[1]))

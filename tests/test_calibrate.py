@@ -470,3 +470,35 @@ def test_quantize_keeps_the_probe_for_a_later_refit(tmp_path, monkeypatch):
     before = ckpt.read_meta(tmp_path / "ck")[0]["allocation"]["sensitivity"]
     refit_thresholds(tmp_path / "ck", progress=False, log=lambda msg: None, routing="static", **recipe)
     assert ckpt.read_meta(tmp_path / "ck")[0]["allocation"]["sensitivity"] == before
+
+
+def test_without_gradient_steps_calibration_is_the_grid_search_and_one_pass_per_block(monkeypatch):
+    """clip_steps=0 (the fast recipe): each linear's slice-1 grid is the Hessian-weighted grid search's, the
+    Hessian being the mean x^2 of the linear's float input; no depth streams are run (one pass per block)."""
+    from mobiquant.exporter import calibrate as C
+
+    torch.set_num_threads(2)
+    model, toks = tiny_model(), tokens(6, 32, 0)
+    inputs: dict[str, list[torch.Tensor]] = {}
+    handles = [model.model.layers[i].get_submodule(name).register_forward_pre_hook(
+        lambda m, args, key=f"layers.{i}.{name}": inputs.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for i in range(2) for name in LINEAR_NAMES]
+    with torch.no_grad():
+        model(toks)
+    for h in handles:
+        h.remove()
+    passes = []
+    real = C.run_block_batched
+    monkeypatch.setattr(C, "run_block_batched", lambda *a, **k: passes.append(1) or real(*a, **k))
+    recipe = get_recipe("fast", **{**TINY_RECIPE, "clip_steps": 0})
+    cal = calibrate_model(model, toks, recipe, G, 4, progress=False)
+    assert len(passes) == 2  # the float pass of each block, nothing else
+    for key, xs in inputs.items():
+        w = model.get_submodule(f"model.{key}").weight.detach()
+        x = torch.cat(xs).double()
+        hess = (x * x).mean(0).float()
+        clip = fq.LearnableClip(w, G, *fq.grid_search_factors(w, hess, G, fq.slice_read, [1.0] * 4))
+        want = fq.slice1_params(*clip.range())
+        for got, ref in zip(cal.params[key], want):
+            np.testing.assert_allclose(got, ref.detach().numpy(), rtol=1e-5, atol=1e-7, err_msg=key)
+        assert cal.block_losses[int(key.split(".")[1])]["clip_end"] is None

@@ -37,7 +37,7 @@ def recompute(session: ModelSession, ids: list[int], bits: float) -> np.ndarray:
 def test_kv_cache_decode_equals_recompute(tiny, bits):
     """Exact-float file: with int8 activations a last-bit difference between the attention's prefill and
     decode paths may flip one activation's rounding, so equality is only defined for exact arithmetic."""
-    s = ModelSession(tiny[0].parent / "model-exact", threads=1)
+    s = ModelSession(tiny[0].parent / "model-exact", threads=1, hold=False)
     ids = [1, 40, 41, 42, 43, 44]
     logits, cache = s.forward(np.array([ids]), s.empty_cache(), bits)
     for step in range(6):
@@ -54,7 +54,7 @@ def test_cache_written_in_place_branches_and_grows(tiny):
     a second continuation from the same prefix overwrites the first one's positions and still equals
     recomputation, and a cache without room moves to larger buffers with its contents (capacity comes in
     blocks of 16 positions: 15 fit in one, the 17th needs a second)."""
-    s = ModelSession(tiny[0].parent / "model-exact", threads=1)
+    s = ModelSession(tiny[0].parent / "model-exact", threads=1, hold=False)
     prefix = [1, *range(40, 54)]
     for capacity in (64, 0):
         _, cache = s.forward(np.array([prefix]), s.empty_cache(capacity), 6.0)
@@ -76,7 +76,7 @@ def test_prefix_cache_reuses_a_previous_turn(tiny):
     from mobiquant.runtime.generate import GenerationStats, PrefixCache, generate
     from mobiquant.runtime.sampling import Sampler, SamplingConfig
 
-    s = ModelSession(tiny[0].parent / "model-exact", threads=1)
+    s = ModelSession(tiny[0].parent / "model-exact", threads=1, hold=False)
 
     def run(prompt, prefix=None):
         stats = GenerationStats()
@@ -103,14 +103,14 @@ def test_prefix_cache_reuses_a_previous_turn(tiny):
 
 
 def test_context_overflow_is_a_clear_error(tiny):
-    s = ModelSession(tiny[0], threads=1)
+    s = ModelSession(tiny[0], threads=1, hold=False)
     _, cache = s.forward(np.array([[1] * 100]), s.empty_cache(), 8.0)
     with pytest.raises(ContextError, match=r"129 positions expected <= the model's context 128 \(100 cached \+ 29 new\)"):
         s.forward(np.array([[1] * 29]), cache, 8.0)
 
 
 def test_budget_switch_between_steps_changes_bits_read(tiny_model_dir):
-    s = ModelSession(tiny_model_dir, threads=1)
+    s = ModelSession(tiny_model_dir, threads=1, hold=False)
     ids = [1, 50, 51, 52, 53, 54, 55, 56]
     logits, cache = s.forward(np.array([ids]), s.empty_cache(), 8.0)
     seen = []
@@ -126,7 +126,7 @@ def test_budget_switch_between_steps_changes_bits_read(tiny_model_dir):
 
 
 def test_avg_bits_tracks_target_on_a_prompt(tiny_model_dir):
-    s = ModelSession(tiny_model_dir, threads=1)
+    s = ModelSession(tiny_model_dir, threads=1, hold=False)
     rng = np.random.default_rng(1)
     ids = np.array([[1, *rng.integers(3, 99, 63)]])
     got = []
@@ -265,7 +265,7 @@ def test_a_named_onnx_file_is_the_one_that_runs(tiny, tmp_path):
     onnx.save(graph, str(model / "exact.onnx"))
 
     def logits(path):
-        s = ModelSession(path, threads=1)
+        s = ModelSession(path, threads=1, hold=False)
         return s.forward(np.array([[1, 40, 41, 42]]), s.empty_cache(), 8.0)[0]
 
     assert not np.array_equal(logits(tiny[0]), logits(exact))  # int8 and exact activations differ
@@ -416,7 +416,7 @@ def test_token_routed_checkpoint_exports_and_routes_in_the_op(tmp_path):
         rows = np.stack([t[grid_index(bits)] for t in tables.values()])
         rows_constant = (np.abs(rows) >= ops.THRESHOLD_NEVER / 10).all(-1)
         assert rows_constant.all() if constant else rows_constant.mean() <= 0.5, (bits, rows)
-    session = ModelSession(tmp_path / "model", threads=1)
+    session = ModelSession(tmp_path / "model", threads=1, hold=False)
     held_out = np.array([[1, *rng.integers(3, 99, 127)]])
     for bits in (3.0, 3.5, 4.5):
         session.forward(held_out, session.empty_cache(), bits)

@@ -61,7 +61,7 @@ def test_spec_reads_gemma3_config(tiny):
 @torch.no_grad()
 def test_fp32_graph_matches_hf_prefill_and_cached_decode(tiny):
     model, _, fp32_dir = tiny
-    s = ModelSession(fp32_dir, threads=1)
+    s = ModelSession(fp32_dir, threads=1, hold=False)
     ids = _prompt()
     out = model(torch.from_numpy(ids), use_cache=True)
     logits, cache = s.forward(ids, s.empty_cache())
@@ -86,7 +86,7 @@ def test_the_window_is_what_makes_the_match(tiny, tmp_path):
     full = dataclasses.replace(spec, windows=(0,) * spec.num_layers)
     write_model_dir(lambda sink: build_decoder(full, floats, Fp32Linear(), attention="gqa", sink=sink), {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": "fp32", "context": 128},
                     source.folder, tmp_path)
-    s = ModelSession(tmp_path, threads=1)
+    s = ModelSession(tmp_path, threads=1, hold=False)
     ids = _prompt()
     ref = model(torch.from_numpy(ids)).logits.numpy()
     got, _ = s.forward(ids, s.empty_cache())
@@ -116,7 +116,7 @@ def test_matmulnbits_baseline_matches_hf_with_its_int4_weights(tiny, tmp_path):
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.weight.copy_(torch.from_numpy(_rtn_int4(module.weight.numpy(), source.group_size)))
-    s = ModelSession(tmp_path, threads=1)
+    s = ModelSession(tmp_path, threads=1, hold=False)
     ids = _prompt()
     ref = model(torch.from_numpy(ids)).logits.numpy()
     got, _ = s.forward(ids, s.empty_cache())
@@ -145,7 +145,7 @@ def tiny_mobiquant(tiny, tmp_path_factory):
 
 @pytest.mark.parametrize("bits", (3.0, 8.0))
 def test_mobiquant_kv_cache_decode_equals_recompute(tiny_mobiquant, bits):
-    s = ModelSession(tiny_mobiquant, threads=1)
+    s = ModelSession(tiny_mobiquant, threads=1, hold=False)
     seq = _prompt(2 * WINDOW)[0].tolist()
     logits, cache = s.forward(np.array([seq]), s.empty_cache(), bits)
     for step in range(WINDOW):
@@ -224,7 +224,7 @@ def test_real_gemma3_fp32_graph_matches_hf_past_the_window(tmp_path):
     model = load_float_model(source)
     ids = AutoTokenizer.from_pretrained(source.folder)(load_corpus("austen-test")[:20000], return_tensors="np")
     ids = ids.input_ids[:, :600]
-    s = ModelSession(tmp_path, threads=2)
+    s = ModelSession(tmp_path, threads=2, hold=False)
     out = model(torch.from_numpy(ids), use_cache=True)
     logits, cache = s.forward(ids, s.empty_cache())
     assert _rel(logits, out.logits.numpy()) < 1e-4

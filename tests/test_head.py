@@ -66,7 +66,8 @@ def test_a_head_that_follows_the_budget_exports_verifies_and_reads_fewer_slices(
     meta = json.loads((tmp_path / "follows" / "mobiq.json").read_text())
     named = meta["named_budgets"]
     assert meta["lm_head_slices_by_budget"] == {n: chosen.get(n, 4) for n in named}
-    full, follows = ModelSession(tmp_path / "full", threads=1), ModelSession(tmp_path / "follows", threads=1)
+    full = ModelSession(tmp_path / "full", threads=1, hold=False)
+    follows = ModelSession(tmp_path / "follows", threads=1, hold=False)
     ids = np.array([[1, *np.random.default_rng(1).integers(3, 99, 15)]])
     for name, bits in named.items():
         a, _ = full.forward(ids, full.empty_cache(), bits)

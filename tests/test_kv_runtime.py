@@ -40,7 +40,7 @@ def test_logits_per_precision_against_a_float32_cache(tiny):
     prompt = np.array([[1, *range(40, 70)]], np.int64)
     outs = {}
     for bits in kvcache.BITS:
-        s = ModelSession(tiny[0].parent / "model-exact", threads=1, kv_bits=bits)
+        s = ModelSession(tiny[0].parent / "model-exact", threads=1, kv_bits=bits, hold=False)
         logits, cache = s.forward(prompt[:, :20], s.empty_cache(), 8.0)
         steps = [logits[0, -1]]
         for t in range(20, prompt.shape[1]):

@@ -57,13 +57,13 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray, rows: int = 32) -> 
 
 
 def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_tokens: int | None,
-            threads: int | None, progress: bool = False, kv_bits: int | None = None) -> dict:
+            threads: int | None, progress: bool = False, kv_bits: int | None = None, hold: bool = True) -> dict:
     """One row: ppl, avg bits, prefill and decode tok/s, peak RSS (of this process), and the KV cache's
     precision and size for one window (``kv_bits``: the session's default when None)."""
     from mobiquant.runtime.session import ModelSession
     from mobiquant.runtime.text import TextCodec
 
-    session = ModelSession(model_dir, threads, kv_bits)
+    session = ModelSession(model_dir, threads, kv_bits, hold=hold)
     codec = TextCodec(session.info.directory, session.info.meta)
     windows = corpus_ids(codec, corpus, context, max_tokens)
     nll, scored, bits_read, prefill_s = 0.0, 0, [], []
@@ -85,7 +85,8 @@ def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_
             "kv_mb": session.cache_bytes_per_position() * context / 2**20}
 
 
-def _measure_in_subprocess(model_dir: Path, bits: float | None, args, kv_bits: int | None = None) -> dict:
+def _measure_in_subprocess(model_dir: Path, bits: float | None, args, kv_bits: int | None = None,
+                           hold: bool = True) -> dict:
     cmd = [sys.executable, "-m", "mobiquant.tools.evaluate", "--worker", str(model_dir), "--corpus", args.corpus,
            "--context", str(args.context), "--max-tokens", str(args.max_tokens or 0)]
     if bits is not None:
@@ -94,6 +95,8 @@ def _measure_in_subprocess(model_dir: Path, bits: float | None, args, kv_bits: i
         cmd += ["--kv-bits", str(kv_bits)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if not hold:
+        cmd += ["--no-hold"]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"[mobiq-eval] measuring {model_dir} at {bits} bits failed (exit {proc.returncode})")
@@ -193,15 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-bits", default=None,
                    help="comma-separated KV cache precisions (32,16,8,4) to measure each MoBiQuant budget with "
                         "(default: the runtime's default, 8); the KV MB column is one window's cache")
+    p.add_argument("--unheld", action="store_true",
+                   help="also each MoBiQuant budget with every step at the budget itself (rows mobiquant-unheld): "
+                        "the control for holding the bits read at the budget (runtime/bits_hold.py)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bits", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--no-hold", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
         if args.worker:
             print(json.dumps(measure(Path(args.model), args.bits, args.corpus, args.context, args.max_tokens or None,
-                                     args.threads, kv_bits=int(args.kv_bits) if args.kv_bits else None)))
+                                     args.threads, kv_bits=int(args.kv_bits) if args.kv_bits else None,
+                                     hold=not args.no_hold)))
             return 0
         info = locate(args.model)
         if args.context < 2 or args.context > info.context:
@@ -213,18 +221,20 @@ def main(argv: list[str] | None = None) -> int:
             kv_list = [int(k) for k in args.kv_bits.split(",")] if args.kv_bits else [None]
         except ValueError:
             p.error(f"--kv-bits expected comma-separated integers; got {args.kv_bits!r}")
-        jobs = [("mobiquant", info.directory, float(b), kv) for b in budgets for kv in kv_list] if info.elastic else [
-            (info.meta["kind"], info.directory, None, None)]
+        jobs = [("mobiquant", info.directory, float(b), kv, True) for b in budgets for kv in kv_list] if info.elastic \
+            else [(info.meta["kind"], info.directory, None, None, True)]
+        if args.unheld and info.elastic:
+            jobs += [("mobiquant-unheld", info.directory, float(b), None, False) for b in budgets]
         for other in map(locate, args.compare):
             if not other.elastic:
                 p.error(f"--compare expected a MoBiQuant model directory; got {other.meta.get('kind')} ({other.directory})")
-            jobs += [(compare_label(other.meta), other.directory, float(b), None) for b in budgets]
+            jobs += [(compare_label(other.meta), other.directory, float(b), None, True) for b in budgets]
         if args.baselines:
-            jobs += [(kind, baseline_dir(info, kind), None, None) for kind in ("fp32", "matmulnbits-int4")]
+            jobs += [(kind, baseline_dir(info, kind), None, None, True) for kind in ("fp32", "matmulnbits-int4")]
         result = {"model": info.meta.get("source_model"), "corpus": args.corpus, "context": args.context,
                   "tokens": None, "cpu": cpu_name(), "threads": args.threads, "rows": []}
-        for name, directory, bits, kv in _progress(jobs, "mobiq-eval"):
-            row = _measure_in_subprocess(directory, bits, args, kv)
+        for name, directory, bits, kv, hold in _progress(jobs, "mobiq-eval"):
+            row = _measure_in_subprocess(directory, bits, args, kv, hold)
             result["tokens"] = row.pop("tokens")
             result["rows"].append({"name": name, **row})
         print(markdown(result))
