@@ -24,7 +24,8 @@ budgets: low=3, mid=4, high=6, max=8 average bits (the model file may define its
 in [2, 8], or auto: battery, temperature and Raspberry Pi throttling pick the budget, re-evaluated
 every --reevaluate-every tokens without reloading (no battery = mains power = max). auto never goes
 below the model's low (its quality floor); a device still too hot there pauses after each token.
-Fewer bits read fewer weight bytes per token: faster and cooler, at some cost in quality.
+Fewer bits read fewer weight bytes per token: faster and cooler, at some cost in quality. Where the
+model's routers pick slices per token, the bits actually read are held at the budget on average.
 Interactive chat keeps its turns, drops the oldest whole ones when the context is full; Ctrl-C stops
 a reply, an empty line or Ctrl-D quits.
 
