@@ -20,4 +20,10 @@ def attention_kernels() -> list[str]:
         ran.append("attention__avx2")
         if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
             ran.append("attention__avx512")
+            if {"avx512_vnni", "avx512vbmi"} <= flags:
+                ran.append("attention__avx512vnni")
     return ran
+
+
+# The variants that score 8- and 4-bit keys against int8-coded queries (mobiq/attention.h, integer_dot).
+INT8_QUERY_KERNELS = {"attention__avx512vnni"}

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from mobiquant.runtime import kvcache, ops
 
-from cpu_flags import attention_kernels
+from cpu_flags import INT8_QUERY_KERNELS, attention_kernels
 
 KERNELS = [""] + attention_kernels()  # "": the one the library picks
 
@@ -66,11 +66,15 @@ def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], -1).astype(np.float32)
 
 
-def reference(q, k, v, bits, cos, sin, scale, window=-1):
-    """Outputs [T, H*D] of every token of a sequence q [T, H, D], k, v [T, Hkv, D] (positions 0 .. T-1)."""
+def reference(q, k, v, bits, cos, sin, scale, window=-1, int8_queries=False):
+    """Outputs [T, H*D] of every token of a sequence q [T, H, D], k, v [T, Hkv, D] (positions 0 .. T-1).
+    ``int8_queries``: over 8- and 4-bit caches the scaled queries are coded as the cache codes 8-bit keys
+    (the integer-dot kernels' contract)."""
     t, h, d = q.shape
     g = h // k.shape[1]
     qr = rotate(q, cos, sin).astype(np.float64) * scale
+    if int8_queries and bits in (8, 4):
+        qr = stored((rotate(q, cos, sin) * np.float32(scale)).astype(np.float32), 8)
     kr = stored(rotate(k, cos, sin), bits)
     vr = stored(v, bits)
     out = np.zeros((t, h, d))
@@ -148,7 +152,7 @@ def test_prefill_then_decode_match_float64(monkeypatch, kernel, bits, heads, kv_
     q, k, v = problem(t, heads, kv_heads, d)
     cos, sin = rotary_tables(t + 5, d)
     scale = 0.3
-    want = reference(q, k, v, bits, cos, sin, scale, window)
+    want = reference(q, k, v, bits, cos, sin, scale, window, (kernel or attention_kernels()[-1]) in INT8_QUERY_KERNELS)
     run = Runner(session(heads, kv_heads, packed, window, scale), heads, kv_heads, d, bits, t + 20, cos, sin, packed)
     got = [run(q[:37], k[:37], v[:37]), run(q[37:290], k[37:290], v[37:290])]
     got += [run(q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i in range(290, t)]

@@ -1,7 +1,7 @@
 // Where a long-context decode step's attention time goes (docs/design.md, "The KV cache"): SmolLM2-135M's
 // shapes (30 layers x 3 kv heads x 3 query rows, head size 64) at P cached positions, each layer a
-// separate cache so that the step streams from memory as in the model, split into 256-position tasks
-// over 2 threads as the op does. Rows, each the best of 20 steps after 3 warm-ups:
+// separate cache so that the step streams from memory as in the model, split into tasks over 2 threads as
+// the op does (about 8 per layer, at least 256 positions each). Rows, each the best of 20 steps after 3 warm-ups:
 //   attention      the kernel over every layer's cache
 //   stream         the same cache bytes read and nothing computed (the memory floor)
 //   weights        a 2.7 MB-per-layer stream standing in for the layers' 81 MB of weights
@@ -23,7 +23,7 @@ using namespace mobiq;
 
 namespace {
 
-constexpr int kLayers = 30, kHeads = 3, kRows = 3, kDim = 64, kChunk = 256;
+constexpr int kLayers = 30, kHeads = 3, kRows = 3, kDim = 64;
 constexpr size_t kWeightBytes = 2700000 / 64 * 64;
 
 // Reads n bytes (a multiple of 64) and computes next to nothing: the compiler vectorizes the XOR.
@@ -84,7 +84,8 @@ int main(int argc, char** argv) {
   std::vector<float> q(kRows * kDim);
   for (float& v : q) v = normal(rng) * 0.125f;
   const AttentionKernel& kernel = select_attention_kernel();
-  const int chunks = (P + kChunk - 1) / kChunk, tasks = kHeads * chunks;
+  const int chunk = std::max(256, (P * kHeads / 8 + 15) / 16 * 16);  // attention_op.cc's decode split
+  const int chunks = (P + chunk - 1) / chunk, tasks = kHeads * chunks;
   std::vector<float> acc(static_cast<size_t>(tasks * kRows * kDim)), m(tasks * kRows), sums(tasks * kRows);
   const std::vector<int64_t> first(kRows, 0), last(kRows, P - 1);
   volatile uint64_t sink = 0;
@@ -101,7 +102,7 @@ int main(int argc, char** argv) {
       a.layout = l;
       a.keys = keys[layer * kHeads + h], a.values = values[layer * kHeads + h], a.q = q.data();
       a.first = first.data(), a.last = last.data(), a.rows = kRows;
-      a.key_begin = c * kChunk, a.key_end = std::min(P, (c + 1) * kChunk);
+      a.key_begin = c * chunk, a.key_end = std::min(P, (c + 1) * chunk);
       a.acc = acc.data() + t * kRows * kDim, a.m = m.data() + t * kRows, a.l = sums.data() + t * kRows;
       kernel.fn(a);
     }

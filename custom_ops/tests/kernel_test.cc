@@ -22,12 +22,14 @@
 // (1e-40) stay finite. Prints one line per failure, one per kernel, the automatic choices, and last
 // "N passed, M failed"; exits 1 on any failure.
 // KV cache: kv_store/kv_load within half a quantization step (fp16: 2^-10 relative) for every
-// format; every attention variant within 1e-5 of attention_reference on caches of every format,
-// with NaN stored at the positions no row sees (they must never be read into a sum).
+// format; every attention variant within 1e-5 of attention_reference on caches of every format (the
+// integer-dot variant: on its int8-coded queries, plus the bound of its int16-coded value weights), with
+// NaN stored at the positions no row sees (they must never be read into a sum).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <cstdlib>
 #include <random>
 #include <stdexcept>
@@ -417,7 +419,9 @@ void test_select_kernel() {
 
 // ---- KV cache and attention ------------------------------------------------------
 // Every attention variant this CPU runs against attention_reference (float64) on caches of every
-// format: random keys/values stored with kv_store, rows with their own causal/window ranges, a key
+// format (the integer-dot variants over 8- and 4-bit caches: on the queries as kv_quantize_query codes them,
+// within the bound of their coded value weights): random keys/values stored with kv_store, rows with their
+// own causal/window ranges, a key
 // range that starts and ends inside blocks; positions outside every row's range hold NaN (stale
 // bytes must never reach a sum). Plus kv_store/kv_load round trips against the documented codes.
 void test_kv_store_load() {
@@ -473,6 +477,14 @@ void test_attention() {
           for (float& v : x) v = seen ? normal(rng) : std::nanf("");
           mobiq::kv_store(l, kv == 0, x.data(), (kv == 0 ? keys : values).data() + (t / 16) * l.block_bytes, t % 16);
         }
+      double max_value_scale = 0.0;  // over the stored positions (the unseen ones hold NaN scales)
+      for (int64_t b = 0; b < blocks; ++b)
+        if (f == mobiq::KvFormat::kInt8 || f == mobiq::KvFormat::kInt4)
+          for (int64_t i = 0; i < l.groups * 16; ++i) {
+            float sc;
+            std::memcpy(&sc, values.data() + b * l.block_bytes + l.code_bytes + 4 * i, 4);
+            if (std::isfinite(sc)) max_value_scale = std::max<double>(max_value_scale, sc);
+          }
       std::vector<float> q(static_cast<size_t>(rows * D));
       for (float& v : q) v = 0.3f * normal(rng);
       const auto run = [&](mobiq::AttentionFn fn, std::vector<float>& acc, std::vector<float>& m, std::vector<float>& lsum) {
@@ -483,10 +495,26 @@ void test_attention() {
                                acc.data(), m.data(), lsum.data()};
         fn(a);
       };
-      std::vector<float> ra, rm, rl;
+      std::vector<float> ra, rm, rl, qa, qm, ql;
       run(mobiq::attention_reference, ra, rm, rl);
+      // The integer-dot variants' reference: the same task on the queries as kv_quantize_query codes them.
+      const bool integer_keys = f == mobiq::KvFormat::kInt8 || f == mobiq::KvFormat::kInt4;
+      if (integer_keys) {
+        const std::vector<float> exact = q;
+        std::vector<int8_t> codes(static_cast<size_t>(D));
+        std::vector<float> scales(static_cast<size_t>(l.groups));
+        for (int64_t r = 0; r < rows; ++r) {
+          mobiq::kv_quantize_query(l, exact.data() + r * D, codes.data(), scales.data());
+          for (int64_t d = 0; d < D; ++d) q[static_cast<size_t>(r * D + d)] = codes[static_cast<size_t>(d)] * scales[static_cast<size_t>(d / l.group)];
+        }
+        run(mobiq::attention_reference, qa, qm, ql);
+        q = exact;
+      }
       for (int64_t k = 0; k < count; ++k) {
         if (!kernels[k].supported()) continue;
+        const bool quantized = integer_keys && kernels[k].integer_dot;
+        const std::vector<float>& want_acc = quantized ? qa : ra;
+        const std::vector<float>& want_l = quantized ? ql : rl;
         std::vector<float> ka, km, kl;
         run(kernels[k].fn, ka, km, kl);
         double worst = 0.0;
@@ -496,11 +524,16 @@ void test_attention() {
             // normalized outputs acc / l (the running max m cancels)
             const size_t i = static_cast<size_t>(r * D + d);
             const double got = static_cast<double>(ka[i]) / kl[static_cast<size_t>(r)];
-            const double want = static_cast<double>(ra[i]) / rl[static_cast<size_t>(r)];
+            const double want = static_cast<double>(want_acc[i]) / want_l[static_cast<size_t>(r)];
             finite = finite && std::isfinite(got);
             worst = std::max(worst, std::fabs(got - want));
           }
-        check(finite && worst <= 1e-5, std::string(kernels[k].name) + " " + std::to_string(l.bits) + " bits D=" +
+        // Integer-dot 8-bit value sums (D a multiple of 64): each of a row's weights within kValueWeightStep of its
+        // block's largest, so each output within that step times 16 positions x 127 (codes) x the largest value
+        // scale, the blocks' largest weights summing to at most l.
+        const bool coded_weights = kernels[k].integer_dot && f == mobiq::KvFormat::kInt8 && D % 64 == 0;
+        const double tolerance = 1e-5 + (coded_weights ? mobiq::kValueWeightStep * 16 * 127 * max_value_scale : 0.0);
+        check(finite && worst <= tolerance, std::string(kernels[k].name) + " " + std::to_string(l.bits) + " bits D=" +
                                            std::to_string(D) + " rows=" + std::to_string(rows) + ": max |out - float64| " + std::to_string(worst) +
                                            (finite ? "" : " (non-finite: a stale position was read)"));
       }

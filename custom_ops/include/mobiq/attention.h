@@ -51,6 +51,12 @@ void kv_store(const KvLayout& layout, bool keys, const float* x, uint8_t* block,
 // Reads position `lane` of `block` back into x[0 .. D) (tests, and the reference).
 void kv_load(const KvLayout& layout, bool keys, const uint8_t* block, int64_t lane, float* x);
 
+// A query row q[0 .. D) as the integer-dot variants score it against 8- and 4-bit keys: per group of the
+// layout (layout.group dims, the keys' scale groups) codes c = round(q / s) in [-127, 127] with
+// s = max|q over the group| / 127, the int8 rule of the cache (a group with a NaN or an infinity: s NaN,
+// codes 0). scales[layout.groups].
+void kv_quantize_query(const KvLayout& layout, const float* q, int8_t* codes, float* scales);
+
 // One task of attention: `rows` query rows of one (batch, kv head) against the cached positions
 // [key_begin, key_end). Row r sees positions [first[r], last[r]] (inclusive; causal and sliding
 // window already applied by the caller) and is q[r * D ..] (rotated, attention scale folded in).
@@ -72,10 +78,19 @@ struct AttentionArgs {
 
 using AttentionFn = void (*)(const AttentionArgs& a);
 
+// The integer-dot variants' rounding of value weights: half an int16 step, 2^-16 of the block's largest.
+inline constexpr double kValueWeightStep = 0.5 / 32767.0;
+
 struct AttentionKernel {
   AttentionFn fn;
   const char* name;      // attention__<isa>
   bool (*supported)();
+  // False: float arithmetic throughout. True (integer dot products): over 8- and 4-bit caches every row's
+  // scores are the keys' codes times the query's kv_quantize_query codes (then times both scales), and over
+  // 8-bit values with D a multiple of 64 the weighted sums take each weight (times its value scale) as an
+  // int16 code per block of 16 positions, row and group: within kValueWeightStep of the block's largest such
+  // weight per position.
+  bool integer_dot;
 };
 
 // The compiled variants, slowest first (portable, then per instruction set: the same code compiled

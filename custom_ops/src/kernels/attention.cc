@@ -70,13 +70,14 @@ void attention_reference(const AttentionArgs& a) {
 
 const AttentionKernel* attention_kernels(int64_t* count) {
   static const AttentionKernel kernels[] = {
-      {attention_portable, "attention__portable", always},
+      {attention_portable, "attention__portable", always, false},
 #if defined(__x86_64__)
-      {attention__avx2, "attention__avx2", has_attention_avx2},
-      {attention__avx512, "attention__avx512", has_attention_avx512},
+      {attention__avx2, "attention__avx2", has_attention_avx2, false},
+      {attention__avx512, "attention__avx512", has_attention_avx512, false},
+      {attention__avx512vnni, "attention__avx512vnni", has_attention_avx512vnni, true},
 #endif
 #if defined(__aarch64__)
-      {attention__neon, "attention__neon", always},
+      {attention__neon, "attention__neon", always, false},
 #endif
   };
   *count = static_cast<int64_t>(sizeof kernels / sizeof kernels[0]);

@@ -53,6 +53,14 @@ KvLayout kv_layout(KvFormat format, int64_t head_dim) {
   return l;
 }
 
+void kv_quantize_query(const KvLayout& l, const float* q, int8_t* codes, float* scales) {
+  int32_t c[64];  // one group (at most 64 dims)
+  for (int64_t g = 0; g < l.groups; ++g) {
+    scales[g] = quantize_group(q + g * l.group, l.group, 127, c);
+    for (int64_t i = 0; i < l.group; ++i) codes[g * l.group + i] = static_cast<int8_t>(c[i]);
+  }
+}
+
 bool kv_format_of(int64_t head_dim, int64_t block_bytes, KvLayout* out) {
   for (KvFormat f : {KvFormat::kF32, KvFormat::kF16, KvFormat::kInt8, KvFormat::kInt4}) {
     const KvLayout l = kv_layout(f, head_dim);

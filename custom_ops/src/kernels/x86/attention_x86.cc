@@ -1,7 +1,9 @@
-// attention.inc compiled for AVX2 + FMA + F16C (16 lanes = two ymm) and AVX-512 (one zmm).
+// attention.inc compiled for AVX2 + FMA + F16C (16 lanes = two ymm), AVX-512 (one zmm), and AVX-512 with
+// VNNI and VBMI (integer dot products for 8- and 4-bit keys).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <immintrin.h>
@@ -287,8 +289,199 @@ MOBIQ_ATTN inline vf16 halves16(const KvHalf* p) {
 #undef MOBIQ_ATTN
 }  // namespace avx512
 
+namespace avx512vnni {
+#define MOBIQ_ATTN __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx512vbmi,fma,f16c")))
+#define MOBIQ_ATTN_INT_SCORER
+#define MOBIQ_ATTN_INT_VALUES
+using avx512::halves16;
+using avx512::splat16;
+using avx512::widen16;
+
+#include "../attention.inc"
+
+// Scores of 8- and 4-bit key blocks as integer dot products (attention.h, AttentionKernel::integer_dot):
+// per group, acc[p] = sum_d u[d][p] * c[d] with u the keys' codes made unsigned (int8 + 128; int4 as stored,
+// code + 8) and c the query's int8 codes, four dims per vpdpbusd (one zmm holds four dims of the block's 16
+// positions, transposed by one vpermb so that each 32-bit lane holds one position's four dims); then
+// score += (acc - bias * sum_d c[d]) * key scale[p] * query scale.
+template <KvFormat kF, int kJ>
+struct IntScorer {
+  static_assert(kF == KvFormat::kInt8 || kF == KvFormat::kInt4);
+  static constexpr int64_t D = 16 * kJ;
+  static constexpr int kGroup = 16 << group_shift_of(kJ), kGroups = kJ >> group_shift_of(kJ);
+  static constexpr int32_t kBias = kF == KvFormat::kInt8 ? 128 : 8;
+  const AttentionArgs& a;
+  alignas(64) int8_t codes[kFewRows][D];
+  float scale[kFewRows][kGroups];
+  int32_t bias[kFewRows][kGroups];  // kBias * the group's code sum
+
+  // kv_quantize_query's rule in zmm registers (the same float operations, so the same codes: kernel_test).
+  MOBIQ_ATTN explicit IntScorer(const AttentionArgs& args) : a(args) {
+    constexpr int kVectors = kGroup / 16;
+    for (int64_t r = 0; r < a.rows; ++r)
+      for (int g = 0; g < kGroups; ++g) {
+        const float* x = a.q + r * D + g * kGroup;
+        __m512 v[kVectors], amax = _mm512_setzero_ps();
+        __mmask16 finite = 0xFFFF;
+        for (int i = 0; i < kVectors; ++i) {
+          v[i] = _mm512_loadu_ps(x + 16 * i);
+          finite &= _mm512_cmp_ps_mask(_mm512_sub_ps(v[i], v[i]), _mm512_setzero_ps(), _CMP_EQ_OQ);
+          amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+        }
+        int8_t* c = codes[r] + g * kGroup;
+        if (finite != 0xFFFF) {
+          scale[r][g] = std::nanf(""), bias[r][g] = 0;
+          std::memset(c, 0, kGroup);
+          continue;
+        }
+        const float s = _mm512_reduce_max_ps(amax) / 127.0f, inv = s > 0.0f ? 1.0f / s : 0.0f;
+        __m512i sum = _mm512_setzero_si512();
+        for (int i = 0; i < kVectors; ++i) {
+          __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], _mm512_set1_ps(inv)));  // nearest, ties to even
+          q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(c + 16 * i), _mm512_cvtepi32_epi8(q));
+          sum = _mm512_add_epi32(sum, q);
+        }
+        scale[r][g] = s, bias[r][g] = kBias * _mm512_reduce_add_epi32(sum);
+      }
+  }
+
+  // Dims d .. d + 3 of the block's 16 positions as unsigned codes, position p in 32-bit lane p.
+  MOBIQ_ATTN static __m512i four_dims(const uint8_t* kb, int64_t d) {
+    if constexpr (kF == KvFormat::kInt8) {  // rows d .. d + 3 of 16 bytes, contiguous
+      const __m512i by_position = _mm512_set_epi32(
+          0x3F2F1F0F, 0x3E2E1E0E, 0x3D2D1D0D, 0x3C2C1C0C, 0x3B2B1B0B, 0x3A2A1A0A, 0x39291909, 0x38281808,
+          0x37271707, 0x36261606, 0x35251505, 0x34241404, 0x33231303, 0x32221202, 0x31211101, 0x30201000);
+      const __m512i rows = _mm512_loadu_si512(kb + d * kKvBlock);
+      return _mm512_xor_si512(_mm512_permutexvar_epi8(by_position, rows), _mm512_set1_epi8(-128));
+    } else {  // bytes [d / 2][p] (dim 2i low nibble, 2i + 1 high): rows d / 2, d / 2 + 1 hold dims d .. d + 3
+      const __m512i by_position = _mm512_set_epi32(
+          0x3F1F2F0F, 0x3E1E2E0E, 0x3D1D2D0D, 0x3C1C2C0C, 0x3B1B2B0B, 0x3A1A2A0A, 0x39192909, 0x38182808,
+          0x37172707, 0x36162606, 0x35152505, 0x34142404, 0x33132303, 0x32122202, 0x31112101, 0x30102000);
+      const __m256i rows = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kb + (d / 2) * kKvBlock));
+      const __m256i m = _mm256_set1_epi8(0x0F);
+      // [dim d | dim d + 2 | dim d + 1 | dim d + 3], 16 bytes each
+      const __m512i dims = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(rows, m)),
+                                              _mm256_and_si256(_mm256_srli_epi16(rows, 4), m), 1);
+      return _mm512_permutexvar_epi8(by_position, dims);
+    }
+  }
+
+  template <int kR>
+  MOBIQ_ATTN void rows_block(const uint8_t* kb, vf16* s) const {
+    const KvLayout& l = a.layout;
+    const float* ks = reinterpret_cast<const float*>(kb + l.code_bytes);
+    __m512 out[kR];
+    for (int r = 0; r < kR; ++r) out[r] = _mm512_setzero_ps();
+    for (int g = 0; g < kGroups; ++g) {
+      __m512i acc[kR][2];  // two sums per row (the dot product's latency)
+      for (int r = 0; r < kR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+      for (int64_t d = g * kGroup; d < (g + 1) * kGroup; d += 8) {
+        const __m512i k0 = four_dims(kb, d), k1 = four_dims(kb, d + 4);
+        for (int r = 0; r < kR; ++r) {
+          int32_t c0, c1;
+          std::memcpy(&c0, codes[r] + d, 4), std::memcpy(&c1, codes[r] + d + 4, 4);
+          acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], k0, _mm512_set1_epi32(c0));
+          acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], k1, _mm512_set1_epi32(c1));
+        }
+      }
+      const __m512 kscale = _mm512_loadu_ps(ks + g * kKvBlock);
+      for (int r = 0; r < kR; ++r) {
+        const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(acc[r][0], acc[r][1]), _mm512_set1_epi32(bias[r][g]));
+        out[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(kscale, _mm512_set1_ps(scale[r][g])), out[r]);
+      }
+    }
+    for (int r = 0; r < kR; ++r) s[r] = (vf16)out[r];
+  }
+
+  MOBIQ_ATTN void block(const uint8_t* kb, vf16* s) const {
+    switch (a.rows) {
+      case 1: return rows_block<1>(kb, s);
+      case 2: return rows_block<2>(kb, s);
+      case 3: return rows_block<3>(kb, s);
+      default: return rows_block<4>(kb, s);
+    }
+  }
+};
+
+// 8-bit value sums (attention.inc's FewValues contract) as integer dot products: per block, row and group of
+// 64 dims, the weights w are coded as int16 c = round(w / t), t = max w / 32767 (lanes a row does not see:
+// 0; a NaN weight makes t NaN, so the group's sums NaN), and two positions' codes are summed per vpdpwssd
+// against their value codes widened to int16 pairs; the block's int32 sums then add t times themselves to
+// float sums. Error per block: at most t / 2 per weight, i.e. 2^-16 of the block's largest weight (times its
+// value scale) per position, far below the 8-bit codes' own. Inside each 64 dims the sums are kept in the
+// order the byte interleave leaves them (below) and put back in store().
+template <int kJ, int kR>
+struct IntValues {
+  static_assert(kJ % 4 == 0);
+  static constexpr int kZ = kJ / 4;  // 64-dim groups (kv_group: 64) per value row
+  static constexpr int64_t D = 16 * kJ;
+  // acc[r][z][i]: row r, dims 64 z + {0-7, 16-23}, {32-39, 48-55}, {8-15, 24-31}, {40-47, 56-63} for i = 0..3
+  __m512 acc[kR][kZ][4];
+
+  MOBIQ_ATTN IntValues() {
+    for (int r = 0; r < kR; ++r)
+      for (int z = 0; z < kZ; ++z)
+        for (int i = 0; i < 4; ++i) acc[r][z][i] = _mm512_setzero_ps();
+  }
+
+  MOBIQ_ATTN inline void block(const uint8_t* vb, const float* w, int64_t p0, int64_t p1, const int64_t* f,
+                               const int64_t* e, bool same) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int z = 0; z < kZ; ++z) {
+      alignas(64) int32_t pairs[kR][8];  // codes of positions 2k, 2k + 1 as int16 halves of one int32
+      float t[kR];
+      for (int r = 0; r < kR; ++r) {
+        const int64_t lo = same ? p0 : f[r], hi = same ? p1 : e[r];
+        const __mmask16 seen = _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(static_cast<int32_t>(lo)), _MM_CMPINT_NLT) &
+                               _mm512_cmp_epi32_mask(lane, _mm512_set1_epi32(static_cast<int32_t>(hi)), _MM_CMPINT_LT);
+        const __m512 u = _mm512_maskz_mov_ps(seen, _mm512_loadu_ps(w + (r * kZ + z) * 16));
+        const bool nan = _mm512_cmp_ps_mask(u, u, _CMP_UNORD_Q) != 0;
+        const float top = _mm512_reduce_max_ps(u);
+        t[r] = nan ? std::nanf("") : top / 32767.0f;
+        const float inv = !nan && top > 0.0f ? 32767.0f / top : 0.0f;
+        const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_mov_ps(nan ? 0 : seen, u), _mm512_set1_ps(inv)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[r]), _mm512_cvtepi32_epi16(_mm512_min_epi32(c, _mm512_set1_epi32(32767))));
+      }
+      __m512i sum[kR][4];
+      for (int r = 0; r < kR; ++r)
+        for (int i = 0; i < 4; ++i) sum[r][i] = _mm512_setzero_si512();
+      for (int64_t k = p0 / 2; k < (p1 + 1) / 2; ++k) {  // positions 2k, 2k + 1 (one may be unseen: code 0)
+        const int8_t* row = reinterpret_cast<const int8_t*>(vb) + 2 * k * D + 64 * z;
+        const __m512i a = _mm512_loadu_si512(row), b = _mm512_loadu_si512(row + D);
+        const __m512i lo = _mm512_unpacklo_epi8(a, b), hi = _mm512_unpackhi_epi8(a, b);
+        const __m512i x[4] = {_mm512_cvtepi8_epi16(_mm512_castsi512_si256(lo)), _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(lo, 1)),
+                              _mm512_cvtepi8_epi16(_mm512_castsi512_si256(hi)), _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(hi, 1))};
+        for (int r = 0; r < kR; ++r) {
+          const __m512i c = _mm512_set1_epi32(pairs[r][k]);
+          for (int i = 0; i < 4; ++i) sum[r][i] = _mm512_dpwssd_epi32(sum[r][i], x[i], c);
+        }
+      }
+      for (int r = 0; r < kR; ++r)
+        for (int i = 0; i < 4; ++i)
+          acc[r][z][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][i]), _mm512_set1_ps(t[r]), acc[r][z][i]);
+    }
+  }
+
+  MOBIQ_ATTN inline void store(int r, float* out) const {
+    for (int z = 0; z < kZ; ++z) {
+      const __m512 *x = acc[r][z];  // x[0]: dims 0-7, 16-23; x[2]: 8-15, 24-31; x[1], x[3]: the same + 32
+      _mm512_storeu_ps(out + 64 * z, _mm512_shuffle_f32x4(x[0], x[2], 0x44));
+      _mm512_storeu_ps(out + 64 * z + 16, _mm512_shuffle_f32x4(x[0], x[2], 0xEE));
+      _mm512_storeu_ps(out + 64 * z + 32, _mm512_shuffle_f32x4(x[1], x[3], 0x44));
+      _mm512_storeu_ps(out + 64 * z + 48, _mm512_shuffle_f32x4(x[1], x[3], 0xEE));
+    }
+  }
+};
+
+#undef MOBIQ_ATTN_INT_VALUES
+#undef MOBIQ_ATTN_INT_SCORER
+#undef MOBIQ_ATTN
+}  // namespace avx512vnni
+
 void attention__avx2(const AttentionArgs& a) { avx2::attend(a); }
 void attention__avx512(const AttentionArgs& a) { avx512::attend(a); }
+void attention__avx512vnni(const AttentionArgs& a) { avx512vnni::attend(a); }
 
 bool has_attention_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -296,6 +489,9 @@ bool has_attention_avx2() {
 bool has_attention_avx512() {
   return has_attention_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+bool has_attention_avx512vnni() {
+  return has_attention_avx512() && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
 }
 
 }  // namespace mobiq
