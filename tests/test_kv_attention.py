@@ -72,9 +72,10 @@ def reference(q, k, v, bits, cos, sin, scale, window=-1, int8_queries=False):
     (the integer-dot kernels' contract)."""
     t, h, d = q.shape
     g = h // k.shape[1]
-    qr = rotate(q, cos, sin).astype(np.float64) * scale
     if int8_queries and bits in (8, 4):
         qr = stored((rotate(q, cos, sin) * np.float32(scale)).astype(np.float32), 8)
+    else:
+        qr = rotate(q, cos, sin).astype(np.float64) * scale
     kr = stored(rotate(k, cos, sin), bits)
     vr = stored(v, bits)
     out = np.zeros((t, h, d))

@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
   std::vector<float> q(kRows * kDim);
   for (float& v : q) v = normal(rng) * 0.125f;
   const AttentionKernel& kernel = select_attention_kernel();
-  const int chunk = std::max(256, (P * kHeads / 8 + 15) / 16 * 16);  // attention_op.cc's decode split
+  const int chunk = static_cast<int>(kv_decode_chunk(P, kHeads));  // the op's decode split
   const int chunks = (P + chunk - 1) / chunk, tasks = kHeads * chunks;
   std::vector<float> acc(static_cast<size_t>(tasks * kRows * kDim)), m(tasks * kRows), sums(tasks * kRows);
   const std::vector<int64_t> first(kRows, 0), last(kRows, P - 1);

@@ -421,9 +421,9 @@ void test_select_kernel() {
 // Every attention variant this CPU runs against attention_reference (float64) on caches of every
 // format (the integer-dot variants over 8- and 4-bit caches: on the queries as kv_quantize_query codes them,
 // within the bound of their coded value weights): random keys/values stored with kv_store, rows with their
-// own causal/window ranges, a key
-// range that starts and ends inside blocks; positions outside every row's range hold NaN (stale
-// bytes must never reach a sum). Plus kv_store/kv_load round trips against the documented codes.
+// own causal/window ranges, a key range that starts and ends inside blocks; positions outside every row's
+// range hold NaN (stale bytes must never reach a sum). Plus kv_store/kv_load round trips against the
+// documented codes.
 void test_kv_store_load() {
   std::mt19937 rng(11);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -477,9 +477,10 @@ void test_attention() {
           for (float& v : x) v = seen ? normal(rng) : std::nanf("");
           mobiq::kv_store(l, kv == 0, x.data(), (kv == 0 ? keys : values).data() + (t / 16) * l.block_bytes, t % 16);
         }
+      const bool integer_keys = f == mobiq::KvFormat::kInt8 || f == mobiq::KvFormat::kInt4;
       double max_value_scale = 0.0;  // over the stored positions (the unseen ones hold NaN scales)
       for (int64_t b = 0; b < blocks; ++b)
-        if (f == mobiq::KvFormat::kInt8 || f == mobiq::KvFormat::kInt4)
+        if (integer_keys)
           for (int64_t i = 0; i < l.groups * 16; ++i) {
             float sc;
             std::memcpy(&sc, values.data() + b * l.block_bytes + l.code_bytes + 4 * i, 4);
@@ -498,7 +499,6 @@ void test_attention() {
       std::vector<float> ra, rm, rl, qa, qm, ql;
       run(mobiq::attention_reference, ra, rm, rl);
       // The integer-dot variants' reference: the same task on the queries as kv_quantize_query codes them.
-      const bool integer_keys = f == mobiq::KvFormat::kInt8 || f == mobiq::KvFormat::kInt4;
       if (integer_keys) {
         const std::vector<float> exact = q;
         std::vector<int8_t> codes(static_cast<size_t>(D));

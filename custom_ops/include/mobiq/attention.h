@@ -78,6 +78,11 @@ struct AttentionArgs {
 
 using AttentionFn = void (*)(const AttentionArgs& a);
 
+// Key positions per decode task (split-K) when `positions` cached positions are read by `caches` (batch x kv
+// heads) caches: about 8 tasks per call, at least 256 positions each, a whole number of blocks. Long reads
+// per task (the cache streams from memory) while both cores stay busy.
+int64_t kv_decode_chunk(int64_t positions, int64_t caches);
+
 // The integer-dot variants' rounding of value weights: half an int16 step, 2^-16 of the block's largest.
 inline constexpr double kValueWeightStep = 0.5 / 32767.0;
 

@@ -40,6 +40,12 @@ void attention_portable(const AttentionArgs& a) { portable::attend(a); }
 
 }  // namespace
 
+int64_t kv_decode_chunk(int64_t positions, int64_t caches) {
+  constexpr int64_t kLeast = 256, kTasks = 8;
+  const int64_t share = positions * caches / kTasks;
+  return std::max(kLeast, (share + kKvBlock - 1) / kKvBlock * kKvBlock);
+}
+
 void attention_reference(const AttentionArgs& a) {
   const int64_t D = a.layout.head_dim;
   std::vector<float> k(static_cast<size_t>(D)), v(static_cast<size_t>(D));

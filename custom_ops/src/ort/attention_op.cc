@@ -21,9 +21,6 @@ Input input(Ort::KernelContext& ctx, size_t i) {
   return get_typed_input(ctx, i, kAttentionOpName, kNames[i], kTypes[i]);
 }
 
-constexpr int64_t kDecodeChunk = 256;  // least key positions per task when few tokens are new (split-K)
-constexpr int64_t kDecodeTasks = 8;    // ... and about this many tasks per call: longer reads per task
-                                       // (the cache streams from memory) while both cores stay busy
 constexpr int64_t kTileRows = 32;      // query rows (tokens x heads of a group) per task otherwise
 constexpr int64_t kInlineTokens = 16;  // new tokens stored on the calling thread
 constexpr int64_t kInlineReads = 8192; // (row, position) pairs attended on the calling thread
@@ -263,8 +260,7 @@ OrtStatusPtr AttentionKernelState::ComputeV2(OrtKernelContext* context) {
           const int64_t s1 = std::min(c.S, s0 + tile), rows = (s1 - s0) * c.G;
           const int64_t last = c.past(b) + s1 - 1;
           const int64_t first = window > 0 ? std::max<int64_t>(0, c.past(b) + s0 + 1 - window) : 0;
-          const int64_t share = (last + 1 - first) * c.B * kv_heads / kDecodeTasks;
-          const int64_t chunk = std::max(kDecodeChunk, (share + kKvBlock - 1) / kKvBlock * kKvBlock);
+          const int64_t chunk = kv_decode_chunk(last + 1 - first, c.B * kv_heads);
           for (int64_t k0 = first; k0 <= last; k0 = split ? k0 + chunk : last + 1) {
             const int64_t k1 = split ? std::min(last + 1, k0 + chunk) : last + 1;
             c.tasks.push_back({b, h, s0, s1, k0, k1, offset});
