@@ -114,7 +114,7 @@ std::vector<float> run(const KernelInfo& kernel, const Problem& p, float fill = 
   args.y = y.data() + p.off;
   args.M = p.M, args.K = p.K, args.N = p.N, args.group_size = p.g, args.num_slices = kS;
   mobiq::TileParams params;
-  mobiq::build_tile_params(args.scales, args.zero_points, p.N, p.K / p.g, params);
+  mobiq::build_tile_params(kernel.mode, args.scales, args.zero_points, p.N, p.K / p.g, params);
   mobiq::use_tile_params(params, args);
   mobiq::ActivationBuffers buffers;
   mobiq::prepare_activations(kernel.operand, p.x.data() + p.off, p.M, p.K, p.g, buffers, args);
@@ -156,6 +156,40 @@ const KernelInfo& kernel_named(const std::string& name) {
   for (const auto& k : mobiq::all_kernels())
     if (name == k.name) return k;
   throw std::logic_error("no kernel " + name);
+}
+
+// The int8 mode's tile parameters: binary16 bit patterns of IEEE 754 (normal, largest, subnormal,
+// round to nearest even), and every s1, s1 z1 within half a binary16 step of the row's largest.
+void test_tile_params() {
+  struct Known {
+    float value;
+    uint16_t bits;
+    bool exact;  // value is a binary16 number (else a tie that rounds to the even neighbour)
+  };
+  const Known known[] = {{1.0f, 0x3C00, true},         {-2.0f, 0xC000, true},          {65504.0f, 0x7BFF, true},
+                         {0x1p-24f, 0x0001, true},      {0.1f, 0x2E66, false},          {1.0f + 0x1p-11f, 0x3C00, false},
+                         {1.0f + 0x3p-11f, 0x3C02, false}};
+  for (const Known& k : known) {
+    check(mobiq::to_half(k.value) == k.bits, "to_half(" + std::to_string(k.value) + ") expected " +
+                                                  std::to_string(k.bits) + "; got " + std::to_string(mobiq::to_half(k.value)));
+    check(!k.exact || mobiq::from_half(k.bits) == k.value, "from_half(" + std::to_string(k.bits) + ") expected " +
+                                                               std::to_string(k.value));
+  }
+  const int64_t N = 17, G = 3;  // row 16 alone in its tile; row 3 all zero (scales 0 are graph-input values)
+  std::vector<float> s(N * G), z(N * G);
+  for (int64_t i = 0; i < N * G; ++i) s[i] = std::ldexp(1.0f + 0.37f * (i % 5), -static_cast<int>(i % 13)), z[i] = 1.5f - (i % 7);
+  for (int64_t g = 0; g < G; ++g) s[3 * G + g] = 0.0f;
+  mobiq::TileParams params;
+  mobiq::build_tile_params(Mode::kInt8, s.data(), z.data(), N, G, params);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      const size_t at = static_cast<size_t>(2 * ((n / 16) * G + g) * 16 + n % 16);
+      const double r = params.row_scales[static_cast<size_t>(n)];
+      const double got_s = r * mobiq::from_half(params.halves[at]), got_o = r * mobiq::from_half(params.halves[at + 16]);
+      const double want_s = s[n * G + g], want_o = static_cast<double>(s[n * G + g]) * z[n * G + g];
+      check(std::fabs(got_s - want_s) <= 0x1p-12 * r && std::fabs(got_o - want_o) <= 0x1p-12 * r,
+            "tile params row " + std::to_string(n) + " group " + std::to_string(g));
+    }
 }
 
 void test_kernels_on_grid() {
@@ -544,6 +578,7 @@ void test_attention() {
 }
 
 int main() {
+  test_tile_params();
   test_kernels_on_grid();
   test_kernels_at_extremes();
   test_kernels_at_max_group();

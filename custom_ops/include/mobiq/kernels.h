@@ -12,8 +12,9 @@
 //          2k-bit codes, the second term still from the float sums.
 // Operands (RsmmArgs): weights as in format.h, their slice-1 parameters also
 // as tile parameters (build_tile_params: per row tile and group, 16 rows in
-// lanes, the order of the SIMD accumulators); activations prepared once per
-// call by prepare_activations().
+// lanes, the order of the SIMD accumulators; float32 in the kF32 mode, half
+// precision per row in the kInt8 mode, see TileParams); activations prepared
+// once per call by prepare_activations().
 // Preconditions (checked by the ORT glue / select_kernel): K % g == 0,
 // g % 16 == 0, g <= kMaxGroupSize, 1 <= k <= min(S, max_slices),
 // 0 <= n0 <= n1 <= N with n0 % 16 == 0, token indices in [0, M).
@@ -48,8 +49,10 @@ struct RsmmArgs {
   const uint8_t* slices;       // [S, ceil(N/16), K/16, 64], format.h
   const float* scales;         // [N, G]: s1
   const float* zero_points;    // [N, G]: z1
-  const float* tile_scales;    // [ceil(N/16), G, 16]: s1, rows in lanes, 0 past row N
-  const float* tile_offsets;   // [ceil(N/16), G, 16]: s1 * z1, same order
+  const float* tile_scales;    // kF32: [ceil(N/16), G, 16]: s1, rows in lanes, 0 past row N
+  const float* tile_offsets;   // kF32: [ceil(N/16), G, 16]: s1 * z1, same order
+  const uint16_t* tile_halves; // kInt8: [ceil(N/16), G, 2, 16] binary16: s1 / r_n, then s1 * z1 / r_n
+  const float* row_scales;     // kInt8: [ceil(N/16) * 16]: r_n (1 past row N)
   const float* bias;           // [N] or nullptr
   const float* x;              // [M, K] float32 activations
   const int8_t* xq;            // kInt8: [M, K] quantized activations; kDigits: [M, 3, K]
@@ -90,13 +93,24 @@ struct ActivationBuffers {
 void prepare_activations(Operand operand, const float* x, int64_t M, int64_t K, int64_t group_size,
                          ActivationBuffers& buffers, RsmmArgs& args);
 
-// Slice-1 parameters regrouped by row tile (RsmmArgs::tile_scales / tile_offsets), built once
-// per weight; points args at them.
+// Slice-1 parameters regrouped by row tile, built once per weight for one mode; points args at them.
+//   kF32: float32 s1 and s1 z1 (RsmmArgs::tile_scales / tile_offsets), exact.
+//   kInt8: binary16 s1 / r_n and s1 z1 / r_n in one 64-byte line per (row tile, group)
+//     (tile_halves), r_n = the largest |s1|, |s1 z1| of row n (row_scales): a kernel sums a row's
+//     groups in units of r_n and multiplies once by r_n. Half the bytes a decode step reads for
+//     parameters (at 4 bits and g = 64 they were 20 % of all it reads), for a relative rounding of
+//     2^-11 of r_n per parameter, below the int8 activations' 2^-8.
 struct TileParams {
-  std::vector<float> scales, offsets;
+  std::vector<float> scales, offsets, row_scales;
+  std::vector<uint16_t> halves;
 };
-void build_tile_params(const float* scales, const float* zero_points, int64_t N, int64_t groups, TileParams& params);
+void build_tile_params(Mode mode, const float* scales, const float* zero_points, int64_t N, int64_t groups,
+                       TileParams& params);
 void use_tile_params(const TileParams& params, RsmmArgs& args);
+
+// binary16 <-> float32 (round to nearest even; subnormals kept; overflow to infinity).
+uint16_t to_half(float v);
+float from_half(uint16_t h);
 
 // Kernel implementations (see their files for the contracts).
 void rsmm_f32_reference(const RsmmArgs&, const int32_t*, int64_t, int, int64_t, int64_t);

@@ -6,7 +6,8 @@
 //   s_k (sum_c x_c Q_c) + (s_k/2 - s1 z1) xsum, group partials in float32, the
 //   sum over groups in float64.
 // rsmm_i8_1x1__scalar: int8 mode. The same with x_c replaced by xq_c * xq_scale
-//   in the first term, the integer dot product exact in int32.
+//   in the first term, the integer dot product exact in int32, and the half-precision
+//   tile parameters in units of the row scale (kernels.h, TileParams) for s1 and s1 z1.
 // Neither reads bytes of slices k+1..S.
 #include "mobiq/format.h"
 #include "mobiq/kernels.h"
@@ -33,7 +34,7 @@ void rsmm_1x1_scalar(const RsmmArgs& a, const int32_t* tokens, int64_t num_token
     for (int64_t i = 0; i < num_tokens; ++i) {
       const int64_t t = tokens[i];
       const float* xs = a.x_group_sums + t * groups;
-      double acc = a.bias ? a.bias[n] : 0.0;
+      double acc = M == Mode::kF32 && a.bias ? a.bias[n] : 0.0;
       for (int64_t g = 0; g < groups; ++g) {
         float dot = 0.0f;
         if constexpr (M == Mode::kF32) {
@@ -56,10 +57,17 @@ void rsmm_1x1_scalar(const RsmmArgs& a, const int32_t* tokens, int64_t num_token
           }
           dot = static_cast<float>(idot) * a.xq_scale[t * groups + g];
         }
-        const float s1 = a.scales[n * groups + g];
-        const float z1 = a.zero_points[n * groups + g];
-        acc += static_cast<double>(s1 * ratio) * dot + static_cast<double>(s1 * (0.5f * ratio - z1)) * xs[g];
+        if constexpr (M == Mode::kF32) {
+          const float s1 = a.scales[n * groups + g];
+          const float z1 = a.zero_points[n * groups + g];
+          acc += static_cast<double>(s1 * ratio) * dot + static_cast<double>(s1 * (0.5f * ratio - z1)) * xs[g];
+        } else {  // the tile parameters, in units of the row scale
+          const uint16_t* line = a.tile_halves + 2 * ((n / kTileRows) * groups + g) * kTileRows + n % kTileRows;
+          const float s1 = from_half(line[0]), o1 = from_half(line[kTileRows]);
+          acc += static_cast<double>(s1 * ratio) * dot + static_cast<double>(s1 * 0.5f * ratio - o1) * xs[g];
+        }
       }
+      if constexpr (M == Mode::kInt8) acc = acc * a.row_scales[n] + (a.bias ? a.bias[n] : 0.0);
       a.y[t * a.N + n] = static_cast<float>(acc);
     }
   }

@@ -224,7 +224,7 @@ OrtStatusPtr RsmmOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* info, vo
     if (w.zero_points.value) check_values(info, 3, w.zero_points, Values::kFinite);
     if (w.bias.value) check_values(info, 5, w.bias, Values::kFinite);
     if (k->constant) {
-      build_tile_params(k->weights.scales.value.GetTensorData<float>(),
+      build_tile_params(k->kernel->mode, k->weights.scales.value.GetTensorData<float>(),
                         k->weights.zero_points.value.GetTensorData<float>(), k->N, k->K / k->group_size, k->tile_params);
     }
     Ort::ConstKernelInfo kinfo(info);
@@ -352,7 +352,7 @@ OrtStatusPtr RsmmKernel::ComputeV2(OrtKernelContext* context) {
     args.y = y.GetTensorMutableData<float>();
     args.M = M, args.K = K, args.N = N, args.group_size = group_size, args.num_slices = num_slices;
     TileParams call_params;
-    if (!constant) build_tile_params(args.scales, args.zero_points, N, groups, call_params);
+    if (!constant) build_tile_params(kernel->mode, args.scales, args.zero_points, N, groups, call_params);
     use_tile_params(constant ? tile_params : call_params, args);
     // Whole row tiles per task: 4 for large N (fewer calls, pairs of tiles for the kernels), 2 for
     // small N (still >= 18 tasks at N = 576, enough to balance 2-4 threads).

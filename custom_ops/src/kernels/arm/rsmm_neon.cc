@@ -25,7 +25,8 @@
 //   the group's dot gets 128 * sum(xq) back (integer sum: exact); the int16 sums
 //   of the plain-NEON kernel then hold 2 products, at most 2 * 128 * 127 < 2^15.
 // Per group g and token: y += s1 * (s_k/s1 * (dot * dot_scale + xsum/2)) - (s1 z1)
-// * xsum, with s1 and s1 z1 from the tile parameters. Independent accumulator
+// * xsum, with s1 and s1 z1 from the tile parameters (int8 mode: half precision in units of
+// the row's scale, which the store multiplies in). Independent accumulator
 // chains per quarter: 4 for a single token, 2 each for two, 1 each for more.
 // All: group_size % 16 == 0, k <= 4, any N (rows past min(n1, N) never stored,
 // bias past N never read), unaligned pointers, xq in [-127, 127] (as
@@ -97,11 +98,19 @@ inline int32_t xq_sum(const int8_t* x, int64_t n) {
 }
 
 // Adds the group's dot products of quarter r (per token, rows in lanes) to its running outputs.
-template <int NT>
+// Int8: in units of the row scales (the half-precision tile parameters).
+template <int NT, bool Int8>
 inline void group_epilogue(const RsmmArgs& a, const int32_t* tok, int64_t tile, int64_t g, int r, float ratio,
                            const float32x4_t (&dot)[NT], const float* dot_scale, float32x4_t (&out)[NT]) {
-  const int64_t groups = a.K / a.group_size, at = (tile * groups + g) * kTileRows + kQuarterRows * r;
-  const float32x4_t s1 = vld1q_f32(a.tile_scales + at), o1 = vld1q_f32(a.tile_offsets + at);
+  const int64_t groups = a.K / a.group_size, line = (tile * groups + g) * kTileRows, at = line + kQuarterRows * r;
+  float32x4_t s1, o1;
+  if constexpr (Int8) {
+    const uint16_t* halves = a.tile_halves + 2 * line + kQuarterRows * r;
+    s1 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(halves)));
+    o1 = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(halves + kTileRows)));
+  } else {
+    s1 = vld1q_f32(a.tile_scales + at), o1 = vld1q_f32(a.tile_offsets + at);
+  }
   for (int j = 0; j < NT; ++j) {
     const float xsum = a.x_group_sums[tok[j] * groups + g];
     const float32x4_t t = vfmaq_n_f32(vdupq_n_f32(0.5f * ratio * xsum), dot[j], ratio * dot_scale[j]);
@@ -109,20 +118,22 @@ inline void group_epilogue(const RsmmArgs& a, const int32_t* tok, int64_t tile, 
   }
 }
 
-// Rows n .. end-1 (end <= n + 16) of the outputs, plus bias.
-template <int NT>
+// Rows n .. end-1 (end <= n + 16) of the outputs (Int8: times the row scales), plus bias.
+template <int NT, bool Int8>
 inline void store_tile(const RsmmArgs& a, const int32_t* tok, int64_t n, int64_t end,
                        const float32x4_t (&out)[kQuarters][NT]) {
   for (int r = 0; r < kQuarters; ++r) {
     const int64_t row = n + kQuarterRows * r, rows = end - row;
     if (rows <= 0) break;
+    float32x4_t y[NT];
+    for (int j = 0; j < NT; ++j) y[j] = Int8 ? vmulq_f32(out[r][j], vld1q_f32(a.row_scales + row)) : out[r][j];
     if (rows >= kQuarterRows) {
       const float32x4_t bias = a.bias ? vld1q_f32(a.bias + row) : vdupq_n_f32(0.0f);
-      for (int j = 0; j < NT; ++j) vst1q_f32(a.y + tok[j] * a.N + row, vaddq_f32(out[r][j], bias));
+      for (int j = 0; j < NT; ++j) vst1q_f32(a.y + tok[j] * a.N + row, vaddq_f32(y[j], bias));
     } else {
       for (int j = 0; j < NT; ++j) {
         float v[kQuarterRows];
-        vst1q_f32(v, out[r][j]);
+        vst1q_f32(v, y[j]);
         for (int64_t i = 0; i < rows; ++i) a.y[tok[j] * a.N + row + i] = v[i] + (a.bias ? a.bias[row + i] : 0.0f);
       }
     }
@@ -230,10 +241,10 @@ inline void row_tile(const RsmmArgs& a, const int32_t* tok, int64_t n, int64_t e
           dot[j] = vcvtq_f32_s32(s);
         }
       }
-      group_epilogue<NT>(a, tok, tile, g, r, step_ratio(KS), dot, dot_scale, out[r]);
+      group_epilogue<NT, !kF32>(a, tok, tile, g, r, step_ratio(KS), dot, dot_scale, out[r]);
     }
   }
-  store_tile<NT>(a, tok, n, end, out);
+  store_tile<NT, !kF32>(a, tok, n, end, out);
 }
 
 template <class Dots, int NT>

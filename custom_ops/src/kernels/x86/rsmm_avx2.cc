@@ -25,7 +25,8 @@
 //   AVX2 kernel per tile at M = 1 (both measured on one Zen 5 core).
 // The code is rsmm_ymm.inc, compiled below once per instruction set (AVX2; AVX2 + AVX-VNNI).
 // Per group g and token: y += s1 * (s_k/s1 * (dot * dot_scale + xsum/2)) - (s1 z1)
-// * xsum, with s1 and s1 z1 from the tile parameters. Bias loads and y stores are
+// * xsum, with s1 and s1 z1 from the tile parameters (int8 mode: half precision in units of
+// the row's scale, which the store multiplies in; F16C converts them). Bias loads and y stores are
 // masked (vmaskmovps): rows past N are never read or written.
 // All: group_size % 16 == 0, k <= 4, any N, unaligned pointers; bytes of slices
 // k+1..S never read.
@@ -41,14 +42,14 @@ namespace mobiq {
 namespace {
 
 namespace avx2 {
-#define MOBIQ_YMM __attribute__((target("avx2,fma")))
+#define MOBIQ_YMM __attribute__((target("avx2,fma,f16c")))
 constexpr bool kVnni = false;
 #include "rsmm_ymm.inc"
 #undef MOBIQ_YMM
 }  // namespace avx2
 
 namespace avxvnni {
-#define MOBIQ_YMM __attribute__((target("avx2,fma,avxvnni")))
+#define MOBIQ_YMM __attribute__((target("avx2,fma,f16c,avxvnni")))
 constexpr bool kVnni = true;
 #include "rsmm_ymm.inc"
 #undef MOBIQ_YMM

@@ -20,7 +20,8 @@
 //   <= 2^-23 max|x_group|, below float32 rounding of the sums), three vpdpbusd per
 //   (quad, token), exact int32 sums combined in float per group.
 // Per group g and token: y += s1 * (s_k/s1 * (dot + xsum/2)) - (s1 z1) * xsum, with
-// s1 and s1 z1 from the tile parameters. One token keeps 4 independent accumulator
+// s1 and s1 z1 from the tile parameters (int8 mode: half precision in units of the row's
+// scale, which the store multiplies in). One token keeps 4 independent accumulator
 // chains per column tile and takes two column tiles at a time (k <= 3), two tokens 2
 // chains each, so vpdpbusd latency is hidden. Exact mode takes tokens two at a time.
 // Both: group_size % 16 == 0, k <= 4, bytes of slices k+1..S never read.
@@ -117,12 +118,21 @@ MOBIQ_AVX512VNNI inline __m512i slot_sum(const __m512i* slot) {
   return s;
 }
 
-// Adds one group's dot products (per token, rows in lanes) to the running outputs.
+// Adds one group's dot products (per token, rows in lanes) to the running outputs; int8 mode: in
+// units of the row scales (the half-precision tile parameters, one 64-byte line).
+template <bool Int8>
 MOBIQ_AVX512VNNI inline void group_epilogue(const RsmmArgs& a, const int32_t* tok, int nt, int64_t tile, int64_t g,
                                             float ratio, const __m512* dot, __m512* out) {
-  const int64_t groups = a.K / a.group_size;
-  const __m512 s1 = _mm512_loadu_ps(a.tile_scales + (tile * groups + g) * kTileRows);
-  const __m512 o1 = _mm512_loadu_ps(a.tile_offsets + (tile * groups + g) * kTileRows);
+  const int64_t groups = a.K / a.group_size, at = (tile * groups + g) * kTileRows;
+  __m512 s1, o1;
+  if constexpr (Int8) {
+    const __m512i halves = _mm512_loadu_si512(a.tile_halves + 2 * at);
+    s1 = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
+    o1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1));
+  } else {
+    s1 = _mm512_loadu_ps(a.tile_scales + at);
+    o1 = _mm512_loadu_ps(a.tile_offsets + at);
+  }
   for (int j = 0; j < nt; ++j) {
     const float xsum = a.x_group_sums[tok[j] * groups + g];
     const float xscale = a.xq_scale[tok[j] * groups + g];
@@ -131,13 +141,18 @@ MOBIQ_AVX512VNNI inline void group_epilogue(const RsmmArgs& a, const int32_t* to
   }
 }
 
-// Stores rows n .. min(n + 16, n1) - 1 of the tokens' outputs, bias added.
+// Stores rows n .. min(n + 16, n1) - 1 of the tokens' outputs (int8 mode: times the row scales),
+// bias added.
+template <bool Int8>
 MOBIQ_AVX512VNNI inline void store_tile(const RsmmArgs& a, const int32_t* tok, int nt, int64_t n, int64_t n1,
                                         const __m512* out) {
   const int64_t rows = n1 - n < kTileRows ? n1 - n : kTileRows;
   const __mmask16 m = static_cast<__mmask16>((1u << rows) - 1);
   const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(m, a.bias + n) : _mm512_setzero_ps();
-  for (int j = 0; j < nt; ++j) _mm512_mask_storeu_ps(a.y + tok[j] * a.N + n, m, _mm512_add_ps(out[j], bias));
+  for (int j = 0; j < nt; ++j) {
+    const __m512 y = Int8 ? _mm512_fmadd_ps(out[j], _mm512_loadu_ps(a.row_scales + n), bias) : _mm512_add_ps(out[j], bias);
+    _mm512_mask_storeu_ps(a.y + tok[j] * a.N + n, m, y);
+  }
 }
 
 // One row tile (rows n .. n+15, outputs stored below n1) for NT tokens reading KS slices; P
@@ -189,9 +204,9 @@ MOBIQ_AVX512VNNI void row_tile(const RsmmArgs& a, const int32_t* tok, int64_t n,
       for (int d = P - 2; d >= 0; --d)
         dot[j] = _mm512_fmadd_ps(dot[j], _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(sums[d]));
     }
-    group_epilogue(a, tok, NT, tile, g, step_ratio(KS), dot, out);
+    group_epilogue<P == 1>(a, tok, NT, tile, g, step_ratio(KS), dot, out);
   }
-  store_tile(a, tok, NT, n, n1, out);
+  store_tile<P == 1>(a, tok, NT, n, n1, out);
 }
 
 // Rows [n0, n1) for one token tile; a single int8 token reading up to 3 slices takes two column
