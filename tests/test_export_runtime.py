@@ -506,8 +506,9 @@ def test_the_tied_tiny_model_stores_no_embedding_of_its_own(tiny_model_dir):
 
 
 def test_footprint_counts_every_weight_byte_once_when_all_slices_are_read(tiny_model_dir):
-    """Reading every slice of every linear is the whole file's linear weights (the tied embedding adds nothing:
-    its rows are the head's); reading none of the routed slices leaves only scales, zero points and the head."""
+    """Reading every slice of every linear is the whole file's linear slices plus their parameters as the int8-mode
+    op reads them (binary16, and a float32 per row) (the tied embedding adds nothing: its rows are the head's);
+    reading none of the routed slices leaves only those parameters and the head."""
     import onnx
 
     from mobiquant.tools.footprint import bytes_per_token
@@ -515,7 +516,9 @@ def test_footprint_counts_every_weight_byte_once_when_all_slices_are_read(tiny_m
     graph = onnx.load(str(tiny_model_dir / "model.onnx")).graph
     init = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
     linears = [n for n in graph.node if n.op_type == "ResidualSliceMatMul"]
-    weights = sum(init[n.input[i]].nbytes for n in linears for i in (1, 2, 3))
+    assert all(a.i == 4 for n in linears for a in n.attribute if a.name == "accuracy_level")
+    params = sum(init[n.input[2]].astype(np.float16).nbytes * 2 + 4 * init[n.input[2]].shape[0] for n in linears)
+    weights = sum(init[n.input[1]].nbytes for n in linears) + params
     row = 0.0  # read from the head, whose bytes are counted already
     slices = int(json.loads((tiny_model_dir / "mobiq.json").read_text())["num_slices"])
     assert bytes_per_token(tiny_model_dir, 2.0 * slices, slices) == pytest.approx(weights + row)

@@ -3,8 +3,9 @@ per token, peak memory of ``mobiq-run``, and the decode ceiling memory bandwidth
 
 Bytes per token come from the file's own tensors and the bits the graph reports reading: every routed
 ``ResidualSliceMatMul`` reads ``count`` of its S slices (avg_bits / 2 slices on average, weighted by weight
-size as the graph computes avg_bits) plus its group scales and zero points; the LM head reads its fixed
-slices, scales and zero points; the embedding one row (codes, scales, zero points) unless a tied model reads it
+size as the graph computes avg_bits) plus its group scales and zero points, as the op reads them (int8 mode,
+``accuracy_level`` 4: binary16, half the file's float32, plus one float32 scale per row; docs/design.md "The
+op"); the LM head reads its fixed slices and parameters; the embedding one row (codes, scales, zero points) unless a tied model reads it
 from the head's slices, already counted. Activations, the KV cache
 and norms are left out: the ceiling is an upper bound. Peak memory is ``mobiq-run``'s own report (a short
 chat prompt, 32 new tokens) in a fresh process.
@@ -39,6 +40,13 @@ def _tensors(model_path: Path) -> tuple[list, dict, dict]:
     return list(model.graph.node), sizes, dims
 
 
+def parameter_bytes(node, sizes: dict, dims: dict) -> float:
+    """Bytes of slice-1 parameters one ResidualSliceMatMul reads per call (its scales and zero points)."""
+    stored = sizes[node.input[2]] + sizes[node.input[3]]
+    int8_mode = next((a.i for a in node.attribute if a.name == "accuracy_level"), 0) == 4
+    return stored / 2 + 4 * dims[node.input[2]][0] if int8_mode else stored
+
+
 def bytes_per_token(model_dir: Path, avg_bits: float, head_slices: int) -> float:
     """Weight bytes one decode step reads at ``avg_bits`` (see the module docstring)."""
     nodes, sizes, dims = _tensors(model_dir / "model.onnx")
@@ -48,7 +56,7 @@ def bytes_per_token(model_dir: Path, avg_bits: float, head_slices: int) -> float
         if node.op_type == "ResidualSliceMatMul":
             slices = next(a.i for a in node.attribute if a.name == "num_slices")
             reads = head_slices if "lm_head" in node.input[1] else avg_bits / 2
-            total += reads * sizes[node.input[1]] / slices + sizes[node.input[2]] + sizes[node.input[3]]
+            total += reads * sizes[node.input[1]] / slices + parameter_bytes(node, sizes, dims)
         elif node.op_type == "GatherBlockQuantized":
             total += sum(sizes[node.input[i]] for i in (0, 2, 3)) / dims[node.input[0]][0]
         elif node.op_type == "Gather" and node.input[1] == "input_ids" and node.input[0] not in counted:
