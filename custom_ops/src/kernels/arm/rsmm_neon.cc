@@ -125,8 +125,9 @@ inline void store_tile(const RsmmArgs& a, const int32_t* tok, int64_t n, int64_t
   for (int r = 0; r < kQuarters; ++r) {
     const int64_t row = n + kQuarterRows * r, rows = end - row;
     if (rows <= 0) break;
+    const float32x4_t unit = Int8 ? vld1q_f32(a.row_scales + row) : vdupq_n_f32(1.0f);
     float32x4_t y[NT];
-    for (int j = 0; j < NT; ++j) y[j] = Int8 ? vmulq_f32(out[r][j], vld1q_f32(a.row_scales + row)) : out[r][j];
+    for (int j = 0; j < NT; ++j) y[j] = vmulq_f32(out[r][j], unit);
     if (rows >= kQuarterRows) {
       const float32x4_t bias = a.bias ? vld1q_f32(a.bias + row) : vdupq_n_f32(0.0f);
       for (int j = 0; j < NT; ++j) vst1q_f32(a.y + tok[j] * a.N + row, vaddq_f32(y[j], bias));

@@ -393,15 +393,6 @@ struct IntScorer {
     }
     for (int r = 0; r < kR; ++r) s[r] = (vf16)out[r];
   }
-
-  MOBIQ_ATTN void block(const uint8_t* kb, vf16* s) const {
-    switch (a.rows) {
-      case 1: return rows_block<1>(kb, s);
-      case 2: return rows_block<2>(kb, s);
-      case 3: return rows_block<3>(kb, s);
-      default: return rows_block<4>(kb, s);
-    }
-  }
 };
 
 // 8-bit value sums (attention.inc's FewValues contract) as integer dot products: per block, row and group of

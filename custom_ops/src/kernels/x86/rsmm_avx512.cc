@@ -149,10 +149,8 @@ MOBIQ_AVX512VNNI inline void store_tile(const RsmmArgs& a, const int32_t* tok, i
   const int64_t rows = n1 - n < kTileRows ? n1 - n : kTileRows;
   const __mmask16 m = static_cast<__mmask16>((1u << rows) - 1);
   const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(m, a.bias + n) : _mm512_setzero_ps();
-  for (int j = 0; j < nt; ++j) {
-    const __m512 y = Int8 ? _mm512_fmadd_ps(out[j], _mm512_loadu_ps(a.row_scales + n), bias) : _mm512_add_ps(out[j], bias);
-    _mm512_mask_storeu_ps(a.y + tok[j] * a.N + n, m, y);
-  }
+  const __m512 unit = Int8 ? _mm512_loadu_ps(a.row_scales + n) : _mm512_set1_ps(1.0f);
+  for (int j = 0; j < nt; ++j) _mm512_mask_storeu_ps(a.y + tok[j] * a.N + n, m, _mm512_fmadd_ps(out[j], unit, bias));
 }
 
 // One row tile (rows n .. n+15, outputs stored below n1) for NT tokens reading KS slices; P
