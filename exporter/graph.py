@@ -13,9 +13,10 @@ Attention is ai.mobiquant.KVAttention (the MoBiQuant file: a cache of any precis
 session through the block size, runtime/kvcache.py) or ONNX Runtime's com.microsoft.GroupQueryAttention
 (the baselines, float32 cache); both with rotary inside (one cos/sin table per rope base;
 sliding-window layers through local_window_size; the cache always holds every position; q|k|v packed
-in one input unless q/k are normed first). A residual add and the RMSNorm after it are one
-com.microsoft.SkipSimplifiedLayerNormalization; other RMSNorms are ONNX
-RMSNormalization (opset 23). Fewer nodes: ~5 % faster decode on SmolLM2.
+in one input; Gemma 3's and Qwen3's q/k norms are KVAttention's own inputs, or nodes before
+GroupQueryAttention). A residual add and the RMSNorm after it are one
+com.microsoft.SkipSimplifiedLayerNormalization; other RMSNorms are ONNX RMSNormalization (opset 23).
+Fewer nodes: ~5 % faster decode on SmolLM2.
 The block structure is the architecture's (:data:`FAMILIES`). How a linear layer is
 computed is the caller's choice (:class:`LinearKind`): that is what differs
 between the MoBiQuant file and the fp32 / MatMulNBits baselines built here too.
@@ -243,7 +244,8 @@ class _Decoder:
         return total, normed
 
     def head_norm(self, x: str, name: str, heads: int) -> str:
-        """RMSNorm over head_dim of x [B, S, heads*head_dim], each head on its own (Gemma 3 and Qwen3 q/k norms)."""
+        """RMSNorm over head_dim of x [B, S, heads*head_dim], each head on its own (Gemma 3 and Qwen3 q/k norms
+        before GroupQueryAttention)."""
         g = self.g
         split = g.op("Reshape", [x, g.const(np.array([0, 0, heads, self.spec.head_dim], np.int64), "heads_shape")])
         return g.op("Reshape", [self.norm(split, name), g.const(np.array([0, 0, heads * self.spec.head_dim],
@@ -253,14 +255,6 @@ class _Decoder:
         """o_proj(attention(h)) of layer ``i``, appending its past/present cache to the graph I/O."""
         g, spec, pre = self.g, self.spec, f"model.layers.{i}.self_attn"
         qkv = self.linear(h, f"layers.{i}.qkv", f"layers.{i}.attn_in", [f"{pre}.{p}_proj" for p in "qkv"])
-        if spec.qk_norm:
-            split = g.const(np.array([spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim,
-                                      spec.kv_heads * spec.head_dim], np.int64), "qkv_split")
-            q, k, v = g.op("Split", [qkv, split], outputs=3, axis=-1)
-            q, k = self.head_norm(q, f"{pre}.q_norm.weight", spec.heads), self.head_norm(k, f"{pre}.k_norm.weight",
-                                                                                         spec.kv_heads)
-        else:
-            q, k, v = qkv, "", ""  # packed
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
         cos, sin = self.rotary[spec.rope_thetas[i]]
@@ -272,11 +266,20 @@ class _Decoder:
             dims = ["batch", spec.kv_heads, "kv_blocks", "kv_block_bytes"]
             self.inputs += [helper.make_tensor_value_info(n, TensorProto.UINT8, dims) for n in (past_k, past_v)]
             self.outputs += [helper.make_tensor_value_info(n, TensorProto.UINT8, dims) for n in (present_k, present_v)]
-            attn = g.op("KVAttention", [q, k, v, past_k, past_v, self.seqlens_k, cos, sin],
+            # q|k|v stay packed; q/k norms are the op's own inputs (no split, reshapes or norm nodes)
+            norms = [self._norm_weight(f"{pre}.{p}_norm.weight") for p in "qk"] if spec.qk_norm else []
+            attn = g.op("KVAttention", [qkv, "", "", past_k, past_v, self.seqlens_k, cos, sin] + norms,
                         outputs=[g.name(f"attn{i}"), present_k, present_v], domain=MOBIQ_DOMAIN,
                         num_heads=spec.heads, kv_num_heads=spec.kv_heads, scale=spec.attn_scale,
-                        local_window_size=window)[0]
+                        local_window_size=window, **({"qk_norm_epsilon": spec.rms_eps} if norms else {}))[0]
         else:
+            q, k, v = qkv, "", ""  # packed
+            if spec.qk_norm:
+                split = g.const(np.array([spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim,
+                                          spec.kv_heads * spec.head_dim], np.int64), "qkv_split")
+                q, k, v = g.op("Split", [qkv, split], outputs=3, axis=-1)
+                q, k = (self.head_norm(q, f"{pre}.q_norm.weight", spec.heads),
+                        self.head_norm(k, f"{pre}.k_norm.weight", spec.kv_heads))
             B, T, P = "batch", "total_sequence", "past_sequence"
             self.inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, spec.kv_heads, P, spec.head_dim])
                             for n in (past_k, past_v)]

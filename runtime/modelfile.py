@@ -21,7 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FORMAT_NAME = "mobiquant-onnx"
-FORMAT_VERSION = 4  # 4: KVAttention over a cache of any precision (3: float32 cache; 2: SliceRouter nodes; refused)
+# 5: KVAttention norms q and k itself (Gemma 3, Qwen3); 4: those norms as nodes, still run; 3: float32 cache and
+# 2: SliceRouter nodes, refused
+FORMAT_VERSION = 5
+READ_VERSIONS = (4, 5)  # what this runtime runs: a version-4 graph is valid for today's op library
+_READ = " or ".join(map(str, READ_VERSIONS))
 MODEL_FILE, DATA_FILE, META_FILE = "model.onnx", "model.onnx.data", "mobiq.json"
 RECORDED_FILES = (MODEL_FILE, DATA_FILE, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                   "generation_config.json", "special_tokens_map.json")
@@ -77,11 +81,11 @@ def locate(path: str | Path) -> ModelInfo:
         raise ModelFileError(f"[mobiq] format expected {FORMAT_NAME!r}; got {meta.get('format')!r} in {meta_path}")
     version = meta.get("format_version")
     if version in RETIRED_VERSIONS:
-        raise ModelFileError(f"[mobiq] format version expected {FORMAT_VERSION}; got version {version} "
+        raise ModelFileError(f"[mobiq] format version expected {_READ}; got version {version} "
                              f"({RETIRED_VERSIONS[version]}), which this mobiquant no longer runs: re-export the "
                              f"model with `mobiq-export onnx`")
-    if version != FORMAT_VERSION:
-        raise ModelFileError(f"[mobiq] format version expected {FORMAT_VERSION}; got unknown version "
+    if version not in READ_VERSIONS:
+        raise ModelFileError(f"[mobiq] format version expected {_READ}; got unknown version "
                              f"{meta.get('format_version')!r} (update mobiquant or re-export the model)")
     if p.is_dir() and not (directory / MODEL_FILE).is_file():
         raise ModelFileError(f"[mobiq] {directory / MODEL_FILE} expected; got no such file")

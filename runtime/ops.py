@@ -162,7 +162,9 @@ def _register_attention_schema() -> None:
                 P("key_cache", "tensor(uint8)", "[B, Hkv, blocks, block_bytes]"),
                 P("value_cache", "tensor(uint8)", "[B, Hkv, blocks, block_bytes]"),
                 P("seqlens_k", "tensor(int32)", "[B] tokens so far - 1"),
-                P("cos_cache", "T", "[positions, D/2]"), P("sin_cache", "T", "[positions, D/2]")],
+                P("cos_cache", "T", "[positions, D/2]"), P("sin_cache", "T", "[positions, D/2]"),
+                P("q_norm", "T", "[D] per-head RMSNorm weight of the queries, before rotary", param_option=optional),
+                P("k_norm", "T", "[D] per-head RMSNorm weight of the new keys, before rotary", param_option=optional)],
         outputs=[P("output", "T", "[B, S, H*D]"), P("present_key", "tensor(uint8)", "key_cache, new positions stored"),
                  P("present_value", "tensor(uint8)", "value_cache, new positions stored")],
         type_constraints=[("T", ["tensor(float)"], "float32 only")],
@@ -170,7 +172,9 @@ def _register_attention_schema() -> None:
                     A("kv_num_heads", defs.OpSchema.AttrType.INT, "key/value heads"),
                     A("scale", defs.OpSchema.AttrType.FLOAT, "on q.k (default 1/sqrt(D))", required=False),
                     A("local_window_size", helper.make_attribute("local_window_size", -1),
-                      "keys a query sees, its own included; -1 = all")])
+                      "keys a query sees, its own included; -1 = all"),
+                    A("qk_norm_epsilon", helper.make_attribute("qk_norm_epsilon", 1e-6),
+                      "epsilon of the q/k norms (with q_norm and k_norm)")])
     schema.set_type_and_shape_inference_function(_infer_attention)
     defs.register_schema(schema)
 

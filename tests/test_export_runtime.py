@@ -154,6 +154,18 @@ def test_cli_reads_piped_stdin(tiny_model_dir):
     assert r.returncode == 0, r.stderr.decode()
 
 
+def test_a_version_4_file_still_runs(tiny_model_dir, tmp_path):
+    """Version 5 only moved Gemma 3's and Qwen3's q/k norms into KVAttention: a version-4 file is valid as it is."""
+    import shutil
+
+    model = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, model)
+    meta = json.loads((model / "mobiq.json").read_text())
+    (model / "mobiq.json").write_text(json.dumps({**meta, "format_version": 4}))
+    r = run_cli(model, "-p", "hi", "-n", "2", "--raw")
+    assert r.returncode == 0, r.stderr.decode()
+
+
 @pytest.mark.parametrize("case", ["missing", "not-mobiquant", "not-onnx", "unknown-version", "retired-version",
                                   "budget-name", "bits-range", "empty-prompt", "bad-utf8", "no-tokenizer",
                                   "garbage-tokenizer", "garbage-tokenizer-config", "bad-template", "template-raises",

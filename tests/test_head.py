@@ -78,9 +78,12 @@ def test_a_head_that_follows_the_budget_exports_verifies_and_reads_fewer_slices(
 
 
 def test_a_fixed_head_file_is_named_as_such_beside_another_mobiquant_file():
+    from mobiquant.runtime.modelfile import FORMAT_VERSION
     from mobiquant.tools.bench import compare_label
 
-    kv = {"kv_cache": {}, "routing": "token", "num_slices": 4}
+    kv = {"kv_cache": {}, "routing": "token", "num_slices": 4, "format_version": FORMAT_VERSION}
     assert compare_label({**kv, "lm_head_slices_by_budget": {"low": 3, "max": 4}}) == "mobiquant-token"
     assert compare_label({**kv, "lm_head_slices_by_budget": {"low": 4, "max": 4}}) == "mobiquant-token-fixed-head"
-    assert compare_label({"routing": "static", "num_slices": 4}) == "mobiquant-gqa-fixed-head"
+    assert compare_label({**kv, "lm_head_slices_by_budget": {"low": 3}, "format_version": 4}) == "mobiquant-token-v4"
+    assert compare_label({"routing": "static", "num_slices": 4, "format_version": FORMAT_VERSION}) == \
+        "mobiquant-gqa-fixed-head"

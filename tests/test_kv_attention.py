@@ -88,12 +88,16 @@ def reference(q, k, v, bits, cos, sin, scale, window=-1, int8_queries=False):
     return out.reshape(t, h * d)
 
 
-def session(heads, kv_heads, packed, window=-1, scale=None, threads=1):
+def session(heads, kv_heads, packed, window=-1, scale=None, threads=1, norm_eps=None, norms=("q_norm", "k_norm")):
+    """One KVAttention node; ``norm_eps`` given: with the inputs ``norms`` ("" = absent) and that epsilon."""
     names = ["query", "", ""] if packed else ["query", "key", "value"]
     names += ["key_cache", "value_cache", "seqlens_k", "cos_cache", "sin_cache"]
     attrs = dict(num_heads=heads, kv_num_heads=kv_heads, local_window_size=window)
     if scale is not None:
         attrs["scale"] = scale
+    if norm_eps is not None:
+        names += list(norms)
+        attrs["qk_norm_epsilon"] = norm_eps
     node = helper.make_node("KVAttention", names, ["output", "present_key", "present_value"], domain=ops.DOMAIN,
                             **attrs)
     types = dict(key_cache=TensorProto.UINT8, value_cache=TensorProto.UINT8, seqlens_k=TensorProto.INT32)
@@ -108,8 +112,9 @@ def session(heads, kv_heads, packed, window=-1, scale=None, threads=1):
 class Runner:
     """Feeds a sequence to one KVAttention session in chunks, the cache carried between calls."""
 
-    def __init__(self, sess, heads, kv_heads, d, bits, capacity, cos, sin, packed):
+    def __init__(self, sess, heads, kv_heads, d, bits, capacity, cos, sin, packed, **constant_feeds):
         self.sess, self.h, self.kv, self.d, self.packed = sess, heads, kv_heads, d, packed
+        self.constant_feeds = constant_feeds
         shape = (1, kv_heads, kvcache.blocks(capacity), kvcache.block_bytes(bits, d))
         self.kc, self.vc = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
         self.cos, self.sin, self.length = cos, sin, 0
@@ -117,7 +122,7 @@ class Runner:
     def __call__(self, q, k, v):
         s = q.shape[0]
         feeds = dict(key_cache=self.kc, value_cache=self.vc, cos_cache=self.cos, sin_cache=self.sin,
-                     seqlens_k=np.array([self.length + s - 1], np.int32))
+                     seqlens_k=np.array([self.length + s - 1], np.int32), **self.constant_feeds)
         flat = [x.reshape(1, s, -1) for x in (q, k, v)]
         if self.packed:
             feeds["query"] = np.concatenate(flat, -1)
@@ -160,6 +165,32 @@ def test_prefill_then_decode_match_float64(monkeypatch, kernel, bits, heads, kv_
     got = np.concatenate(got)
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < TOL[bits], f"{bits} bits, {kernel or 'default'}: max relative error {err:.2e}"
+
+
+def rms_normed(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """Each head of x [T, heads, D] RMS-normed in float64, times w [D] (HF's RMSNorm)."""
+    x = x.astype(np.float64)
+    return (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("packed", [True, False])
+def test_head_norms_before_rotary_match_float64(bits, packed):
+    """Gemma 3's and Qwen3's q/k norms inside the op: the reference norms q and k itself, then attends."""
+    heads, kv_heads, d, t, eps = 4, 1, 256, 40, 1e-6
+    q, k, v = problem(t, heads, kv_heads, d, seed=5)
+    q, k = q * 30, k * 0.01  # the norm, not the raw scale, sets what attention sees
+    rng = np.random.default_rng(6)
+    wq, wk = (1 + rng.normal(size=d) * 0.3).astype(np.float32), (1 + rng.normal(size=d) * 0.3).astype(np.float32)
+    cos, sin = rotary_tables(t, d)
+    want = reference(rms_normed(q, wq, eps), rms_normed(k, wk, eps), v, bits, cos, sin, 0.0625, -1,
+                     attention_kernels()[-1] in INT8_QUERY_KERNELS)
+    run = Runner(session(heads, kv_heads, packed, scale=0.0625, norm_eps=eps), heads, kv_heads, d, bits, t, cos, sin,
+                 packed, q_norm=wq, k_norm=wk)
+    got = [run(q[:30], k[:30], v[:30])] + [run(q[i:i + 1], k[i:i + 1], v[i:i + 1]) for i in range(30, t)]
+    got = np.concatenate(got)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < TOL[bits], f"{bits} bits: max relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("bits", kvcache.BITS)
@@ -214,6 +245,9 @@ def test_nonfinite_values_give_nan_rows_not_crashes():
                             "576 (4 bits) for head size 64; got 100"),
     (dict(seqlen=40), "seqlens_k[0] + 1 = 41 tokens expected in [S=2, min(cache capacity 32, rotary positions 64)]"),
     (dict(query_width=101), "query width expected a multiple of 5 (H + 2 Hkv, packed); got 101"),
+    (dict(q_norm=np.ones(64, np.float32)), "q_norm and k_norm expected both or neither; got one"),
+    (dict(q_norm=np.ones(64, np.float32), k_norm=np.ones(32, np.float32)),
+     "k_norm shape expected (64,) ([head size]); got (32,)"),
 ])
 def test_bad_inputs_are_named(change, message):
     d = 64
@@ -221,7 +255,8 @@ def test_bad_inputs_are_named(change, message):
     cos, sin = rotary_tables(64, d)
     feeds = dict(query=np.zeros((1, 2, change.get("query_width", 5 * d)), np.float32), key_cache=kc,
                  value_cache=kc.copy(), seqlens_k=np.array([change.get("seqlen", 1)], np.int32), cos_cache=cos,
-                 sin_cache=sin)
+                 sin_cache=sin, **{n: change[n] for n in ("q_norm", "k_norm") if n in change})
     with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match=r"\[KVAttention\] " +
                        message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("+", r"\+")):
-        session(3, 1, True).run(None, feeds)
+        norms = tuple(n if n in change else "" for n in ("q_norm", "k_norm"))
+        session(3, 1, True, norm_eps=1e-6 if any(norms) else None, norms=norms).run(None, feeds)

@@ -315,10 +315,14 @@ def switch_cost(session, before: float, after: float, steps: int = 32, steady_st
 def compare_label(meta: dict) -> str:
     """Rows of a second MoBiQuant file, named by what sets it apart: mobiquant-<routing>, or mobiquant-gqa for a file
     with ONNX Runtime's attention and float32 cache (``mobiq-export onnx --attention gqa``: no kv_cache record);
-    ``-fixed-head`` when its LM head reads every slice at every budget (``--fixed-head``, or a file from before)."""
+    ``-fixed-head`` when its LM head reads every slice at every budget (``--fixed-head``, or a file from before);
+    ``-v<N>`` for an older format version this runtime still reads."""
+    from mobiquant.runtime.modelfile import FORMAT_VERSION
+
     label = f"mobiquant-{meta.get('routing', 'other')}" if "kv_cache" in meta else "mobiquant-gqa"
     heads = meta.get("lm_head_slices_by_budget", {}).values()
-    return label if any(k < meta.get("num_slices", 4) for k in heads) else label + "-fixed-head"
+    label += "" if any(k < meta.get("num_slices", 4) for k in heads) else "-fixed-head"
+    return label + ("" if meta.get("format_version") == FORMAT_VERSION else f"-v{meta.get('format_version')}")
 
 
 def _variants(args: argparse.Namespace, session) -> list[Variant]:

@@ -13,9 +13,10 @@ namespace {
 [[noreturn]] void fail(const std::string& what) { fail_op(kAttentionOpName, what); }
 
 constexpr const char* kNames[] = {"query", "key", "value", "key_cache", "value_cache", "seqlens_k", "cos_cache",
-                                  "sin_cache"};
+                                  "sin_cache", "q_norm", "k_norm"};
 constexpr ONNXTensorElementDataType kF = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, kU8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-constexpr ONNXTensorElementDataType kTypes[] = {kF, kF, kF, kU8, kU8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, kF, kF};
+constexpr ONNXTensorElementDataType kTypes[] = {kF,  kF, kF, kU8, kU8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32,
+                                                kF, kF, kF, kF};
 
 Input input(Ort::KernelContext& ctx, size_t i) {
   return get_typed_input(ctx, i, kAttentionOpName, kNames[i], kTypes[i]);
@@ -35,6 +36,8 @@ struct Call {
   int64_t B, S, H, Hkv, G, D, blocks, window;
   float scale;
   const float *q, *k, *v, *cos, *sin;
+  const float *q_norm, *k_norm;  // per-head RMSNorm weights [D] before rotary, or null
+  float norm_eps;
   int64_t q_stride, k_stride, q_off, k_off, v_off;  // floats per token row; offsets of q, k, v in it
   const int32_t* seqlens;
   uint8_t *key_cache, *value_cache;
@@ -61,6 +64,14 @@ void rotate(const float* x, const float* cos, const float* sin, int64_t D, float
   }
 }
 
+// out = x / sqrt(mean(x^2) + eps) * w over one head (HF's RMSNorm in float32; Gemma's 1 + w is the exporter's).
+void rms_norm(const float* x, const float* w, int64_t D, float eps, float* out) {
+  float squares = 0.0f;
+  for (int64_t i = 0; i < D; ++i) squares += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(squares / static_cast<float>(D) + eps);
+  for (int64_t i = 0; i < D; ++i) out[i] = x[i] * inv * w[i];
+}
+
 // x[0 .. n) <- H_n x / sqrt(n) (Sylvester-ordered Walsh-Hadamard, orthonormal and its own inverse);
 // n a power of two.
 void hadamard(float* x, int64_t n) {
@@ -83,19 +94,26 @@ void to_hadamard_groups(const Call& c, float* x) {
   for (int64_t g = 0; g < c.layout.groups; ++g) hadamard(x + g * c.layout.group, c.layout.group);
 }
 
+// x itself, or x normed into `normed` when the op norms heads.
+const float* head_normed(const float* x, const float* w, const Call& c, float* normed) {
+  if (!w) return x;
+  rms_norm(x, w, c.D, c.norm_eps, normed);
+  return normed;
+}
+
 // Phase 1, one task per (batch, kv head): store the new keys and values, rotate the queries.
 void store_task(void* data, size_t index) {
   Call& c = *static_cast<Call*>(data);
   const int64_t b = static_cast<int64_t>(index) / c.Hkv, h = static_cast<int64_t>(index) % c.Hkv, D = c.D;
-  thread_local std::vector<float> row, vrow;
-  row.resize(static_cast<size_t>(D)), vrow.resize(static_cast<size_t>(D));
+  thread_local std::vector<float> row, vrow, normed;
+  row.resize(static_cast<size_t>(D)), vrow.resize(static_cast<size_t>(D)), normed.resize(static_cast<size_t>(D));
   uint8_t* kc = c.cache(c.key_cache, b, h);
   uint8_t* vc = c.cache(c.value_cache, b, h);
   for (int64_t s = 0; s < c.S; ++s) {
     const int64_t pos = c.past(b) + s, token = b * c.S + s;
     const float* cos = c.cos + pos * (D / 2);
     const float* sin = c.sin + pos * (D / 2);
-    const float* k = c.k + token * c.k_stride + c.k_off + h * D;
+    const float* k = head_normed(c.k + token * c.k_stride + c.k_off + h * D, c.k_norm, c, normed.data());
     const float* v = c.v + token * c.k_stride + c.v_off + h * D;
     rotate(k, cos, sin, D, 1.0f, row.data());
     std::copy(v, v + D, vrow.data());
@@ -105,7 +123,7 @@ void store_task(void* data, size_t index) {
     kv_store(c.layout, true, row.data(), kc + block * c.layout.block_bytes, lane);
     kv_store(c.layout, false, vrow.data(), vc + block * c.layout.block_bytes, lane);
     for (int64_t j = 0; j < c.G; ++j) {
-      const float* q = c.q + token * c.q_stride + c.q_off + (h * c.G + j) * D;
+      const float* q = head_normed(c.q + token * c.q_stride + c.q_off + (h * c.G + j) * D, c.q_norm, c, normed.data());
       float* out = c.qrot.data() + ((b * c.Hkv + h) * c.S * c.G + s * c.G + j) * D;
       rotate(q, cos, sin, D, c.scale, out);
       to_hadamard_groups(c, out);
@@ -149,12 +167,17 @@ OrtStatusPtr AttentionOp::CreateKernelV2(const OrtApi&, const OrtKernelInfo* inf
     float scale = 0.0f;
     if (OrtStatus* s = api.KernelInfoGetAttribute_float(info, "scale", &scale)) api.ReleaseStatus(s), scale = 0.0f;
     k->scale = scale;
+    float eps = 1e-6f;
+    if (OrtStatus* s = api.KernelInfoGetAttribute_float(info, "qk_norm_epsilon", &eps))
+      api.ReleaseStatus(s), eps = 1e-6f;
+    k->norm_eps = eps;
     if (k->heads <= 0 || k->kv_heads <= 0 || k->heads % k->kv_heads != 0)
       fail("num_heads and kv_num_heads expected > 0 with num_heads % kv_num_heads == 0; got " +
            std::to_string(k->heads) + " and " + std::to_string(k->kv_heads));
     if (k->window == 0 || k->window < -1)
       fail("local_window_size expected -1 (all) or > 0; got " + std::to_string(k->window));
     if (!std::isfinite(k->scale) || k->scale < 0.0f) fail("scale expected finite and > 0 (or absent)");
+    if (!std::isfinite(k->norm_eps) || k->norm_eps <= 0.0f) fail("qk_norm_epsilon expected finite and > 0 (or absent)");
     k->kernel = &select_attention_kernel();
     *kernel = k.release();
     return nullptr;
@@ -167,7 +190,7 @@ OrtStatusPtr AttentionKernelState::ComputeV2(OrtKernelContext* context) {
   try {
     Ort::KernelContext ctx(context);
     const Input q = input(ctx, 0), k = input(ctx, 1), v = input(ctx, 2), kc = input(ctx, 3), vc = input(ctx, 4),
-                seq = input(ctx, 5), cos = input(ctx, 6), sin = input(ctx, 7);
+                seq = input(ctx, 5), cos = input(ctx, 6), sin = input(ctx, 7), qn = input(ctx, 8), kn = input(ctx, 9);
     if (!q.value || !kc.value || !vc.value || !seq.value || !cos.value || !sin.value)
       fail("inputs query, key_cache, value_cache, seqlens_k, cos_cache, sin_cache expected; got fewer");
     if (!k.value != !v.value) fail("key and value expected both or neither (packed query); got one");
@@ -195,6 +218,15 @@ OrtStatusPtr AttentionKernelState::ComputeV2(OrtKernelContext* context) {
       c.v = v.value.GetTensorData<float>();
     }
     c.q = q.value.GetTensorData<float>();
+    if (!qn.value != !kn.value) fail("q_norm and k_norm expected both or neither; got one");
+    c.q_norm = c.k_norm = nullptr;
+    if (qn.value) {
+      expect_shape(qn, kAttentionOpName, "q_norm", {c.D}, "[head size]");
+      expect_shape(kn, kAttentionOpName, "k_norm", {c.D}, "[head size]");
+      c.q_norm = qn.value.GetTensorData<float>();
+      c.k_norm = kn.value.GetTensorData<float>();
+    }
+    c.norm_eps = norm_eps;
     if (kc.shape.size() != 4 || kc.shape[0] != c.B || kc.shape[1] != kv_heads)
       fail("key_cache expected shape [B=" + std::to_string(c.B) + ", kv_num_heads=" + std::to_string(kv_heads) +
            ", blocks, block_bytes]; got " + shape_str(kc.shape));
