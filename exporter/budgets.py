@@ -29,12 +29,9 @@ def file_perplexities(model_dir, budgets: list[float]) -> dict[float, float]:
 
 
 def perplexity(session, windows: np.ndarray, bits: float) -> float:
-    from mobiquant.tools.evaluate import log_softmax_nll
+    from mobiquant.tools.evaluate import window_nll
 
-    nll = 0.0
-    for w in windows:
-        logits, _ = session.forward(w[None], session.empty_cache(), bits)
-        nll += log_softmax_nll(logits[0, :-1], w[1:])
+    nll = sum(window_nll(session, w, bits)[0] for w in windows)
     return float(np.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))))
 
 

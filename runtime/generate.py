@@ -99,7 +99,7 @@ def generate(session: ModelSession, prompt: list[int], max_new: int, sampler: Sa
     room = len(prompt) + max_new
     cache = prefix.start(session, prompt, room) if prefix else session.empty_cache(room)
     stats.reused_tokens = cache.length
-    logits, cache = session.forward(np.array([prompt[cache.length:]], np.int64), cache, bits)
+    logits, cache = session.prefill_last(np.array([prompt[cache.length:]], np.int64), cache, bits)
     stats.prefill_seconds = time.perf_counter() - t
     if prefix:
         prefix.keep(history, cache)

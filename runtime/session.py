@@ -5,7 +5,8 @@ ones and returns (logits [1, S, vocab], the grown cache). ``bits`` is the
 budget: the graph's target_bits input is a per-step input, so changing the budget
 never reloads anything, and ``hold`` (runtime/bits_hold.py; on by default) moves it
 so that the bits read since the budget was set average the budget.
-``last_avg_bits`` is the average bits the step read.
+``last_avg_bits`` is the average bits the step read. ``prefill`` feeds a long sequence in
+pieces so that the logits held at once stay near PREFILL_LOGIT_BYTES.
 
 The cache is written in place: each layer's keys and values live in one buffer
 bound as both the past input and the present output of the step (the attention
@@ -21,6 +22,7 @@ of capacity moves to buffers twice as large (up to the model's context).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,8 @@ import numpy as np
 from . import kvcache, ops
 from .bits_hold import BitsHold
 from .modelfile import ModelFileError, ModelInfo, locate
+
+PREFILL_LOGIT_BYTES = 64 << 20  # logits one prefill piece may return
 
 
 class ContextError(ValueError):
@@ -92,6 +96,7 @@ class ModelSession:
             self.row_shape, self.row_dtype, self.positions_per_row = (self.head_dim,), np.float32, 1
             self.set_kv_bits(32 if kv_bits is None else kv_bits)
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
+        self.prefill_rows = max(16, PREFILL_LOGIT_BYTES // (4 * self.vocab))  # SmolLM2 341, Gemma 3 64
         self.last_avg_bits = float("nan")
         self.hold = BitsHold() if hold and self.elastic else None
 
@@ -178,3 +183,17 @@ class ModelSession:
             if self.hold:
                 self.hold.record(self.last_avg_bits, ids.shape[1])
         return out[0].numpy(), KVCache(cache.buffers, total, binding, self.positions_per_row)
+
+    def prefill(self, ids: np.ndarray, cache: KVCache, bits: float | None = None) -> Iterator[tuple[np.ndarray, KVCache]]:
+        """``forward`` over ids [1, S] in pieces of at most ``prefill_rows`` positions, the cache carried: yields
+        each piece's (logits, cache). A token's logits are those one call would give; what is held at once stays
+        near PREFILL_LOGIT_BYTES (one call over 4,096 positions of a 262k vocabulary would return 4.3 GB)."""
+        for i in range(0, max(ids.shape[1], 1), self.prefill_rows):
+            logits, cache = self.forward(ids[:, i:i + self.prefill_rows], cache, bits)
+            yield logits, cache
+
+    def prefill_last(self, ids: np.ndarray, cache: KVCache, bits: float | None = None) -> tuple[np.ndarray, KVCache]:
+        """(logits [1, 1, vocab] of the last position, cache) after :meth:`prefill` over ``ids``."""
+        for logits, cache in self.prefill(ids, cache, bits):
+            pass
+        return logits[:, -1:], cache

@@ -49,6 +49,25 @@ def test_kv_cache_decode_equals_recompute(tiny, bits):
         assert err < 1e-4, f"bits={bits} step={step}: KV-cache logits differ from recompute by {err:.2e}"
 
 
+def test_prefill_in_pieces_gives_the_logits_of_one_call(tiny):
+    """A prompt fed in pieces of ``prefill_rows`` (the cache carried) scores every token as one call over it does,
+    and the evaluation's NLL over a window is the NLL of those logits."""
+    from mobiquant.tools.evaluate import log_softmax_nll, window_nll
+
+    s = ModelSession(tiny[0].parent / "model-exact", threads=1, hold=False)
+    ids = np.array([[1, *range(40, 63)]])
+    whole, _ = s.forward(ids, s.empty_cache(), 4.0)
+    s.prefill_rows = 5
+    pieces = list(s.prefill(ids, s.empty_cache(), 4.0))
+    assert [p.shape[1] for p, _ in pieces] == [5, 5, 5, 5, 4] and pieces[-1][1].length == ids.shape[1]
+    np.testing.assert_allclose(np.concatenate([p for p, _ in pieces], 1), whole, rtol=0,
+                               atol=1e-4 * np.abs(whole).max())
+    last, cache = s.prefill_last(ids, s.empty_cache(), 4.0)
+    assert last.shape == (1, 1, s.vocab) and cache.length == ids.shape[1]
+    nll, _, _ = window_nll(s, ids[0], 4.0)
+    assert nll == pytest.approx(log_softmax_nll(whole[0, :-1], ids[0, 1:]), rel=1e-5)
+
+
 def test_cache_written_in_place_branches_and_grows(tiny):
     """The cache buffers are the attention's past and present at once: a roomy cache is extended in place,
     a second continuation from the same prefix overwrites the first one's positions and still equals

@@ -262,8 +262,8 @@ class Variant:
         cache (a step writes only past the cache's length, so the prefilled positions stay valid)."""
         if depth not in self.prefilled:
             self.session.set_kv_bits(self.kv_bits)
-            self.prefilled[depth] = self.session.forward(probe_prompt(self.session, depth),
-                                                         self.session.empty_cache(depth + steps), self.bits)
+            self.prefilled[depth] = self.session.prefill_last(probe_prompt(self.session, depth),
+                                                              self.session.empty_cache(depth + steps), self.bits)
         return self.prefilled[depth]
 
 
@@ -277,7 +277,7 @@ def decode_steps(session, logits: np.ndarray, cache, bits: float | None, steps: 
 
 def decode_run(session, bits: float | None, prompt: np.ndarray, steps: int = 64) -> float:
     """Decode milliseconds per token at ``bits`` over ``steps`` greedy tokens after ``prompt`` [1, P] (one run)."""
-    logits, cache = session.forward(prompt, session.empty_cache(prompt.shape[1] + steps), bits)
+    logits, cache = session.prefill_last(prompt, session.empty_cache(prompt.shape[1] + steps), bits)
     return decode_steps(session, logits, cache, bits, steps)
 
 

@@ -56,6 +56,24 @@ def log_softmax_nll(logits: np.ndarray, targets: np.ndarray, rows: int = 32) -> 
     return total
 
 
+def window_nll(session, window: np.ndarray, bits: float | None) -> tuple[float, float, float]:
+    """(summed NLL of window[1:], each token given the ones before it; average bits read over the window; seconds
+    in the model), the window fed through ``session.prefill`` so a large vocabulary's logits are never all held."""
+    nll, bits_read, done, seconds = 0.0, 0.0, 0, 0.0
+    pieces = session.prefill(window[None], session.empty_cache(len(window)), bits)
+    while True:
+        t = time.perf_counter()
+        logits, _ = next(pieces, (None, None))
+        seconds += time.perf_counter() - t
+        if logits is None:
+            return nll, bits_read / len(window), seconds
+        n = logits.shape[1]
+        scored = min(n, len(window) - 1 - done)
+        nll += log_softmax_nll(logits[0, :scored], window[done + 1: done + 1 + scored])
+        bits_read += session.last_avg_bits * n
+        done += n
+
+
 def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_tokens: int | None,
             threads: int | None, progress: bool = False, kv_bits: int | None = None, hold: bool = True) -> dict:
     """One row: ppl, avg bits, prefill and decode tok/s, peak RSS (of this process), and the KV cache's
@@ -71,12 +89,11 @@ def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_
     if progress:
         iterator = _progress(iterator, f"{session.info.meta.get('kind')} {bits if bits else ''}")
     for w in iterator:
-        t = time.perf_counter()
-        logits, _ = session.forward(windows[w:w + 1], session.empty_cache(), bits)
-        prefill_s.append(time.perf_counter() - t)
-        nll += log_softmax_nll(logits[0, :-1], windows[w, 1:])
+        window_loss, window_bits, seconds = window_nll(session, windows[w], bits)
+        prefill_s.append(seconds)
+        nll += window_loss
         scored += context - 1
-        bits_read.append(session.last_avg_bits)
+        bits_read.append(window_bits)
     decode_ms = decode_run(session, bits, windows[0:1, :32], DECODE_TOKENS)
     return {"target_bits": bits, "avg_bits": float(np.mean(bits_read)) if session.elastic else None,
             "ppl": float(np.exp(nll / scored)), "tokens": scored,
