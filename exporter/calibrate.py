@@ -76,6 +76,7 @@ class Recipe:
     router_fit: str = "mlp"  # token routing: ridge (a linear score) or mlp (the router's MLP)
     router_hidden: int = 16  # hidden units of a fitted MLP router
     token_above_base: bool = False  # token routing above 4 bits too (measured: no gain there, router work at run time)
+    check_routing: bool = True  # below 4 bits, token routing only at budgets where it beats static on validation text
     device: str = "cpu"  # cpu | cuda | auto (cuda when present); mobiq-export --device overrides it
     seed: int = 0
 

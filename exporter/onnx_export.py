@@ -146,7 +146,9 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accu
     dependent = token_dependent_fraction(qmodel)
     set_metadata(out_dir, {"named_budgets": named, "validation_ppl": {f"{b:g}": p for b, p in ppl.items()},
                            "lm_head_slices_by_budget": head_slices, "lm_head_measurement": head_report,
-                           "token_dependent_routers": {name: dependent[f"{grid_bits(b):g}"] for name, b in named.items()}})
+                           "token_dependent_routers": {name: dependent[f"{grid_bits(b):g}"] for name, b in named.items()},
+                           **({"routing_by_budget": allocation["routing_by_budget"]}
+                              if "routing_by_budget" in (allocation := meta_raw.get("allocation") or {}) else {})})
     print(f"[export] named budgets: {named}", file=sys.stderr)
     return path
 

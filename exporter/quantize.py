@@ -27,7 +27,8 @@ from . import checkpoint as ckpt
 from .blockwise import WorkDir, calibration_windows
 from .calibrate import Calibrated, Recipe, calibrate_model, get_recipe, recipe_dict, resolve_device
 from .qmodel import THRESHOLD_GRID, QuantizedModel, build_quantized, slice_model
-from .thresholds import fit_thresholds_online
+from .routing_choice import keep_better_rows, validation_windows
+from .thresholds import fit_thresholds_online, record_widths
 
 
 def calibration_tokens(tokenizer, calib: str, recipe: Recipe) -> torch.Tensor:
@@ -58,7 +59,7 @@ def assemble(model: torch.nn.Module, cal: Calibrated, group_size: int, num_slice
 
 
 def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, progress: bool = True,
-                log=None, cache: Path | None = None) -> dict | None:
+                log=None, cache: Path | None = None, validation: torch.Tensor | None = None) -> dict | None:
     """Routers, per-router allocation and every threshold table, from ``tokens`` (the threshold windows).
 
     The first ``recipe.sensitivity_samples`` windows probe each router's per-token sensitivity. With
@@ -66,11 +67,13 @@ def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, pr
     (above it too with ``recipe.token_above_base``), the allocation follows the routers' held-out cost
     curves; otherwise it uses each router's mean (one fractional router per budget). Each router's width at every grid row is recorded in the router.
     ``cache``: a file keeping the probe's per-token KL for these slices and tokens (a refit then skips it).
+    ``validation``: windows on which, below the base, each budget keeps token routing only where it beats the
+    static allocation (:mod:`.routing_choice`; token routing with ``recipe.check_routing``).
     Returns what the checkpoint records about the allocation (or None when nothing is probed)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if recipe.routing not in ("token", "static"):
         raise ValueError(f"[quantize] routing expected 'token' or 'static'; got {recipe.routing!r}")
-    allocation, record = None, None
+    allocation, record, token_curves, static_allocation = None, None, False, None
     if recipe.sensitivity_samples:
         t = time.time()
         token = recipe.routing == "token"
@@ -100,6 +103,8 @@ def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, pr
         up = curves if token and recipe.token_above_base else static
         max_bits = F.SLICE_BITS * next(iter(qmodel.routers.values())).num_slices
         allocation = (lambda bits: A.allocate(down if bits < A.BASE_BITS else up, sizes, bits, max_bits=max_bits))
+        static_allocation = (lambda bits: A.allocate(static, sizes, bits, max_bits=max_bits))
+        token_curves = token
     for router in qmodel.routers.values():  # thresholds from the scores the file computes (int8 hidden weights)
         router.int8()
     t = time.time()
@@ -107,16 +112,14 @@ def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, pr
     record_widths(qmodel, allocation)
     log(f"[quantize] thresholds fitted in {time.time() - t:.0f}s; average bits at the anchors: "
         + ", ".join(f"{a:g}->{b:.3f}" for a, b in measured.items()) + f" ({memory.summary()})")
+    if token_curves and recipe.check_routing and validation is not None:
+        t = time.time()
+        record["routing_by_budget"] = keep_better_rows(qmodel, tokens, recipe.threshold_anchors, static_allocation,
+                                                       validation, log)
+        log(f"[quantize] token or static routing chosen per budget in {time.time() - t:.0f}s ({memory.summary()})")
     if record is not None:
         record["token_dependent"] = token_dependent_fraction(qmodel)
     return record
-
-
-def record_widths(qmodel: QuantizedModel, allocation) -> None:
-    """Each router's own average bits at every grid row (the budget's bits without an allocation)."""
-    rows = [allocation(float(b)) if allocation else None for b in THRESHOLD_GRID]
-    for name, router in qmodel.routers.items():
-        router.widths.copy_(torch.tensor([row[name] if row else b for row, b in zip(rows, THRESHOLD_GRID)]))
 
 
 def token_dependent_fraction(qmodel: QuantizedModel) -> dict[str, float]:
@@ -161,6 +164,7 @@ def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "aus
                                f"{', '.join(bad[:6])}{' …' if len(bad) > 6 else ''} (sizes that fit: {fits})")
     tokens = calibration_tokens(tokenizer, calib, recipe)
     fit_tokens = threshold_tokens(tokenizer, calib, recipe)
+    validation = validation_windows(tokenizer)
     del tokenizer  # a 262k vocabulary's tokenizer holds ~300 MB
     log(f"[quantize] {source.name}: {len(decoder_layers(float_model))} blocks, group size {group_size}, "
         f"{num_slices} slices, recipe {recipe.name}, calibration {calib} ({tokens.shape[0]} x {tokens.shape[1]} tokens), "
@@ -174,7 +178,8 @@ def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "aus
     qmodel = assemble(float_model, cal, group_size, num_slices)
     qmodel.model.to(device)
     out.mkdir(parents=True, exist_ok=True)  # the probe's per-token KL is kept beside the checkpoint for refits
-    allocation = fit_budgets(qmodel, fit_tokens.to(device), recipe, progress, log, cache=out / A.PROBE_CACHE)
+    allocation = fit_budgets(qmodel, fit_tokens.to(device), recipe, progress, log, cache=out / A.PROBE_CACHE,
+                             validation=validation)
     qmodel.model.to("cpu")
     config = ckpt.CheckpointConfig(model=source.name, source_identity=source.identity,
                                    architecture=source.architecture, num_slices=num_slices, group_size=group_size,
@@ -200,8 +205,10 @@ def refit_thresholds(path: Path, per_router: bool = True, progress: bool = True,
     qmodel, _ = ckpt.load(path, load_float_model(source), source.identity)
     recipe = get_recipe(config.recipe, **overrides, **({} if per_router else {"sensitivity_samples": 0}))
     device = resolve_device(device, recipe)
-    tokens = threshold_tokens(AutoTokenizer.from_pretrained(source.folder), config.calibration, recipe)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    tokens = threshold_tokens(tokenizer, config.calibration, recipe)
     qmodel.model.to(device)
-    allocation = fit_budgets(qmodel, tokens.to(device), recipe, progress, log, cache=path / A.PROBE_CACHE)
+    allocation = fit_budgets(qmodel, tokens.to(device), recipe, progress, log, cache=path / A.PROBE_CACHE,
+                             validation=validation_windows(tokenizer))
     qmodel.model.to("cpu")
     ckpt.save(qmodel, config, path, allocation)

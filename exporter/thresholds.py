@@ -47,6 +47,13 @@ def threshold_rows(scores: np.ndarray, num_slices: int, bits: np.ndarray) -> np.
     return table
 
 
+def record_widths(qmodel: QuantizedModel, allocation) -> None:
+    """Each router's own average bits at every grid row (the budget's bits without an allocation)."""
+    rows = [allocation(float(b)) if allocation else None for b in THRESHOLD_GRID]
+    for name, router in qmodel.routers.items():
+        router.widths.copy_(torch.tensor([row[name] if row else b for row, b in zip(rows, THRESHOLD_GRID)]))
+
+
 @torch.no_grad()
 def fit_thresholds(qmodel, token_batches: list[torch.Tensor], record_bits: float = 8.0) -> None:
     """Record every router's scores over ``token_batches`` (at ``record_bits``) and fit its table."""

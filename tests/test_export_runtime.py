@@ -19,7 +19,7 @@ import torch
 
 from mobiquant.exporter import checkpoint as ckpt
 from mobiquant.exporter.onnx_export import export
-from mobiquant.exporter.qmodel import build_quantized, slice_model
+from mobiquant.exporter.qmodel import THRESHOLD_GRID, build_quantized, slice_model
 from mobiquant.exporter.source import load_float_model, resolve
 from mobiquant.runtime import kvcache
 from mobiquant.runtime.session import ContextError, ModelSession
@@ -452,6 +452,66 @@ def test_token_routed_checkpoint_exports_and_routes_in_the_op(tmp_path):
     for bits in (3.0, 3.5, 4.5):
         session.forward(held_out, session.empty_cache(), bits)
         assert abs(session.last_avg_bits - bits) <= 0.35, (bits, session.last_avg_bits)
+
+
+def test_each_budget_below_the_base_keeps_the_routing_that_validates_better(tmp_path):
+    """With validation windows, the token fit is checked against static allocation at 2.5, 3 and 3.5 bits: the
+    tables left in the model give, at each, the lower of the two perplexities recorded (recomputed here), and
+    rows at and above the base are the token fit's."""
+    from mobiquant.exporter.calibrate import get_recipe
+    from mobiquant.exporter.evaluate import perplexity
+    from mobiquant.exporter.quantize import fit_budgets
+
+    source = resolve(str(write_tiny_llama(tmp_path / "hf")))
+    model = load_float_model(source)
+    q = build_quantized(model, slice_model(model, 64))
+    rng = np.random.default_rng(4)
+    tokens = torch.from_numpy(rng.integers(3, 99, (4, 96)))
+    validation = torch.from_numpy(rng.integers(3, 99, (2, 64)))
+    tokens[:, 0] = validation[:, 0] = 1
+    recipe = get_recipe("fast", sensitivity_samples=2, routing="token", router_fit="ridge")
+    unchecked = fit_budgets(q, tokens, recipe, progress=False, log=lambda msg: None)
+    above = {n: r.thresholds[THRESHOLD_GRID >= 4].clone() for n, r in q.routers.items()}
+    record = fit_budgets(q, tokens, recipe, progress=False, log=lambda msg: None, validation=validation)
+    choice = record["routing_by_budget"]
+    assert set(choice) == {"2.5", "3", "3.5"} and "routing_by_budget" not in unchecked
+    for bits, c in choice.items():
+        q.set_target_bits(float(bits))
+        assert perplexity(q.model, validation)[0] == pytest.approx(min(c["token"], c["static"]), rel=1e-3), (bits, c)
+        assert c["kept"] == ("token" if c["token"] <= c["static"] else "static")
+    for n, r in q.routers.items():
+        assert torch.equal(r.thresholds[THRESHOLD_GRID >= 4], above[n]), n
+
+
+def test_rows_nearest_a_budget_where_static_validates_better_take_the_static_tables(tmp_path):
+    """Static better at 3 bits only: rows 2.8-3.2 are the static fit's (fitted here on their own), every other row
+    the token fit's."""
+    from mobiquant.exporter.allocation import CostCurve, allocate, router_sizes
+    from mobiquant.exporter.calibrate import get_recipe
+    from mobiquant.exporter.quantize import fit_budgets
+    from mobiquant.exporter.routing_choice import compose, tables_of
+    from mobiquant.exporter.thresholds import fit_thresholds_online, record_widths
+
+    source = resolve(str(write_tiny_llama(tmp_path / "hf")))
+    model = load_float_model(source)
+    q = build_quantized(model, slice_model(model, 64))
+    rng = np.random.default_rng(5)
+    tokens = torch.from_numpy(rng.integers(3, 99, (4, 96)))
+    tokens[:, 0] = 1
+    recipe = get_recipe("fast", sensitivity_samples=2, routing="token", router_fit="ridge")
+    record = fit_budgets(q, tokens, recipe, progress=False, log=lambda msg: None)
+    token = tables_of(q)
+    static_alloc = lambda b: allocate({n: CostCurve.static(v) for n, v in record["sensitivity"].items()},  # noqa: E731
+                                      router_sizes(q), b, max_bits=8)
+    fit_thresholds_online(q, tokens, (2.5, 3.0, 3.5), static_alloc)
+    record_widths(q, static_alloc)
+    static = tables_of(q)
+    compose(q, token, static, {2.5: "token", 3.0: "static", 3.5: "token"})
+    rows = torch.from_numpy((THRESHOLD_GRID > 2.75) & (THRESHOLD_GRID < 3.25))
+    assert rows.sum() == 5 and any(not torch.equal(token[n][0][rows], static[n][0][rows]) for n in token)
+    for n, r in q.routers.items():
+        for got, t, s in zip((r.thresholds, r.widths), token[n], static[n]):
+            assert torch.equal(got[rows], s[rows]) and torch.equal(got[~rows], t[~rows]), n
 
 
 def test_cli_interactive_chat_drops_old_turns_and_quits_cleanly(tiny_model_dir):
