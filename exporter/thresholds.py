@@ -16,7 +16,7 @@ import torch
 
 from mobiquant.runtime import ops
 
-from .qmodel import THRESHOLD_GRID, Router
+from .qmodel import THRESHOLD_GRID, QuantizedModel, Router
 
 NEVER = ops.THRESHOLD_NEVER  # a threshold no score passes (p_j = 0) — finite, so ONNX and torch agree
 
