@@ -411,6 +411,23 @@ def test_mobiq_eval_json_schema_and_agreement_with_pytorch(tiny, tmp_path):
     assert (tmp_path / "eval.png").stat().st_size > 1000
 
 
+def token_routed_tiny(tmp_path, seed: int, validation=None):
+    """(source, quantized tiny Llama with token routing fitted on 4 random windows, those windows, the fit's record,
+    the rng); ``validation`` windows are passed on to the fit (the routing check)."""
+    from mobiquant.exporter.calibrate import get_recipe
+    from mobiquant.exporter.quantize import fit_budgets
+
+    source = resolve(str(write_tiny_llama(tmp_path / "hf")))
+    model = load_float_model(source)
+    q = build_quantized(model, slice_model(model, 64))
+    rng = np.random.default_rng(seed)
+    tokens = torch.from_numpy(rng.integers(3, 99, (4, 96)))
+    tokens[:, 0] = 1
+    recipe = get_recipe("fast", sensitivity_samples=2, routing="token", router_fit="ridge")
+    record = fit_budgets(q, tokens, recipe, progress=False, log=lambda msg: None, validation=validation)
+    return source, q, tokens, record, rng
+
+
 def test_token_routed_checkpoint_exports_and_routes_in_the_op(tmp_path):
     """The token-routing path on the tiny model: per-token probe, ridge routers, cost-curve allocation,
     thresholds; the export verifies the fused op against PyTorch at every named budget (or raises). In
@@ -419,19 +436,10 @@ def test_token_routed_checkpoint_exports_and_routes_in_the_op(tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from mobiquant.exporter.calibrate import get_recipe
     from mobiquant.exporter.qmodel import grid_index
-    from mobiquant.exporter.quantize import fit_budgets
     from mobiquant.runtime import ops
 
-    source = resolve(str(write_tiny_llama(tmp_path / "hf")))
-    model = load_float_model(source)
-    q = build_quantized(model, slice_model(model, 64))
-    rng = np.random.default_rng(3)
-    tokens = torch.from_numpy(rng.integers(3, 99, (4, 96)))
-    tokens[:, 0] = 1
-    recipe = get_recipe("fast", sensitivity_samples=2, routing="token", router_fit="ridge")
-    record = fit_budgets(q, tokens, recipe, progress=False, log=lambda msg: None)
+    source, q, tokens, record, rng = token_routed_tiny(tmp_path, 3)
     assert record["routing"] == "token" and set(record["spearman"]) == set(q.routers)
     assert record["token_dependent"]["4"] == 0 and record["token_dependent"]["8"] == 0
     assert record["token_dependent"]["3.5"] >= 0.5, record["token_dependent"]
@@ -458,21 +466,13 @@ def test_each_budget_below_the_base_keeps_the_routing_that_validates_better(tmp_
     """With validation windows, the token fit is checked against static allocation at 2.5, 3 and 3.5 bits: the
     tables left in the model give, at each, the lower of the two perplexities recorded (recomputed here), and
     rows at and above the base are the token fit's."""
-    from mobiquant.exporter.calibrate import get_recipe
     from mobiquant.exporter.evaluate import perplexity
-    from mobiquant.exporter.quantize import fit_budgets
 
-    source = resolve(str(write_tiny_llama(tmp_path / "hf")))
-    model = load_float_model(source)
-    q = build_quantized(model, slice_model(model, 64))
-    rng = np.random.default_rng(4)
-    tokens = torch.from_numpy(rng.integers(3, 99, (4, 96)))
-    validation = torch.from_numpy(rng.integers(3, 99, (2, 64)))
-    tokens[:, 0] = validation[:, 0] = 1
-    recipe = get_recipe("fast", sensitivity_samples=2, routing="token", router_fit="ridge")
-    unchecked = fit_budgets(q, tokens, recipe, progress=False, log=lambda msg: None)
-    above = {n: r.thresholds[THRESHOLD_GRID >= 4].clone() for n, r in q.routers.items()}
-    record = fit_budgets(q, tokens, recipe, progress=False, log=lambda msg: None, validation=validation)
+    validation = torch.from_numpy(np.random.default_rng(4).integers(3, 99, (2, 64)))
+    validation[:, 0] = 1
+    _, unchecked_q, _, unchecked, _ = token_routed_tiny(tmp_path / "a", 4)
+    _, q, _, record, _ = token_routed_tiny(tmp_path / "b", 4, validation)
+    above = {n: r.thresholds[THRESHOLD_GRID >= 4].clone() for n, r in unchecked_q.routers.items()}
     choice = record["routing_by_budget"]
     assert set(choice) == {"2.5", "3", "3.5"} and "routing_by_budget" not in unchecked
     for bits, c in choice.items():
@@ -487,19 +487,10 @@ def test_rows_nearest_a_budget_where_static_validates_better_take_the_static_tab
     """Static better at 3 bits only: rows 2.8-3.2 are the static fit's (fitted here on their own), every other row
     the token fit's."""
     from mobiquant.exporter.allocation import CostCurve, allocate, router_sizes
-    from mobiquant.exporter.calibrate import get_recipe
-    from mobiquant.exporter.quantize import fit_budgets
     from mobiquant.exporter.routing_choice import compose, tables_of
     from mobiquant.exporter.thresholds import fit_thresholds_online, record_widths
 
-    source = resolve(str(write_tiny_llama(tmp_path / "hf")))
-    model = load_float_model(source)
-    q = build_quantized(model, slice_model(model, 64))
-    rng = np.random.default_rng(5)
-    tokens = torch.from_numpy(rng.integers(3, 99, (4, 96)))
-    tokens[:, 0] = 1
-    recipe = get_recipe("fast", sensitivity_samples=2, routing="token", router_fit="ridge")
-    record = fit_budgets(q, tokens, recipe, progress=False, log=lambda msg: None)
+    _, q, tokens, record, _ = token_routed_tiny(tmp_path, 5)
     token = tables_of(q)
     static_alloc = lambda b: allocate({n: CostCurve.static(v) for n, v in record["sensitivity"].items()},  # noqa: E731
                                       router_sizes(q), b, max_bits=8)
