@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from . import memory
 from .allocation import BASE_BITS
 from .evaluate import perplexity
 from .qmodel import THRESHOLD_GRID, QuantizedModel
@@ -50,10 +51,12 @@ def keep_better_rows(qmodel: QuantizedModel, tokens: torch.Tensor, anchors: tupl
     ``anchors`` below the base, measure both at CHECK_BITS on ``windows``, keep the better per grid row below the
     base (:func:`compose`). Returns {bits: {"token": PPL, "static": PPL, "kept": name}}."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    memory.release()  # a threshold pass's freed blocks (Gemma-3-270M: 1.4 GB), else the next step's peak adds to them
     token = tables_of(qmodel)
     fit_thresholds_online(qmodel, tokens, tuple(a for a in anchors if a < BASE_BITS) or CHECK_BITS, static_allocation)
     record_widths(qmodel, static_allocation)
     static = tables_of(qmodel)
+    memory.release()  # again: measuring decodes the LM head (671 MB) on top
     windows = windows.to(next(qmodel.model.parameters()).device)
     choice = {}
     for bits in CHECK_BITS:
