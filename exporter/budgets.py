@@ -18,6 +18,7 @@ import numpy as np
 CANDIDATES = (2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 7.0)
 BANDS = {"low": 1.25, "mid": 1.10, "high": 1.03}
 VALIDATION = "austen-validation"
+VALIDATION_WINDOWS, VALIDATION_CONTEXT = 4, 512  # every validation measurement: the export's and the quantizer's
 
 
 def file_perplexities(model_dir, budgets: list[float]) -> dict[float, float]:
@@ -35,7 +36,8 @@ def perplexity(session, windows: np.ndarray, bits: float) -> float:
     return float(np.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))))
 
 
-def validation_windows(model_dir, windows: int = 4, context: int = 512, corpus: str = VALIDATION) -> np.ndarray:
+def validation_windows(model_dir, windows: int = VALIDATION_WINDOWS, context: int = VALIDATION_CONTEXT,
+                       corpus: str = VALIDATION) -> np.ndarray:
     """The validation token windows [windows, context] every export measurement of a file uses."""
     from mobiquant.runtime.modelfile import locate
     from mobiquant.runtime.text import TextCodec

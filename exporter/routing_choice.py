@@ -23,12 +23,11 @@ from .qmodel import THRESHOLD_GRID, QuantizedModel
 from .thresholds import fit_thresholds_online, record_widths
 
 CHECK_BITS = (2.5, 3.0, 3.5)
-VALIDATION_WINDOWS, VALIDATION_CONTEXT = 4, 512  # as the export's budget measurements (exporter/budgets.py)
 
 
 def validation_windows(tokenizer) -> torch.Tensor:
-    """The validation windows the choice is measured on."""
-    from .budgets import VALIDATION
+    """The validation windows the choice is measured on: the export's (exporter/budgets.py), tokenized here."""
+    from .budgets import VALIDATION, VALIDATION_CONTEXT, VALIDATION_WINDOWS
     from .evaluate import eval_windows
 
     return eval_windows(tokenizer, VALIDATION, VALIDATION_CONTEXT, VALIDATION_WINDOWS * (VALIDATION_CONTEXT - 1))
@@ -39,7 +38,7 @@ def tables_of(qmodel: QuantizedModel) -> dict[str, tuple[torch.Tensor, torch.Ten
     return {n: (r.thresholds.clone(), r.widths.clone()) for n, r in qmodel.routers.items()}
 
 
-def _load(qmodel: QuantizedModel, tables: dict, rows: np.ndarray | slice = slice(None)) -> None:
+def _load(qmodel: QuantizedModel, tables: dict, rows: torch.Tensor | slice = slice(None)) -> None:
     for name, router in qmodel.routers.items():
         router.thresholds[rows], router.widths[rows] = tables[name][0][rows], tables[name][1][rows]
 

@@ -60,18 +60,16 @@ def window_nll(session, window: np.ndarray, bits: float | None) -> tuple[float, 
     """(summed NLL of window[1:], each token given the ones before it; average bits read over the window; seconds
     in the model), the window fed through ``session.prefill`` so a large vocabulary's logits are never all held."""
     nll, bits_read, done, seconds = 0.0, 0.0, 0, 0.0
-    pieces = session.prefill(window[None], session.empty_cache(len(window)), bits)
-    while True:
-        t = time.perf_counter()
-        logits, _ = next(pieces, (None, None))
-        seconds += time.perf_counter() - t
-        if logits is None:
-            return nll, bits_read / len(window), seconds
+    t = time.perf_counter()
+    for logits, _ in session.prefill(window[None], session.empty_cache(len(window)), bits):
+        seconds += time.perf_counter() - t  # the piece's forward, not the loss below
         n = logits.shape[1]
         scored = min(n, len(window) - 1 - done)
         nll += log_softmax_nll(logits[0, :scored], window[done + 1: done + 1 + scored])
         bits_read += session.last_avg_bits * n
         done += n
+        t = time.perf_counter()
+    return nll, bits_read / len(window), seconds
 
 
 def measure(model_dir: Path, bits: float | None, corpus: str, context: int, max_tokens: int | None,
