@@ -1,7 +1,7 @@
 """``mobiq-export``: quantize a model into a MoBiQuant checkpoint, evaluate it (and export ONNX).
 
     mobiq-export quantize MODEL -o CHECKPOINT [--recipe fast|paper] [--calib NAME|FILE] [--slices 4] [--group-size G]
-    mobiq-export thresholds CHECKPOINT [--uniform | --routing token|static] [--router-fit ridge|mlp]
+    mobiq-export thresholds CHECKPOINT [--uniform | --routing token|static] [--router-fit ridge|mlp] [--set FIELD=VALUE]
     mobiq-export eval CHECKPOINT [--corpus NAME ...] [--baselines] [--json FILE] [--max-tokens N]
     mobiq-export onnx ...   (added by exporter/onnx_export.py: add_onnx_command(subparsers))
 
@@ -25,23 +25,23 @@ def _add_quantize(sub) -> None:
     p.add_argument("--calib", default="austen-train", help="calibration corpus name or text file (default austen-train)")
     p.add_argument("--slices", type=int, default=4, help="2-bit slices per weight (default 4: reads of 2/4/6/8 bits)")
     p.add_argument("--group-size", type=int, default=None, help="group size (default: the model entry's)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=_recipe_field,
-                   help="change one field of the recipe (repeatable), e.g. --set samples=8 --set clip_steps=4 "
-                        "(fewer calibration windows and steps: faster, lower quality; used by tools/scale_run.py). "
-                        "Fields: " + ", ".join(_recipe_fields()))
+    _add_set(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_device(p)
     p.set_defaults(func=_run_quantize)
 
 
 def _recipe_fields() -> dict[str, type]:
-    """The Recipe fields --set may change, with the type of their values (int, float or str)."""
+    """The Recipe fields --set may change, with the type of their values (int, float, str or bool)."""
     from dataclasses import fields
 
     from .calibrate import Recipe
 
-    kinds = {"int": int, "float": float, "str": str}
+    kinds = {"int": int, "float": float, "str": str, "bool": bool}
     return {f.name: kinds[f.type] for f in fields(Recipe) if f.type in kinds and f.name != "name"}
+
+
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _recipe_field(text: str) -> tuple[str, object]:
@@ -49,10 +49,24 @@ def _recipe_field(text: str) -> tuple[str, object]:
     kinds = _recipe_fields()
     if not sep or name not in kinds:
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD one of {', '.join(kinds)}; got {text!r}")
+    if kinds[name] is bool:
+        if value.lower() not in BOOLEANS:
+            raise argparse.ArgumentTypeError(f"{name} expected true or false; got {value!r}")
+        return name, BOOLEANS[value.lower()]
     try:
         return name, kinds[name](value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{name} expected a {kinds[name].__name__}; got {value!r}") from None
+
+
+def _add_set(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=_recipe_field,
+                   help="change one field of the recipe (repeatable), e.g. --set samples=8 --set clip_steps=4 "
+                        "(fewer calibration windows and steps: faster, lower quality; used by tools/scale_run.py), "
+                        "--set token_above_base=true (token routing at 4 bits and above too: measured no better "
+                        "than static there, and router work at run time), --set check_routing=false (token "
+                        "routing at every budget below 4 bits, not only where it validates better). "
+                        "Fields: " + ", ".join(_recipe_fields()))
 
 
 def _run_quantize(args) -> int:
@@ -85,6 +99,7 @@ def _add_thresholds(sub) -> None:
     p.add_argument("--probe-windows", type=_positive_int, default=None,
                    help="calibration windows (512 tokens) whose per-token sensitivity is probed: more fit the "
                         "routers better, each costs ~2.5 min for SmolLM2 on 2 cores (default: the recipe's; fast: 1, paper: 8)")
+    _add_set(p)
     p.add_argument("--quiet", action="store_true", help="no progress")
     _add_device(p)
     p.set_defaults(func=_run_thresholds)
@@ -93,8 +108,8 @@ def _add_thresholds(sub) -> None:
 def _run_thresholds(args) -> int:
     from .quantize import refit_thresholds
 
-    overrides = {k: v for k, v in (("routing", args.routing), ("router_fit", args.router_fit),
-                                   ("sensitivity_samples", args.probe_windows)) if v is not None}
+    overrides = {**dict(args.set), **{k: v for k, v in (("routing", args.routing), ("router_fit", args.router_fit),
+                                                        ("sensitivity_samples", args.probe_windows)) if v is not None}}
     refit_thresholds(args.checkpoint, per_router=not args.uniform, progress=not args.quiet, device=args.device,
                      **overrides)
     return 0

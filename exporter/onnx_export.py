@@ -31,7 +31,7 @@ from mobiquant.runtime.modelfile import (DATA_FILE, FORMAT_NAME, FORMAT_VERSION,
 from . import checkpoint as ckpt
 from . import memory
 from . import head
-from .budgets import file_perplexities, measure_named_budgets, validation_windows
+from .budgets import CANDIDATES, file_perplexities, measure_named_budgets, validation_windows
 from .graph import (DecoderSpec, Fp32Linear, LinearKind, TensorSink, build_decoder, dequantize_rows, embedding_rows,
                     quantize_rows)
 from .linears import MatMulNBitsLinear, MoBiQuantLinear
@@ -124,8 +124,12 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accu
     print(f"[export] wrote {path} ({_size_mb(out_dir):.0f} MB; {memory.summary()}); measuring its named budgets",
           file=sys.stderr, flush=True)
     named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
-    head_slices, head_report = (head.decide(qmodel, validation_windows(out_dir), named, ppl) if head_follows else
-                                ({name: config.num_slices for name in named}, {}))
+    if head_follows:  # bits and head depth chosen together, over a few more budgets than the fewest in band
+        if more := head.budgets_to_measure(named, ppl, CANDIDATES):
+            ppl.update(file_perplexities(out_dir, more))
+        named, head_slices, head_report = head.decide(qmodel, validation_windows(out_dir), named, ppl)
+    else:
+        head_slices, head_report = {name: config.num_slices for name in named}, {}
     if any(k < config.num_slices for k in head_slices.values()):  # the head follows the budget: rewrite the file
         qmodel.set_head_slices(head.slices_per_row(head_slices, named, config.num_slices))
         path = write_model_dir(graph(accuracy_level), meta, source.folder, out_dir)
@@ -144,7 +148,7 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accu
         budgets = {**{f"{b:g} bits": b for b in NAMED_BUDGETS.values() if b not in named.values()}, **named}
         verify(exact, path, qmodel, verify_tokens, budgets)
     dependent = token_dependent_fraction(qmodel)
-    set_metadata(out_dir, {"named_budgets": named, "validation_ppl": {f"{b:g}": p for b, p in ppl.items()},
+    set_metadata(out_dir, {"named_budgets": named, "validation_ppl": {f"{b:g}": p for b, p in sorted(ppl.items())},
                            "lm_head_slices_by_budget": head_slices, "lm_head_measurement": head_report,
                            "token_dependent_routers": {name: dependent[f"{grid_bits(b):g}"] for name, b in named.items()},
                            **({"routing_by_budget": allocation["routing_by_budget"]}

@@ -226,6 +226,25 @@ def test_cli_unknown_model_lists_supported(capsys):
     assert "smollm2-135m" in err and "no-such-model" in err
 
 
+def test_cli_sets_boolean_recipe_fields(capsys):
+    """--set reaches the boolean fields (token routing above the base, the routing check) on both commands that
+    fit routers, as True/False, not as the truthy string "false"; a bad value is one line naming the field."""
+    import argparse
+
+    from mobiquant.exporter.cli import _recipe_field, main
+
+    assert _recipe_field("token_above_base=true") == ("token_above_base", True)
+    assert _recipe_field("check_routing=False") == ("check_routing", False)
+    assert _recipe_field("check_routing=0") == ("check_routing", False)
+    assert get_recipe("fast", **dict([_recipe_field("token_above_base=yes")])).token_above_base is True
+    with pytest.raises(argparse.ArgumentTypeError, match="check_routing expected true or false; got 'maybe'"):
+        _recipe_field("check_routing=maybe")
+    for command in (["quantize", "smollm2-135m", "-o", "/tmp/never"], ["thresholds", "/tmp/never"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--set", "token_above_base=maybe"])
+        assert exit_.value.code == 2 and "token_above_base expected true or false" in capsys.readouterr().err
+
+
 def test_baseline_quantizers():
     torch.manual_seed(0)
     w = torch.randn(8, 64)
