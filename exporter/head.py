@@ -30,7 +30,7 @@ import torch
 
 from mobiquant.runtime import format as F
 
-from .budgets import BANDS
+from .budgets import BANDS, CANDIDATES
 from .evaluate import nll_from_hidden
 from .qmodel import THRESHOLD_GRID, QuantizedModel
 
@@ -89,7 +89,7 @@ def candidate_bits(named: dict[str, float], measured) -> dict[str, list[float]]:
             for name, bits in named.items() if name in BANDS and bits < named["max"]}
 
 
-def budgets_to_measure(named: dict[str, float], measured, grid) -> list[float]:
+def budgets_to_measure(named: dict[str, float], measured, grid=CANDIDATES) -> list[float]:
     """Budgets of ``grid`` within some name's candidate span that ``measured`` lacks (the file's PPL is needed)."""
     return sorted(b for b in grid if b not in measured and b < named["max"] and
                   any(bits < b <= bits + CANDIDATE_SPAN + 1e-9 for name, bits in named.items() if name in BANDS))

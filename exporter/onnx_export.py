@@ -31,7 +31,7 @@ from mobiquant.runtime.modelfile import (DATA_FILE, FORMAT_NAME, FORMAT_VERSION,
 from . import checkpoint as ckpt
 from . import memory
 from . import head
-from .budgets import CANDIDATES, file_perplexities, measure_named_budgets, validation_windows
+from .budgets import file_perplexities, measure_named_budgets, validation_windows
 from .graph import (DecoderSpec, Fp32Linear, LinearKind, TensorSink, build_decoder, dequantize_rows, embedding_rows,
                     quantize_rows)
 from .linears import MatMulNBitsLinear, MoBiQuantLinear
@@ -125,7 +125,7 @@ def export(checkpoint_dir: Path, out_dir: Path, context: int | None = None, accu
           file=sys.stderr, flush=True)
     named, ppl = measure_named_budgets(out_dir, 2.0 * config.num_slices)
     if head_follows:  # bits and head depth chosen together, over a few more budgets than the fewest in band
-        if more := head.budgets_to_measure(named, ppl, CANDIDATES):
+        if more := head.budgets_to_measure(named, ppl):
             ppl.update(file_perplexities(out_dir, more))
         named, head_slices, head_report = head.decide(qmodel, validation_windows(out_dir), named, ppl)
     else:
