@@ -59,7 +59,7 @@ def assemble(model: torch.nn.Module, cal: Calibrated, group_size: int, num_slice
 
 
 def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, progress: bool = True,
-                log=None, cache: Path | None = None, validation: torch.Tensor | None = None) -> dict | None:
+                log=None, cache: Path | None = None, validation: dict[str, torch.Tensor] | None = None) -> dict | None:
     """Routers, per-router allocation and every threshold table, from ``tokens`` (the threshold windows).
 
     The first ``recipe.sensitivity_samples`` windows probe each router's per-token sensitivity. With
@@ -67,8 +67,8 @@ def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, pr
     (above it too with ``recipe.token_above_base``), the allocation follows the routers' held-out cost
     curves; otherwise it uses each router's mean (one fractional router per budget). Each router's width at every grid row is recorded in the router.
     ``cache``: a file keeping the probe's per-token KL for these slices and tokens (a refit then skips it).
-    ``validation``: windows on which, below the base, each budget keeps token routing only where it beats the
-    static allocation (:mod:`.routing_choice`; token routing with ``recipe.check_routing``).
+    ``validation``: windows per text on which, below the base, each budget keeps token routing only where it is no
+    worse than the static allocation on every text (:mod:`.routing_choice`; token routing with ``recipe.check_routing``).
     Returns what the checkpoint records about the allocation (or None when nothing is probed)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if recipe.routing not in ("token", "static"):

@@ -4,33 +4,41 @@ Below the base width token routing splits each router's tokens around its alloca
 allocation.py); static allocation gives every router its width with no per-token information (one fractional
 router). Which is better depends on the model and the budget: on Gemma-3-270M token routing won at 2.5 and
 3.5 bits and lost at 3 bits on every corpus (1.08-1.15x static's PPL; README, "Per-token routing against static
-allocation"). So the quantizer fits both tables, measures the validation perplexity of each at CHECK_BITS
-(``budgets.VALIDATION``, never a test split), and every grid row below the base takes the tables of the better
-one at the nearest checked budget. Rows at or above the base are the token fit's (static there unless the recipe
-routes above the base).
+allocation"). So the quantizer fits both tables, measures the validation perplexity of each at CHECK_BITS on
+VALIDATION_TEXTS (never a test split), and every grid row below the base takes the token tables only where their
+mean log-perplexity over those texts (each text weighs the same) is no higher than static's, else the static ones,
+from the nearest checked budget. The texts span three genres because routers trained on Austen can win on Austen
+and lose elsewhere: Gemma-3-270M's four-window routers at 2.5 bits won on Austen's validation text and lost 1.11x
+and 1.28x on the Brown and Lee tests (docs/design.md, "Token routing or static allocation, per budget"). Rows at or
+above the base are the token fit's (static there unless the recipe routes above the base).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
 
 from . import memory
 from .allocation import BASE_BITS
+from .budgets import VALIDATION, VALIDATION_CONTEXT, VALIDATION_WINDOWS
 from .evaluate import perplexity
 from .qmodel import THRESHOLD_GRID, QuantizedModel
 from .thresholds import fit_thresholds_online, record_widths
 
 CHECK_BITS = (2.5, 3.0, 3.5)
+# Literature (the export's validation text), news and Usenet (tools/corpora.py): disjoint from every test corpus.
+VALIDATION_TEXTS = (VALIDATION, "lee-validation", "newsgroups")
 
 
-def validation_windows(tokenizer) -> torch.Tensor:
-    """The validation windows the choice is measured on: the export's (exporter/budgets.py), tokenized here."""
-    from .budgets import VALIDATION, VALIDATION_CONTEXT, VALIDATION_WINDOWS
+def validation_windows(tokenizer) -> dict[str, torch.Tensor]:
+    """The windows the choice is measured on, per text of VALIDATION_TEXTS: as many as the export's budget
+    measurements use (exporter/budgets.py), tokenized here."""
     from .evaluate import eval_windows
 
-    return eval_windows(tokenizer, VALIDATION, VALIDATION_CONTEXT, VALIDATION_WINDOWS * (VALIDATION_CONTEXT - 1))
+    return {text: eval_windows(tokenizer, text, VALIDATION_CONTEXT, VALIDATION_WINDOWS * (VALIDATION_CONTEXT - 1))
+            for text in VALIDATION_TEXTS}
 
 
 def tables_of(qmodel: QuantizedModel) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -45,10 +53,11 @@ def _load(qmodel: QuantizedModel, tables: dict, rows: torch.Tensor | slice = sli
 
 @torch.no_grad()
 def keep_better_rows(qmodel: QuantizedModel, tokens: torch.Tensor, anchors: tuple[float, ...], static_allocation,
-                     windows: torch.Tensor, log=None) -> dict:
+                     windows: dict[str, torch.Tensor], log=None) -> dict:
     """With the token tables fitted in ``qmodel``: fit the static ones (``static_allocation``) from ``tokens`` at the
-    ``anchors`` below the base, measure both at CHECK_BITS on ``windows``, keep the better per grid row below the
-    base (:func:`compose`). Returns {bits: {"token": PPL, "static": PPL, "kept": name}}."""
+    ``anchors`` below the base, measure both at CHECK_BITS on each text of ``windows``; per grid row below the base
+    keep token routing where its mean log-PPL over the texts is no higher, else static (:func:`compose`).
+    Returns {bits: {"token": {text: PPL}, "static": {text: PPL}, "kept": name}}."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     memory.release()  # a threshold pass's freed blocks (Gemma-3-270M: 1.4 GB), else the next step's peak adds to them
     token = tables_of(qmodel)
@@ -56,20 +65,26 @@ def keep_better_rows(qmodel: QuantizedModel, tokens: torch.Tensor, anchors: tupl
     record_widths(qmodel, static_allocation)
     static = tables_of(qmodel)
     memory.release()  # again: measuring decodes the LM head (671 MB) on top
-    windows = windows.to(next(qmodel.model.parameters()).device)
+    device = next(qmodel.model.parameters()).device
+    windows = {text: w.to(device) for text, w in windows.items()}
     choice = {}
     for bits in CHECK_BITS:
         ppl = {}
         for name, tables in (("token", token), ("static", static)):
             _load(qmodel, tables)
             qmodel.set_target_bits(bits)
-            ppl[name] = perplexity(qmodel.model, windows)[0]
-        kept = "token" if ppl["token"] <= ppl["static"] else "static"
-        choice[f"{bits:g}"] = {"token": round(ppl["token"], 4), "static": round(ppl["static"], 4), "kept": kept}
-        log(f"[quantize] {bits:g} bits, validation PPL: token routing {ppl['token']:.2f}, static {ppl['static']:.2f} "
-            f"-> {kept}")
+            ppl[name] = {text: round(perplexity(qmodel.model, w)[0], 4) for text, w in windows.items()}
+        kept = "token" if token_validates(ppl["token"], ppl["static"]) else "static"
+        choice[f"{bits:g}"] = {**ppl, "kept": kept}
+        log(f"[quantize] {bits:g} bits, validation PPL token / static: "
+            + ", ".join(f"{t} {ppl['token'][t]:.2f} / {ppl['static'][t]:.2f}" for t in windows) + f" -> {kept}")
     compose(qmodel, token, static, {float(b): c["kept"] for b, c in choice.items()})
     return choice
+
+
+def token_validates(token: dict[str, float], static: dict[str, float]) -> bool:
+    """Token routing's mean log-perplexity over the texts (each weighs the same) is no higher than static's."""
+    return sum(math.log(token[t] / static[t]) for t in token) <= 0
 
 
 def compose(qmodel: QuantizedModel, token: dict, static: dict, kept: dict[float, str]) -> None:

@@ -184,8 +184,21 @@ def test_path_is_read_as_utf8(tmp_path):
 
 
 def test_corpus_names():
-    assert {"austen-train", "austen-validation", "austen-test", "brown", "lee", "persuasion", "emma",
-            "mansfieldpark", "northangerabbey", "prideprejudice", "sensesensibility"} == set(CORPORA)
+    assert {"austen-train", "austen-validation", "austen-test", "brown", "lee", "lee-validation", "newsgroups",
+            "persuasion", "emma", "mansfieldpark", "northangerabbey", "prideprejudice",
+            "sensesensibility"} == set(CORPORA)
+
+
+def test_newsgroup_pickle_reader_builds_only_what_such_a_file_names():
+    """A protocol-0 Bunch of posts is read; a pickle naming anything else (here os.system) is refused unrun."""
+    good = (b"ccopy_reg\n_reconstructor\n(csklearn.datasets.base\nBunch\nc__builtin__\ndict\n"
+            b"(dS'data'\n(lVPath: x\\u000a\\u000aHello\nastR.")
+    assert corpora._newsgroup_posts(good) == ["Path: x\n\nHello"]
+    evil = b"cos\nsystem\n(S'echo pwned'\ntR."
+    with pytest.raises(CorpusError, match="os.system, which is not read"):
+        corpora._newsgroup_posts(evil)
+    with pytest.raises(CorpusError, match="not a readable pickle"):
+        corpora._newsgroup_posts(b"garbage")
 
 
 def test_list_does_not_fetch(capsys, monkeypatch):
@@ -244,6 +257,17 @@ def test_lee(texts):
     lines = texts["lee"].split("\n")
     assert len(lines) == 300 and all(line.strip() for line in lines)  # gensim's 300 background articles
     assert lines[0].startswith("Hundreds of people have been forced to vacate their homes")
+
+
+@pytest.mark.slow
+def test_validation_text_of_other_genres_is_disjoint_from_the_tests(texts):
+    lee = texts["lee"]
+    articles = texts["lee-validation"].split("\n")
+    assert len(articles) == 50 and all(a.strip() and a[:200] not in lee for a in articles)
+    assert "\u00a33,000" in texts["lee-validation"]  # Latin-1: a pound sign, not a replacement character
+    posts = texts["newsgroups"].split("\n\n")
+    assert len(texts["newsgroups"]) > 300_000 and "atheis" in texts["newsgroups"] and "orbit" in texts["newsgroups"]
+    assert not any(p.startswith(("Newsgroups:", "From:", "Path:")) for p in posts)  # headers dropped
 
 
 @pytest.mark.slow

@@ -462,23 +462,31 @@ def test_token_routed_checkpoint_exports_and_routes_in_the_op(tmp_path):
         assert abs(session.last_avg_bits - bits) <= 0.35, (bits, session.last_avg_bits)
 
 
-def test_each_budget_below_the_base_keeps_the_routing_that_validates_better(tmp_path):
-    """With validation windows, the token fit is checked against static allocation at 2.5, 3 and 3.5 bits: the
-    tables left in the model give, at each, the lower of the two perplexities recorded (recomputed here), and
-    rows at and above the base are the token fit's."""
+def test_each_budget_below_the_base_keeps_token_routing_only_where_it_validates_no_worse_over_the_texts(tmp_path):
+    """With validation windows of two texts, the token fit is checked against static allocation at 2.5, 3 and 3.5
+    bits: token routing is kept only where the product of its two PPLs is no higher (the mean log-PPL; an independent
+    formula here), and the tables left in the model give,
+    on each text, the kept fit's perplexity recorded (recomputed here); rows at and above the base are the token
+    fit's."""
     from mobiquant.exporter.evaluate import perplexity
 
-    validation = torch.from_numpy(np.random.default_rng(4).integers(3, 99, (2, 64)))
-    validation[:, 0] = 1
+    rng = np.random.default_rng(4)
+    validation = {"low-ids": torch.from_numpy(rng.integers(3, 50, (2, 64))),
+                  "high-ids": torch.from_numpy(rng.integers(50, 99, (2, 64)))}
+    for w in validation.values():
+        w[:, 0] = 1
     _, unchecked_q, _, unchecked, _ = token_routed_tiny(tmp_path / "a", 4)
     _, q, _, record, _ = token_routed_tiny(tmp_path / "b", 4, validation)
     above = {n: r.thresholds[THRESHOLD_GRID >= 4].clone() for n, r in unchecked_q.routers.items()}
     choice = record["routing_by_budget"]
     assert set(choice) == {"2.5", "3", "3.5"} and "routing_by_budget" not in unchecked
     for bits, c in choice.items():
+        assert set(c["token"]) == set(c["static"]) == set(validation)
+        product = {name: np.prod([c[name][t] for t in validation]) for name in ("token", "static")}
+        assert c["kept"] == ("token" if product["token"] <= product["static"] else "static"), c
         q.set_target_bits(float(bits))
-        assert perplexity(q.model, validation)[0] == pytest.approx(min(c["token"], c["static"]), rel=1e-3), (bits, c)
-        assert c["kept"] == ("token" if c["token"] <= c["static"] else "static")
+        for text, w in validation.items():
+            assert perplexity(q.model, w)[0] == pytest.approx(c[c["kept"]][text], rel=1e-3), (bits, text, c)
     for n, r in q.routers.items():
         assert torch.equal(r.thresholds[THRESHOLD_GRID >= 4], above[n]), n
 

@@ -12,12 +12,19 @@ package is installed or imported):
   paragraph per line, a blank line between samples.
 * The Lee news corpus (300 ABC news articles), member
   ``gensim/test/test_data/lee_background.cor`` of the gensim wheel, one article
-  per line; the wheel is read as a zip, never installed.
+  per line; the wheel is read as a zip, never installed. From the same wheel:
+  ``lee.cor``, the 50 other ABC articles of Lee et al.'s similarity study (Latin-1),
+  and ``mini_newsgroup``, 200 Usenet posts of 1993 (alt.atheism, sci.space) in a
+  zlib-compressed pickle of a scikit-learn ``Bunch``, read by a restricted unpickler
+  (:func:`_newsgroup_posts`) that builds nothing but dicts, lists, strings and numpy
+  arrays; each post's headers (up to its first blank line) are dropped.
 
 Splits: the Austen novels are disjoint by book. ``austen-train`` (calibration)
 is Emma, Mansfield Park, Pride and Prejudice and Sense and Sensibility, a blank
 line between novels; ``austen-validation`` is Northanger Abbey;
-``austen-test`` is Persuasion. Brown and Lee are used whole.
+``austen-test`` is Persuasion. Brown and Lee are used whole, for tests only.
+``lee-validation`` (news) and ``newsgroups`` (Usenet) are validation text in other
+genres than Austen's, disjoint from every test corpus (exporter/routing_choice.py).
 
 Every corpus is extracted once into ``cache_dir()/corpora/<name>.txt`` (UTF-8,
 no trailing newline, written atomically) and read from there afterwards.
@@ -27,12 +34,16 @@ no trailing newline, written atomically) and read from there afterwards.
 from __future__ import annotations
 
 import argparse
+import copyreg
+import io
 import os
+import pickle
 import re
 import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +80,8 @@ CORPORA: dict[str, str] = {
     **{name: f"Jane Austen, {title}" for name, title in _AUSTEN_NOVELS.items()},
     "brown": "Brown corpus (1961 American English, 500 samples of 15 genres), de-tagged, one paragraph per line",
     "lee": "Lee corpus: 300 ABC news articles (gensim test data), one article per line",
+    "lee-validation": "Lee corpus, the 50 other ABC news articles (gensim lee.cor), one article per line",
+    "newsgroups": "200 Usenet posts of 1993, alt.atheism and sci.space (gensim mini_newsgroup), headers dropped",
 }
 
 
@@ -146,17 +159,58 @@ def _brown() -> dict[str, str]:
     return {"brown": "\n\n".join(samples)}
 
 
-def _lee() -> dict[str, str]:
+def _gensim() -> dict[str, str]:
+    data = "gensim/test/test_data/"
     with zipfile.ZipFile(fetch(GENSIM_WHEEL)) as wheel:
-        text = wheel.read("gensim/test/test_data/lee_background.cor").decode("utf-8")
-    return {"lee": text.rstrip("\n")}
+        lee = wheel.read(data + "lee_background.cor").decode("utf-8")
+        lee_validation = wheel.read(data + "lee.cor").decode("latin-1")
+        posts = _newsgroup_posts(zlib.decompress(wheel.read(data + "mini_newsgroup")))
+    if len(posts) != 200:
+        raise CorpusError(f"[load_corpus] newsgroups: 200 posts expected; got {len(posts)}")
+    bodies = [post.split("\n\n", 1)[1].strip() if "\n\n" in post else "" for post in posts]
+    return {"lee": lee.rstrip("\n"), "lee-validation": lee_validation.rstrip("\n"),
+            "newsgroups": "\n\n".join(body for body in bodies if body)}
+
+
+def _newsgroup_posts(pickled: bytes) -> list[str]:
+    """The ``data`` list of a pickled scikit-learn ``Bunch`` (protocol 0, Python 2), unpickled with nothing but
+    the classes such a file names: a Bunch is read as a dict, numpy arrays as numpy arrays; anything else refuses."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+
+    class Bunch(dict):
+        pass
+
+    allowed = {("copy_reg", "_reconstructor"): copyreg._reconstructor, ("__builtin__", "dict"): dict,
+               ("__builtin__", "object"): object, ("sklearn.datasets.base", "Bunch"): Bunch,
+               ("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy", "ndarray"): np.ndarray,
+               ("numpy", "dtype"): np.dtype}
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in allowed:
+                raise CorpusError(f"[load_corpus] newsgroups: the pickle names {module}.{name}, which is not read")
+            return allowed[module, name]
+
+    try:
+        bunch = Restricted(io.BytesIO(pickled), encoding="latin-1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise CorpusError(f"[load_corpus] newsgroups: not a readable pickle: {e}") from e
+    posts = bunch.get("data") if isinstance(bunch, dict) else None
+    if not isinstance(posts, list) or not all(isinstance(p, str) for p in posts):
+        raise CorpusError("[load_corpus] newsgroups: a Bunch whose 'data' is a list of strings expected")
+    return posts
 
 
 # Builder of each name; a builder returns every corpus it can make from one download.
 _BUILDERS: dict[str, Callable[[], dict[str, str]]] = {
     **{name: _austen for name in (*_AUSTEN_SPLITS, *_AUSTEN_NOVELS)},
     "brown": _brown,
-    "lee": _lee,
+    **{name: _gensim for name in ("lee", "lee-validation", "newsgroups")},
 }
 
 
