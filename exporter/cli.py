@@ -98,7 +98,8 @@ def _add_thresholds(sub) -> None:
                    help="token routing: a linear score (ridge) or the router MLP (default: the recipe's)")
     p.add_argument("--probe-windows", type=_positive_int, default=None,
                    help="calibration windows (512 tokens) whose per-token sensitivity is probed: more fit the "
-                        "routers better, each costs ~2.5 min for SmolLM2 on 2 cores (default: the recipe's; fast: 1, paper: 8)")
+                        "routers better, each costs ~2.5 min for SmolLM2 on 2 cores (default: the recipe's, fast: 1, paper: 8, "
+                        "or the model's probe_windows in models/<name>/model.toml if more: Gemma-3-270M 4)")
     _add_set(p)
     p.add_argument("--quiet", action="store_true", help="no progress")
     _add_device(p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,15 @@ def token_dependent_fraction(qmodel: QuantizedModel) -> dict[str, float]:
     return {f"{b:g}": round(float(v), 4) for b, v in zip(THRESHOLD_GRID, dependent)}
 
 
+def model_recipe(name: str, source, overrides: dict) -> Recipe:
+    """Recipe ``name`` with ``overrides``; unless they set it, at least as many probe windows as ``source``'s
+    registry entry asks for (models/gemma3-270m/model.toml: 4)."""
+    recipe = get_recipe(name, **overrides)
+    if "sensitivity_samples" in overrides:
+        return recipe
+    return replace(recipe, sensitivity_samples=max(recipe.sensitivity_samples, source.probe_windows))
+
+
 def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "austen-train",
              num_slices: int = F.DEFAULT_NUM_SLICES, group_size: int | None = None, progress: bool = True,
              recipe_overrides: dict | None = None, log=None,
@@ -142,9 +152,9 @@ def quantize(model: str, out: Path, recipe_name: str = "fast", calib: str = "aus
     t0 = time.time()
     source = resolve(model)
     group_size = group_size or source.group_size
-    recipe = get_recipe(recipe_name, **(recipe_overrides or {}))
+    recipe = model_recipe(recipe_name, source, recipe_overrides or {})
     if recipe.depth_weights and len(recipe.depth_weights) != num_slices:
-        recipe = get_recipe(recipe_name, **{**(recipe_overrides or {}), "depth_weights": (1.0,) * num_slices})
+        recipe = replace(recipe, depth_weights=(1.0,) * num_slices)
     device = resolve_device(device, recipe)
     float_model = load_float_model(source)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
@@ -203,7 +213,7 @@ def refit_thresholds(path: Path, per_router: bool = True, progress: bool = True,
     _, config = ckpt.read_meta(path)
     source = resolve(config.model)
     qmodel, _ = ckpt.load(path, load_float_model(source), source.identity)
-    recipe = get_recipe(config.recipe, **overrides, **({} if per_router else {"sensitivity_samples": 0}))
+    recipe = model_recipe(config.recipe, source, {**overrides, **({} if per_router else {"sensitivity_samples": 0})})
     device = resolve_device(device, recipe)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     tokens = threshold_tokens(tokenizer, config.calibration, recipe)

