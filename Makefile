@@ -51,7 +51,7 @@ $(CHECKPOINT)/mobiq-checkpoint.json: | assets
 	$(BIN)/mobiq-export quantize $(MODEL) -o $(CHECKPOINT)
 	@touch $(THRESHOLDS_STAMP)
 
-$(THRESHOLDS_STAMP): exporter/allocation.py exporter/thresholds.py exporter/token_routing.py | $(CHECKPOINT)/mobiq-checkpoint.json
+$(THRESHOLDS_STAMP): exporter/allocation.py exporter/thresholds.py exporter/token_routing.py exporter/routing_choice.py | $(CHECKPOINT)/mobiq-checkpoint.json
 	$(BIN)/mobiq-export thresholds $(CHECKPOINT)
 	@touch $@
 
